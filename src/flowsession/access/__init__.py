@@ -1,0 +1,1 @@
+"""Access: identities and the secrets they hold."""

@@ -1,0 +1,90 @@
+"""Package-feed secrets per identity and host. The only writer of ``feed_secrets``.
+
+Secrets are encrypted (Fernet) with a key kept in its own file (mode 0600) beside the database,
+so a copy of the database alone reveals nothing. They are decrypted only to hand to a build.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+from cryptography.fernet import Fernet
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from flowsession.config import Settings
+from flowsession.environments.requirements import Feed
+from flowsession.errors import InvalidInput, NotFound
+from flowsession.store import Store
+from flowsession.store.tables import feed_secrets
+
+USER_IDENTITY = "user"  # the user's own identity; managed identities get their own names
+
+
+def mask(secret: str) -> str:
+    user, sep, _ = secret.partition(":")
+    return f"{user}:****" if sep else "****"
+
+
+class FeedSecrets:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self._fernet: Fernet | None = None
+
+    def _cipher(self) -> Fernet:
+        if self._fernet is None:
+            path = self.settings.secret_key_file
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(Fernet.generate_key())
+            self._fernet = Fernet(path.read_bytes())
+        return self._fernet
+
+    def set(self, host: str, secret: str, *, identity: str = USER_IDENTITY) -> None:
+        host = host.strip().lower()
+        if not host or "/" in host or "@" in host:
+            raise InvalidInput(f"'{host}' is not a host name",
+                               hint="give the feed's host, e.g. pkgs.example.com or 10.0.0.5:8080")
+        if not secret:
+            raise InvalidInput("the secret is empty", hint="give 'user:token' or a token")
+        values = dict(identity=identity, host=host, ciphertext=self._cipher().encrypt(
+            secret.encode()), created_at=time.time())
+        dialect = postgresql if self.store.engine.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(feed_secrets).values(**values)
+        stmt = stmt.on_conflict_do_update(index_elements=["identity", "host"], set_=values)
+        with self.store.engine.begin() as c:
+            c.execute(stmt)
+
+    def delete(self, host: str, *, identity: str = USER_IDENTITY) -> None:
+        with self.store.engine.begin() as c:
+            n = c.execute(delete(feed_secrets).where(feed_secrets.c.identity == identity,
+                                                     feed_secrets.c.host == host.lower())).rowcount
+        if not n:
+            raise NotFound(f"identity '{identity}' has no secret for {host}")
+
+    def list(self, *, identity: str | None = None) -> list[dict]:
+        q = select(feed_secrets).order_by(feed_secrets.c.identity, feed_secrets.c.host)
+        if identity:
+            q = q.where(feed_secrets.c.identity == identity)
+        with self.store.engine.connect() as c:
+            rows = c.execute(q).all()
+        return [{"identity": r.identity, "host": r.host, "secret": mask(self._decrypt(r.ciphertext)),
+                 "created_at": r.created_at} for r in rows]
+
+    def credentials_for(self, feeds: Iterable[Feed], *, identity: str = USER_IDENTITY
+                        ) -> dict[str, str]:
+        """host -> secret for each feed whose URL holds ``{private}`` (only those)."""
+        hosts = {f.host.lower() for f in feeds if f.needs_secret}
+        if not hosts:
+            return {}
+        with self.store.engine.connect() as c:
+            rows = c.execute(select(feed_secrets).where(feed_secrets.c.identity == identity,
+                                                        feed_secrets.c.host.in_(hosts))).all()
+        return {r.host: self._decrypt(r.ciphertext) for r in rows}
+
+    def _decrypt(self, token: bytes) -> str:
+        return self._cipher().decrypt(token).decode()

@@ -1,0 +1,107 @@
+"""``flowsession image ...``"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import typer
+
+from flowsession.cli.output import emit_json, err, handle_errors, out, table
+from flowsession.config import format_size
+from flowsession.environments.images import DEFAULT_IMAGE
+from flowsession.environments.service import EnvironmentService
+from flowsession.flows.flowfile import load_flow
+
+app = typer.Typer(no_args_is_help=True)
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def _row(image) -> dict:
+    d = image.to_dict()
+    d["size"] = format_size(image.size_bytes) if image.size_bytes else ""
+    d["parent"] = image.parent or ""
+    return d
+
+
+@app.command("list")
+@handle_errors
+def list_(json: bool = JSON) -> None:
+    """List images and their versions."""
+    images = EnvironmentService.open().images.list()
+    if json:
+        return emit_json([i.to_dict() for i in images])
+    table([_row(i) for i in images], ["ref", "state", "parent", "packages", "size", "description"])
+
+
+@app.command()
+@handle_errors
+def show(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
+         json: bool = JSON) -> None:
+    """Show an image and the packages it holds."""
+    svc = EnvironmentService.open()
+    image = svc.images.get(name)
+    data = image.to_dict()
+    data["installed"] = ({n: v for n, v in svc.images.layers(image).versions().items()}
+                         if image.state == "READY" else {})
+    if json:
+        return emit_json(data)
+    for key in ("ref", "state", "parent", "description", "python_version", "path", "error"):
+        if data.get(key):
+            out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
+    if data["installed"]:
+        table([{"name": n, "version": v} for n, v in data["installed"].items()],
+              ["name", "version"], title=f"{len(data['installed'])} packages")
+
+
+@app.command()
+@handle_errors
+def build(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
+          json: bool = JSON) -> None:
+    """Build an image now (images are otherwise built on first use)."""
+    svc = EnvironmentService.open()
+    with err.status(f"building image {name} ..."):
+        image = asyncio.run(svc.images.ensure_built(name))
+    if json:
+        return emit_json(image.to_dict())
+    out.print(f"image {image.ref} ready at {image.path}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def create(
+    name: str = typer.Argument(..., help="The new image's name; versions are numbered for you."),
+    base: str = typer.Option(DEFAULT_IMAGE, "--from", help="The image to extend."),
+    requirements: Path = typer.Option(..., "-r", "--requirements", help="Packages to add "
+                                      "(index packages and local wheels)."),
+    description: str = typer.Option("", help="What the image is for."),
+    json: bool = JSON,
+) -> None:
+    """Create a custom image: another image plus packages."""
+    svc = EnvironmentService.open()
+    with err.status(f"creating {name} from {base} ..."):
+        image = asyncio.run(svc.images.create(name, base=base, requirements=requirements,
+                                              description=description))
+    if json:
+        return emit_json(image.to_dict())
+    out.print(f"image {image.ref} created over {image.parent}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def check(flow: Path = typer.Argument(..., help="The flow folder."), json: bool = JSON) -> None:
+    """Does the flow's image have a newer version?"""
+    ref = load_flow(flow).image or DEFAULT_IMAGE
+    result = EnvironmentService.open().images.check(ref)
+    if json:
+        return emit_json(result)
+    if result["newer_available"]:
+        out.print(f"{ref}: version {result['newest_version']} is available "
+                  f"(the flow uses {result['current_version']}). Set environment.image to "
+                  f"{result['name']}:{result['newest_version']} and reset the session.",
+                  highlight=False)
+    elif not result["pinned"]:
+        out.print(f"{ref}: the flow follows the newest version ({result['newest_version']}).",
+                  highlight=False)
+    else:
+        out.print(f"{ref}: up to date.", highlight=False)

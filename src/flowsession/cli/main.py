@@ -1,0 +1,39 @@
+"""``flowsession``: the console command."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from flowsession import __version__
+from flowsession.cli import environments, feeds, images
+
+app = typer.Typer(
+    name="flowsession",
+    help="Self-hosted compute sessions for prompt flow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(images.app, name="image", help="Images: named, versioned base environments.")
+app.add_typer(environments.app, name="env", help="Environments: an image plus a flow's packages.")
+app.add_typer(feeds.app, name="feed", help="Secrets for private package feeds ({private}).")
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens to stderr."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def version() -> None:
+    """Print flowsession's version."""
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

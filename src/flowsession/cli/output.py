@@ -1,0 +1,57 @@
+"""How the CLI prints: Rich tables for people, ``--json`` for programs, errors with a hint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from functools import wraps
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flowsession.errors import EnvironmentError_, FlowSessionError, InvalidInput
+
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("flowsession.cli")
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(rows: Iterable[dict], columns: Sequence[str], *, title: str | None = None) -> None:
+    t = Table(title=title, header_style="bold")
+    for col in columns:
+        t.add_column(col.replace("_", " "))
+    for row in rows:
+        t.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(t)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """User errors print a message and a hint (exit 1, or 2 for bad input); anything else is a
+    bug: one line for the user, the traceback to the log."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlowSessionError as exc:
+            err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+            if isinstance(exc, EnvironmentError_) and exc.log_tail:
+                err.print("[dim]--- last lines of the build log"
+                          + (f" ({exc.log_path})" if exc.log_path else "") + " ---[/]")
+                err.print(exc.log_tail, highlight=False, markup=False, style="dim")
+            if exc.hint:
+                err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+            raise typer.Exit(2 if isinstance(exc, InvalidInput) else 1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper

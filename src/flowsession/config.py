@@ -1,0 +1,111 @@
+"""Settings, read once from the environment (``FLOWSESSION_*``), with defaults that need no set-up.
+
+Everything lives under one home directory (``FLOWSESSION_HOME``, default
+``$XDG_DATA_HOME/flowsession`` or ``~/.local/share/flowsession``): the SQLite database, images,
+environments, snapshots and build logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from flowsession.errors import InvalidInput
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_size(text: str, *, name: str = "size") -> int:
+    """'20GB', '500M', '1.5GiB', '1048576' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidInput(
+            f"{name}: cannot read {text!r} as a size", hint="write it like 20GB, 500MB or 1048576"
+        )
+    unit = (m.group(2) or "").upper()
+    factor = _UNITS[unit[:1]] if unit else 1
+    if "I" in unit:
+        factor = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
+    return int(float(m.group(1)) * factor)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _default_home() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "flowsession"
+
+
+def _default_uv() -> str:
+    try:
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return "uv"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=_default_home)
+    database_url: str | None = None
+    uv: str = field(default_factory=_default_uv)
+    # The index used for flows' requirements; None means uv's own default (PyPI or UV_INDEX_URL).
+    index_url: str | None = None
+    # The interpreter images are built with (a version request or a path, as uv understands).
+    python: str = f"{sys.version_info.major}.{sys.version_info.minor}"
+    env_disk_budget: int = 20 * 10**9
+    failed_build_memory_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        s = cls()
+        if v := env.get("FLOWSESSION_HOME"):
+            s = replace(s, home=Path(v).expanduser())
+        if v := env.get("FLOWSESSION_DATABASE_URL"):
+            s = replace(s, database_url=v)
+        if v := env.get("FLOWSESSION_UV"):
+            s = replace(s, uv=v)
+        if v := env.get("FLOWSESSION_INDEX_URL"):
+            s = replace(s, index_url=v)
+        if v := env.get("FLOWSESSION_PYTHON"):
+            s = replace(s, python=v)
+        if v := env.get("FLOWSESSION_ENV_DISK_BUDGET"):
+            s = replace(s, env_disk_budget=parse_size(v, name="FLOWSESSION_ENV_DISK_BUDGET"))
+        return s
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'flowsession.db'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def envs_dir(self) -> Path:
+        return self.home / "envs"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.home / "snapshots"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.home / "secret.key"

@@ -1,0 +1,61 @@
+"""One build log per environment or image. Secrets handed to a build are redacted before any
+line is written, so neither the log file nor an error quoting its tail can hold them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import quote
+
+REDACTED = "****"
+
+
+class BuildLog:
+    def __init__(self, path: Path, *, secrets: Iterable[str] = ()):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._secrets: list[str] = []
+        for s in secrets:
+            self.add_secret(s)
+        self._fh = path.open("a", encoding="utf-8")
+
+    def add_secret(self, secret: str) -> None:
+        """Redact ``secret`` (and its URL-encoded and password-only forms) from now on."""
+        forms = {secret, quote(secret, safe=""), quote(secret, safe=":")}
+        if ":" in secret:
+            forms.add(secret.split(":", 1)[1])
+        self._secrets.extend(f for f in forms if len(f) >= 3)
+        self._secrets.sort(key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, REDACTED)
+        return text
+
+    def write(self, text: str) -> None:
+        self._fh.write(self.redact(text))
+        self._fh.flush()
+
+    def step(self, message: str) -> None:
+        self.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+
+    def tail(self, lines: int = 25) -> str:
+        return tail(self.path, lines)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> BuildLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])

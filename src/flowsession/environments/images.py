@@ -1,0 +1,267 @@
+"""Images: named, versioned base environments. The only writer of the ``images`` table.
+
+``flowsession/runtime:<version>`` ships with the product as a lock file (``builtin_images/``) and is
+built on first use. A custom image is another image plus packages, layered over it.
+References: ``name`` (the newest version) or ``name:version``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy import func, insert, select, update
+
+from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder, parse_pins, tree_size
+from flowsession.config import Settings
+from flowsession.environments import fsops
+from flowsession.environments.buildlog import BuildLog
+from flowsession.environments.requirements import FlowRequirements, parse_requirements
+from flowsession.errors import (
+    BuildFailed,
+    ContainerImageUnsupported,
+    ImageNotFound,
+    InvalidInput,
+)
+from flowsession.store import Store
+from flowsession.store.tables import images
+
+DEFAULT_IMAGE = "flowsession/runtime"
+_BUILTIN_DIR = "builtin_images"
+_BUILTIN = {DEFAULT_IMAGE: "runtime"}  # image name -> folder of lock files ("<version>.lock")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    version: int
+    state: str  # DEFINED (known, not built yet) | BUILDING | READY | FAILED
+    parent: str | None
+    builtin: bool
+    description: str
+    requirements: str
+    layer_lock: str
+    python: str | None
+    python_version: str | None
+    platform: str | None
+    path: str | None
+    size_bytes: int | None
+    error: str | None
+    created_at: float
+    built_at: float | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["ref"] = self.ref
+        d["packages"] = len(parse_pins(self.layer_lock))
+        return d
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'name' or 'name:version' -> (name, version or None). Container references are refused."""
+    ref = ref.strip()
+    first = ref.split("/", 1)[0]
+    if "/" in ref and ("." in first or ":" in first or first == "localhost") or "@sha256:" in ref:
+        raise ContainerImageUnsupported(
+            f"'{ref}' is a container image; container images need a container-capable "
+            "compute backend, and this one runs images built with uv",
+            hint="use an image that exists here (flowsession image list), or make one with "
+            "the packages you need: flowsession image create NAME --from flowsession/runtime -r FILE",
+        )
+    name, _, version = ref.partition(":")
+    if not _NAME.match(name):
+        raise InvalidInput(
+            f"'{ref}' is not a valid image name",
+            hint="use lowercase letters, digits, '.', '_', '-' and '/', e.g. team/rag:2",
+        )
+    if version and not version.isdigit():
+        raise InvalidInput(f"image '{ref}': the version must be a number, like {name}:1")
+    return name, int(version) if version else None
+
+
+class ImageService:
+    def __init__(self, settings: Settings, store: Store, builder: UvEnvBuilder):
+        self.settings, self.store, self.builder = settings, store, builder
+        self._register_builtins()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def list(self) -> list[Image]:
+        with self.store.engine.connect() as c:
+            rows = c.execute(select(images).order_by(images.c.name, images.c.version)).all()
+        return [Image(**r._mapping) for r in rows]
+
+    def get(self, ref: str) -> Image:
+        name, version = parse_ref(ref)
+        q = select(images).where(images.c.name == name)
+        q = q.where(images.c.version == version) if version else q.order_by(images.c.version.desc())
+        with self.store.engine.connect() as c:
+            row = c.execute(q.limit(1)).first()
+        if row is None:
+            known = ", ".join(sorted({i.ref for i in self.list()})) or "none"
+            raise ImageNotFound(
+                f"image '{ref}' does not exist (images here: {known})",
+                hint="pick one of those, or create one: "
+                "flowsession image create NAME --from flowsession/runtime -r FILE",
+            )
+        return Image(**row._mapping)
+
+    def newest(self, name: str) -> Image:
+        return self.get(name)
+
+    def check(self, ref: str) -> dict:
+        """Does ``ref`` have a newer version? (``image check FLOW`` and the session page.)"""
+        name, version = parse_ref(ref)
+        newest = self.newest(name)
+        current = self.get(ref)
+        return {
+            "image": ref,
+            "name": name,
+            "pinned": version is not None,
+            "current_version": current.version,
+            "newest_version": newest.version,
+            "newer_available": newest.version > current.version,
+        }
+
+    def layers(self, image: Image) -> ImageLayers:
+        """The image as an environment sees it: every layer's site-packages and all the pins."""
+        chain: list[Image] = []
+        node: Image | None = image
+        while node is not None:
+            if node.state != "READY":
+                raise BuildFailed(f"image {node.ref} is not built (state {node.state})",
+                                  hint=f"build it: flowsession image build {node.ref}")
+            chain.append(node)
+            node = self.get(node.parent) if node.parent else None
+        major_minor = ".".join((image.python_version or "").split(".")[:2])
+        site = [str(Path(n.path) / "lib" / f"python{major_minor}" / "site-packages") for n in chain]
+        return ImageLayers(
+            ref=image.ref,
+            python=image.python or "",
+            python_version=image.python_version or "",
+            platform=image.platform or "",
+            site_dirs=tuple(site),
+            pins="".join(n.layer_lock for n in reversed(chain)),
+        )
+
+    # --- building --------------------------------------------------------------------------
+
+    async def ensure_built(self, ref: str, *, requirements: FlowRequirements | None = None) -> Image:
+        """Build ``ref`` if it is not built yet (one build per image at a time).
+
+        ``requirements`` carries a custom image's feeds; a rebuild without them (after a
+        failed or killed build) installs its pinned layer from the default index."""
+        image = self.get(ref)
+        if image.state == "READY" and image.path and Path(image.path).exists():
+            return image
+        final = self._path(image)
+        lock = self.settings.images_dir / ".locks" / f"{final.parent.name}-{image.version}.lock"
+        async with fsops.exclusive(lock):
+            image = self.get(image.ref)
+            if image.state == "READY" and image.path and Path(image.path).exists():
+                return image
+            fsops.clear_stale(final)
+            self._set(image, state="BUILDING", error=None)
+            tmp = fsops.temp_dir_for(final)
+            log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
+            try:
+                with BuildLog(log_path) as log:
+                    log.step(f"building image {image.ref}")
+                    await self._build_into(image, tmp, log, requirements)
+                    info = await self.builder.inspect(tmp)
+                    fsops.install(tmp, final)
+                    log.step(f"image {image.ref} ready at {final}")
+                    # a custom image's layer is resolved at create; a builtin's is its venv
+                    layer = image.layer_lock or await self.builder.freeze(final)
+            except BaseException as exc:
+                fsops.discard(tmp)
+                self._set(image, state="FAILED", error=str(exc)[:4000])
+                raise
+            self._set(image, state="READY", path=str(final), python=info.base_python,
+                      python_version=info.version, platform=info.platform,
+                      layer_lock=layer, size_bytes=tree_size(final), built_at=time.time())
+            return self.get(image.ref)
+
+    async def create(self, name: str, *, base: str, requirements: Path,
+                     description: str = "") -> Image:
+        """A custom image: ``base`` plus the packages of ``requirements`` (local wheels allowed)."""
+        parsed_name, version = parse_ref(name)
+        if version is not None:
+            raise InvalidInput(f"image create takes a name without a version, got '{name}'",
+                               hint="versions are numbered for you: 1, 2, ...")
+        if parsed_name in _BUILTIN:
+            raise InvalidInput(f"'{parsed_name}' is the name of a built-in image",
+                               hint="choose another name, e.g. myteam/runtime")
+        parent = await self.ensure_built(base)
+        if not requirements.is_file():
+            raise InvalidInput(f"requirements file {requirements} does not exist",
+                               hint="pass the file that lists the image's extra packages with -r")
+        layers = self.layers(parent)
+        reqs = parse_requirements(requirements.resolve(), display=str(requirements),
+                                  allow_local=True, image_versions=layers.versions())
+        log_path = self.settings.logs_dir / "images" / f"create-{_slug(parsed_name)}.log"
+        with BuildLog(log_path) as log:
+            lock = await self.builder.resolve(layers, reqs, log)
+        with self.store.engine.begin() as c:
+            latest = c.execute(select(func.max(images.c.version))
+                               .where(images.c.name == parsed_name)).scalar()
+            c.execute(insert(images).values(
+                name=parsed_name, version=(latest or 0) + 1, parent=parent.ref, builtin=False,
+                description=description, requirements=requirements.read_text(),
+                layer_lock=lock, state="DEFINED", created_at=time.time()))
+            new_version = (latest or 0) + 1
+        return await self.ensure_built(f"{parsed_name}:{new_version}", requirements=reqs)
+
+    async def _build_into(self, image: Image, tmp: Path, log: BuildLog,
+                          requirements: FlowRequirements | None) -> None:
+        if image.builtin:
+            await self.builder.build_base(self._builtin_lock(image), self.settings.python, tmp, log)
+            return
+        parent = self.layers(self.get(image.parent or ""))
+        log.step(f"layer over {parent.ref}: {len(parse_pins(image.layer_lock))} packages")
+        await self.builder.build(EnvSpec(parent, image.layer_lock, requirements), tmp, log)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _path(self, image: Image) -> Path:
+        return self.settings.images_dir / _slug(image.name) / str(image.version)
+
+    def _builtin_lock(self, image: Image) -> Path:
+        folder = resources.files("flowsession.environments") / _BUILTIN_DIR / _BUILTIN[image.name]
+        return Path(str(folder / f"{image.version}.lock"))
+
+    def _set(self, image: Image, **values) -> None:
+        with self.store.engine.begin() as c:
+            c.execute(update(images).where(images.c.name == image.name,
+                                           images.c.version == image.version).values(**values))
+
+    def _register_builtins(self) -> None:
+        """Known built-in image versions get a row (DEFINED until first built)."""
+        found = []
+        for name, folder in _BUILTIN.items():
+            base = resources.files("flowsession.environments") / _BUILTIN_DIR / folder
+            for entry in base.iterdir():
+                if entry.name.endswith(".lock") and entry.name[:-5].isdigit():
+                    found.append((name, int(entry.name[:-5]), Path(str(entry))))
+        with self.store.engine.begin() as c:
+            have = {(r.name, r.version) for r in c.execute(
+                select(images.c.name, images.c.version).where(images.c.builtin.is_(True)))}
+            for name, version, lock in found:
+                if (name, version) not in have:
+                    c.execute(insert(images).values(
+                        name=name, version=version, parent=None, builtin=True,
+                        description="Python, promptflow-core and promptflow-tools",
+                        requirements=lock.with_name("requirements.in").read_text(),
+                        layer_lock="", state="DEFINED", created_at=time.time()))
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "--")

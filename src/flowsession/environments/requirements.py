@@ -1,0 +1,226 @@
+"""Reading a flow's requirements file under the rules of the reference documents.
+
+- ``promptflow``/``promptflow-tools`` (and the rest of the promptflow family) come from the image:
+  an unpinned mention is satisfied by the image and dropped; a pin is refused.
+- Local wheels, source paths and editable installs belong in a custom image, not here.
+- ``-i``/``--index-url``/``--extra-index-url`` lines name package feeds; ``{private}`` in a feed's
+  URL is filled from the identity's secret for that host at install time, never here.
+- ``-r other.txt`` is read in place; ``-c other.txt`` adds constraints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from flowsession.errors import RequirementsError
+
+#: Packages every image provides; a flow may mention them but never pin them.
+IMAGE_PROVIDED = frozenset(
+    {"promptflow", "promptflow-core", "promptflow-tools", "promptflow-devkit", "promptflow-tracing"}
+)
+PRIVATE = "{private}"
+_LOCAL_SUFFIXES = (".whl", ".tar.gz", ".zip", ".tgz")
+_IGNORED_OPTIONS = {"--trusted-host", "--pre", "--prefer-binary", "--no-binary", "--only-binary"}
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A package index named in a requirements file (its URL may hold ``{private}``)."""
+
+    url: str
+    primary: bool  # -i/--index-url replaces the default index; --extra-index-url adds one
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+
+    @property
+    def needs_secret(self) -> bool:
+        return PRIVATE in self.url
+
+
+@dataclass(frozen=True)
+class FlowRequirements:
+    """What a flow asks for, ready for the resolver. Holds no secrets."""
+
+    source: str  # the file's name, for messages
+    requirements: tuple[str, ...] = ()
+    constraints: tuple[str, ...] = ()
+    feeds: tuple[Feed, ...] = ()
+    satisfied_by_image: tuple[str, ...] = field(default=(), compare=False)
+    allow_local: bool = False
+    base_dir: Path | None = field(default=None, compare=False)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.requirements, self.constraints, tuple(f.url for f in self.feeds)):
+            h.update("\n".join(part).encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+    @property
+    def requirements_text(self) -> str:
+        return "".join(f"{r}\n" for r in self.requirements)
+
+    @property
+    def constraints_text(self) -> str:
+        return "".join(f"{c}\n" for c in self.constraints)
+
+
+def _is_local(spec: str) -> bool:
+    s = spec.strip()
+    if s.startswith((".", "/", "~", "file:")) or s.lower().endswith(_LOCAL_SUFFIXES):
+        return "://" not in s or s.startswith("file:")
+    return bool(re.search(r"@\s*file:", s))
+
+
+def parse_requirements(
+    path: Path,
+    *,
+    display: str | None = None,
+    allow_local: bool = False,
+    image_versions: dict[str, str] | None = None,
+) -> FlowRequirements:
+    """Parse ``path``. ``image_versions`` (name -> version) makes refusals say what the image has."""
+    display = display or path.name
+    reqs: list[str] = []
+    cons: list[str] = []
+    feeds: list[Feed] = []
+    dropped: list[str] = []
+    _read(path, display, allow_local, image_versions or {}, reqs, cons, feeds, dropped, depth=0)
+    return FlowRequirements(
+        source=display,
+        requirements=tuple(reqs),
+        constraints=tuple(cons),
+        feeds=tuple(feeds),
+        satisfied_by_image=tuple(dropped),
+        allow_local=allow_local,
+        base_dir=path.parent,
+    )
+
+
+def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped, *, depth):
+    if depth > 10:
+        raise RequirementsError(f"{display}: -r includes nest too deeply (a cycle?)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RequirementsError(
+            f"requirements file {display} does not exist",
+            hint="create it, or point environment.python_requirements_txt at the right file",
+        ) from None
+    for lineno, raw in enumerate(_logical_lines(text), start=1):
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        if not line:
+            continue
+        where = f"{display}, line {lineno}"
+        if line.startswith("-"):
+            _option(line, where, path, display, allow_local, image_versions,
+                    reqs, cons, feeds, dropped, depth)
+            continue
+        if _is_local(line) and not allow_local:
+            raise RequirementsError(
+                f"{where}: '{line}' is a local file; requirements.txt takes packages from an index",
+                hint="build local wheels into a custom image: flowsession image create NAME "
+                "--from flowsession/runtime -r FILE, then set environment.image in the flow",
+            )
+        if _is_local(line):
+            reqs.append(_absolute_local(line, path.parent))
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as exc:
+            raise RequirementsError(
+                f"{where}: '{line}' is not a valid requirement ({exc})",
+                hint="write a package name with an optional version, like requests>=2.31",
+            ) from None
+        name = canonicalize_name(req.name)
+        if name in IMAGE_PROVIDED:
+            if req.specifier or req.url:
+                has = image_versions.get(name)
+                provided = f" (it has {name} {has})" if has else ""
+                raise RequirementsError(
+                    f"{where}: '{line}' pins {name}, which the image provides{provided}",
+                    hint=f"remove the version from {display}; for another version of {name}, "
+                    "use an image version that has it (flowsession image list) or a custom image",
+                )
+            dropped.append(name)
+            continue
+        reqs.append(str(req))
+
+
+def _option(line, where, path, display, allow_local, image_versions, reqs, cons, feeds, dropped,
+            depth):
+    head, _, rest = line.partition(" ")
+    if head.startswith("--") and "=" in head:  # --index-url=URL
+        head, _, value = head.partition("=")
+        rest = f"{value} {rest}"
+    try:
+        parts = [head, *shlex.split(rest)]
+    except ValueError:
+        parts = [head, *rest.split()]
+    opt, args = parts[0], parts[1:]
+    if opt.startswith("-i") and opt != "-i":  # -ihttps://...
+        opt, args = "-i", [opt[2:], *args]
+    if opt in ("-i", "--index-url", "--extra-index-url") and args:
+        feeds.append(Feed(url=args[0].rstrip("/"), primary=opt != "--extra-index-url"))
+        return
+    if opt in ("-r", "--requirement", "-c", "--constraint") and args:
+        inc = (path.parent / args[0]).resolve()
+        inc_display = f"{args[0]} (included from {display})"
+        if opt in ("-r", "--requirement"):
+            _read(inc, inc_display, allow_local, image_versions, reqs, cons, feeds, dropped,
+                  depth=depth + 1)
+        else:
+            sub = parse_requirements(inc, display=inc_display, allow_local=allow_local)
+            cons.extend(sub.requirements)
+        return
+    if opt in ("-e", "--editable"):
+        raise RequirementsError(
+            f"{where}: editable installs ('{line}') are not supported in requirements.txt",
+            hint="build the package into a custom image: flowsession image create NAME "
+            "--from flowsession/runtime -r FILE",
+        )
+    if opt in ("-f", "--find-links"):
+        raise RequirementsError(
+            f"{where}: --find-links is not supported; packages come from an index",
+            hint="serve the files from an index (-i URL) or build them into a custom image",
+        )
+    if opt in _IGNORED_OPTIONS:
+        return
+    raise RequirementsError(
+        f"{where}: unknown option '{opt}'",
+        hint="requirements.txt takes packages, -r/-c FILE, -i URL and --extra-index-url URL",
+    )
+
+
+def _absolute_local(line: str, base: Path) -> str:
+    if "@" in line and "file:" in line:
+        return line
+    p = Path(line).expanduser()
+    p = p if p.is_absolute() else (base / p).resolve()
+    return str(p)
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Lines with backslash continuations joined, keeping one entry per physical line number."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        if raw.rstrip().endswith("\\"):
+            pending += raw.rstrip()[:-1] + " "
+            out.append("")
+            continue
+        out.append(pending + raw)
+        pending = ""
+    if pending:
+        out.append(pending)
+    return out

@@ -1,0 +1,128 @@
+"""The environments service: a flow folder in, a ready environment out.
+
+flow folder -> snapshot -> image (built on first use) -> requirements parsed under the rules ->
+resolved against the image (the lock is kept, so a cache hit needs no resolver and no
+network) -> ``env_id`` -> the cache builds it once, shared by every flow that needs the same.
+The only writer of ``resolutions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from flowsession.access.secrets import USER_IDENTITY, FeedSecrets
+from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder
+from flowsession.config import Settings
+from flowsession.environments.buildlog import BuildLog
+from flowsession.environments.cache import Environment, EnvironmentCache
+from flowsession.environments.images import DEFAULT_IMAGE, ImageService
+from flowsession.environments.requirements import FlowRequirements, parse_requirements
+from flowsession.flows.flowfile import load_flow
+from flowsession.flows.snapshot import Snapshot, make_snapshot
+from flowsession.store import Store, open_store
+from flowsession.store.tables import resolutions
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a flow needs, resolved: the input of a build (and of a session start)."""
+
+    snapshot: Snapshot
+    image: ImageLayers
+    requirements: FlowRequirements
+    spec: EnvSpec
+    env_id: str
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    origin: str  # "image" | "requirements"
+
+
+class EnvironmentService:
+    def __init__(self, settings: Settings, store: Store, *, builder: UvEnvBuilder | None = None):
+        self.settings, self.store = settings, store
+        self.builder = builder or UvEnvBuilder(settings.uv, default_index=settings.index_url)
+        self.images = ImageService(settings, store, self.builder)
+        self.cache = EnvironmentCache(settings, store, self.builder)
+        self.secrets = FeedSecrets(settings, store)
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> EnvironmentService:
+        settings = settings or Settings.from_env()
+        return cls(settings, open_store(settings.db_url))
+
+    # --- a flow's environment -----------------------------------------------------------------
+
+    async def prepare(self, flow: str | Path, *, identity: str = USER_IDENTITY,
+                      refresh: bool = False) -> Prepared:
+        """Snapshot the flow and resolve its requirements against its image (no build yet)."""
+        snapshot = make_snapshot(load_flow(flow), self.settings.snapshots_dir)
+        image = await self.images.ensure_built(snapshot.flow.image or DEFAULT_IMAGE)
+        layers = self.images.layers(image)
+        reqs = self._requirements(snapshot, layers)
+        lock = await self._resolve(layers, reqs, identity=identity, refresh=refresh,
+                                   name=snapshot.flow.folder.name)
+        spec = EnvSpec(image=layers, lock=lock, requirements=reqs)
+        return Prepared(snapshot, layers, reqs, spec, self.builder.env_id(spec))
+
+    async def ensure_for_flow(self, flow: str | Path, *, identity: str = USER_IDENTITY,
+                              holder: str | None = None, refresh: bool = False) -> Environment:
+        prepared = await self.prepare(flow, identity=identity, refresh=refresh)
+        return await self.ensure(prepared, identity=identity, holder=holder)
+
+    async def ensure(self, prepared: Prepared, *, identity: str = USER_IDENTITY,
+                     holder: str | None = None) -> Environment:
+        credentials = self.secrets.credentials_for(prepared.requirements.feeds, identity=identity)
+        return await self.cache.ensure(prepared.spec, holder=holder, credentials=credentials)
+
+    def packages(self, env: Environment) -> list[Package]:
+        """View installed packages: what the image provides and what the requirements add."""
+        image = self.images.layers(self.images.get(env.image))
+        out = [Package(n, v, "image") for n, v in image.versions().items()]
+        out += [Package(n, v, "requirements") for n, v in env.packages().items()]
+        return sorted(out, key=lambda p: (p.origin != "requirements", p.name))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _requirements(self, snapshot: Snapshot, image: ImageLayers) -> FlowRequirements:
+        flow = snapshot.flow
+        path = flow.requirements_path
+        if path is None:
+            return FlowRequirements(source=flow.requirements_file, base_dir=snapshot.path)
+        return parse_requirements(path, display=flow.requirements_file,
+                                  image_versions=image.versions())
+
+    async def _resolve(self, image: ImageLayers, reqs: FlowRequirements, *, identity: str,
+                       refresh: bool, name: str) -> str:
+        key = hashlib.sha256(json.dumps({
+            "image": image.ref, "image_digest": image.digest, "requirements": reqs.digest(),
+            "default_index": self.settings.index_url or "",
+        }, sort_keys=True).encode()).hexdigest()
+        if not refresh:
+            with self.store.engine.connect() as c:
+                row = c.execute(select(resolutions.c.lock).where(resolutions.c.key == key)).first()
+            if row is not None:
+                return row.lock
+        credentials = self.secrets.credentials_for(reqs.feeds, identity=identity)
+        log_path = self.settings.logs_dir / "resolve" / f"{key[:32]}.log"
+        with BuildLog(log_path, secrets=credentials.values()) as log:
+            log.step(f"resolving {reqs.source} of {name} against {image.ref}")
+            lock = await self.builder.resolve(image, reqs, log, credentials=credentials)
+        with self.store.engine.begin() as c:
+            c.execute(resolutions.delete().where(resolutions.c.key == key))
+            try:
+                c.execute(insert(resolutions).values(key=key, image=image.ref, lock=lock,
+                                                     created_at=time.time()))
+            except IntegrityError:
+                pass
+        return lock

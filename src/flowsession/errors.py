@@ -1,0 +1,150 @@
+"""One error hierarchy for the whole product.
+
+Every error carries a stable ``code`` (what the SDK maps back to a class), an HTTP ``status``
+(used by the API layer only), a ``message`` for the user that names the file, field or package,
+and a ``hint`` that says what to do. Tracebacks go to logs, never into these messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FlowSessionError(Exception):
+    code: ClassVar[str] = "error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, hint: str = "", details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "hint": self.hint, **self.details}
+
+    @classmethod
+    def by_code(cls, code: str) -> type[FlowSessionError]:
+        """The error class for a stable code (the SDK uses this to rebuild errors)."""
+        for sub in _all_subclasses(FlowSessionError):
+            if sub.code == code:
+                return sub
+        return FlowSessionError
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+# --- bad input (4xx) -------------------------------------------------------------------------
+
+
+class InvalidInput(FlowSessionError):
+    code = "invalid_input"
+    status = 422
+
+
+class FlowNotFound(InvalidInput):
+    code = "flow_not_found"
+    status = 404
+
+
+class FlowFileError(InvalidInput):
+    """A flow's YAML is missing, malformed, or has a field with a bad value."""
+
+    code = "flow_file_invalid"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str = "",
+    ):
+        where = file if line is None else f"{file}, line {line}"
+        full = f"{where}: {message}" if field is None else f"{where}: field '{field}': {message}"
+        super().__init__(full, hint=hint, details={"file": file, "line": line, "field": field})
+        self.file, self.line, self.field = file, line, field
+
+
+class RequirementsError(InvalidInput):
+    """A line of a requirements file breaks a rule (pinned promptflow, local wheel, ...)."""
+
+    code = "requirements_invalid"
+
+
+class ImageNotFound(InvalidInput):
+    code = "image_not_found"
+    status = 404
+
+
+class ImageExists(InvalidInput):
+    code = "image_exists"
+    status = 409
+
+
+class ContainerImageUnsupported(InvalidInput):
+    code = "container_image_unsupported"
+
+
+class NotFound(FlowSessionError):
+    code = "not_found"
+    status = 404
+
+
+# --- environment builds --------------------------------------------------------------------
+
+
+class EnvironmentError_(FlowSessionError):  # trailing underscore: do not shadow the builtin
+    code = "environment_error"
+    status = 500
+
+    """A build failed. ``log_tail`` holds the last lines of the build log (secrets redacted);
+    ``log_path`` where the whole log is."""
+
+    def __init__(self, message: str, *, hint: str = "", log_tail: str = "", log_path: str = "",
+                 **details: Any):
+        super().__init__(message, hint=hint,
+                         details={"log_tail": log_tail, "log_path": log_path, **details})
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+class Unsatisfiable(EnvironmentError_):
+    """The requirements conflict with each other or with what the image provides."""
+
+    code = "requirements_unsatisfiable"
+    status = 422
+
+
+class PackageNotFound(EnvironmentError_):
+    code = "package_not_found"
+    status = 422
+
+
+class IndexUnreachable(EnvironmentError_):
+    code = "package_index_unreachable"
+    status = 502
+
+
+class BuildFailed(EnvironmentError_):
+    code = "environment_build_failed"
+
+
+class DiskBudgetExceeded(EnvironmentError_):
+    code = "disk_budget_exceeded"
+    status = 507
+
+
+class EnvironmentInUse(FlowSessionError):
+    code = "environment_in_use"
+    status = 409
