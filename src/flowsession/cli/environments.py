@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from pathlib import Path
 
 import typer
+
+import flowsession
 
 from flowsession.access.secrets import USER_IDENTITY
 from flowsession.cli.output import emit_json, err, handle_errors, out, table
@@ -46,6 +50,33 @@ def packages(flow: Path = typer.Argument(..., help="The flow folder."),
     if json:
         return emit_json(pkgs)
     table(pkgs, ["name", "version", "origin"], title=f"environment {env.id}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def run(
+    ctx: typer.Context,
+    flow: Path = typer.Argument(..., help="The flow folder."),
+    identity: str = IDENTITY,
+) -> None:
+    """Run a command in the flow's environment, in its snapshot: env run FLOW -- CMD ARGS...
+
+    Example: flowsession env run FLOW -- python -m flowsession.worker.testline --inputs k=v"""
+    if not ctx.args:
+        raise typer.BadParameter("give the command to run after --")
+    svc = EnvironmentService.open()
+    with err.status(f"preparing the environment of {flow} ..."):
+        prepared = asyncio.run(svc.prepare(flow, identity=identity))
+        env = asyncio.run(svc.ensure(prepared, identity=identity))
+    command = list(ctx.args)
+    bin_dir = Path(env.path) / "bin"
+    if (bin_dir / command[0]).exists():
+        command[0] = str(bin_dir / command[0])
+    worker_root = str(Path(flowsession.__file__).parent.parent)
+    environ = {**os.environ, "VIRTUAL_ENV": env.path, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+               "PYTHONPATH": worker_root}
+    code = subprocess.call(command, cwd=prepared.snapshot.path, env=environ)
+    raise typer.Exit(code)
 
 
 @app.command("list")
