@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flowsession.errors import InvalidInput
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
 
@@ -60,6 +60,8 @@ def _default_uv() -> str:
 class Settings:
     home: Path = field(default_factory=_default_home)
     database_url: str | None = None
+    # Built images may live outside the home, shared by several homes (read-mostly).
+    images_path: Path | None = None
     uv: str = field(default_factory=_default_uv)
     # The index used for flows' requirements; None means uv's own default (PyPI or UV_INDEX_URL).
     index_url: str | None = None
@@ -76,6 +78,8 @@ class Settings:
             s = replace(s, home=Path(v).expanduser())
         if v := env.get("FLOWSESSION_DATABASE_URL"):
             s = replace(s, database_url=v)
+        if v := env.get("FLOWSESSION_IMAGES_DIR"):
+            s = replace(s, images_path=Path(v).expanduser())
         if v := env.get("FLOWSESSION_UV"):
             s = replace(s, uv=v)
         if v := env.get("FLOWSESSION_INDEX_URL"):
@@ -92,7 +96,7 @@ class Settings:
 
     @property
     def images_dir(self) -> Path:
-        return self.home / "images"
+        return self.images_path or self.home / "images"
 
     @property
     def envs_dir(self) -> Path:

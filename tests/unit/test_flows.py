@@ -84,7 +84,7 @@ def test_example_flows_load_and_snapshot(name, kind, requirements, store):
     snap = make_snapshot(flow, store)
     if requirements:
         assert snap.flow.requirements_path == snap.path / "requirements.txt"
-        assert snap.flow.requirements_path.read_text().strip() == "tabulate"
+        assert snap.flow.requirements_path.read_text() == expected.read_text()
     assert flow.file.name in snapshot_files(snap.path)
 
 

@@ -21,9 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import quote
 
-from flowsession.environments.buildlog import BuildLog
+from flowsession.environments.buildlog import BuildLog, userinfo
 from flowsession.environments.requirements import PRIVATE, FlowRequirements
 from flowsession.errors import (
     BuildFailed,
@@ -35,6 +34,8 @@ from flowsession.errors import (
 
 _PTH = "_flowsession_layers.pth"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
+# a wheel named by path or URL ("name @ file:///x/name-1.0-py3-none-any.whl", "/x/name-1.0-...whl")
+_WHEEL = re.compile(r"(?:^|/)([A-Za-z0-9][A-Za-z0-9._]*)-([0-9][^-/\s]*)-[^/\s]*\.whl(?:\s|;|$)")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class ImageLayers:
     def versions(self) -> dict[str, str]:
         return parse_pins(self.pins)
 
+    @property
+    def constraints(self) -> str:
+        """The resolver's constraints: every package of the image at its exact version."""
+        return "".join(f"{name}=={version}\n" for name, version in self.versions().items())
+
 
 @dataclass(frozen=True)
 class EnvSpec:
@@ -72,13 +78,21 @@ class PythonInfo:
 
 
 def parse_pins(text: str) -> dict[str, str]:
-    """'name==version' lines (as uv writes them) -> {canonical name: version}."""
+    """'name==version' lines (as uv writes them) -> {canonical name: version}. A direct
+    reference to a wheel (a path, or 'name @ file:///.../name-1.0-py3-none-any.whl') counts
+    with the name and version in its file name."""
     out = {}
     for line in text.splitlines():
         m = _PIN.match(line.strip())
         if m:
-            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+            out[_canonical(m.group(1))] = m.group(2)
+        elif m := _WHEEL.search(line.strip()):
+            out[_canonical(m.group(1))] = m.group(2)
     return out
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def tree_size(path: Path) -> int:
@@ -104,9 +118,7 @@ def fill_private(url: str, credentials: Mapping[str, str]) -> str:
             f"the feed at {host} needs a secret ({PRIVATE}) and the identity has none for it",
             hint=f"add one with: flowsession feed set {host}",
         )
-    user, sep, password = secret.partition(":")
-    userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}" if sep else quote(user, safe="")
-    return url.replace(PRIVATE, userinfo)
+    return url.replace(PRIVATE, userinfo(secret))
 
 
 class UvEnvBuilder:
@@ -147,7 +159,7 @@ class UvEnvBuilder:
             req_file = Path(tmp) / "requirements.in"
             cons_file = Path(tmp) / "constraints.txt"
             req_file.write_text(reqs.requirements_text)
-            cons_file.write_text(image.pins + reqs.constraints_text)
+            cons_file.write_text(image.constraints + reqs.constraints_text)
             args = ["pip", "compile", str(req_file), "-c", str(cons_file), "--python",
                     image.python, "--no-header", "--no-annotate", "--quiet"]
             out = await self._run(args, log, feeds=reqs, credentials=credentials,

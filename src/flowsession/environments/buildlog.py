@@ -11,6 +11,21 @@ from urllib.parse import quote
 REDACTED = "****"
 
 
+def userinfo(secret: str) -> str:
+    """A feed secret ('user:password' or a token) as the userinfo part of a URL."""
+    user, sep, password = secret.partition(":")
+    return f"{quote(user, safe='')}:{quote(password, safe='')}" if sep else quote(user, safe="")
+
+
+def secret_forms(secret: str) -> set[str]:
+    """The secret raw, URL-encoded, as URL userinfo, and its password alone (raw and encoded)."""
+    forms = {secret, quote(secret, safe=""), quote(secret, safe=":"), userinfo(secret)}
+    if ":" in secret:
+        password = secret.split(":", 1)[1]
+        forms |= {password, quote(password, safe="")}
+    return forms
+
+
 class BuildLog:
     def __init__(self, path: Path, *, secrets: Iterable[str] = ()):
         self.path = path
@@ -21,11 +36,8 @@ class BuildLog:
         self._fh = path.open("a", encoding="utf-8")
 
     def add_secret(self, secret: str) -> None:
-        """Redact ``secret`` (and its URL-encoded and password-only forms) from now on."""
-        forms = {secret, quote(secret, safe=""), quote(secret, safe=":")}
-        if ":" in secret:
-            forms.add(secret.split(":", 1)[1])
-        self._secrets.extend(f for f in forms if len(f) >= 3)
+        """Redact ``secret`` from now on, in every form a build may print it in."""
+        self._secrets.extend(f for f in secret_forms(secret) if len(f) >= 3)
         self._secrets.sort(key=len, reverse=True)
 
     def redact(self, text: str) -> str:

@@ -7,6 +7,8 @@ References: ``name`` (the newest version) or ``name:version``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from flowsession.store.tables import images
 DEFAULT_IMAGE = "flowsession/runtime"
 _BUILTIN_DIR = "builtin_images"
 _BUILTIN = {DEFAULT_IMAGE: "runtime"}  # image name -> folder of lock files ("<version>.lock")
+_MARKER = ".flowsession-image.json"  # written last into a build: its presence means complete
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
 
 
@@ -169,6 +172,9 @@ class ImageService:
             if image.state == "READY" and image.path and Path(image.path).exists():
                 return image
             fsops.clear_stale(final)
+            adopted = await self._adopt(image, final)
+            if adopted is not None:
+                return adopted
             self._set(image, state="BUILDING", error=None)
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
@@ -177,6 +183,8 @@ class ImageService:
                     log.step(f"building image {image.ref}")
                     await self._build_into(image, tmp, log, requirements)
                     info = await self.builder.inspect(tmp)
+                    (tmp / _MARKER).write_text(json.dumps({"ref": image.ref,
+                                                           "digest": self._digest(image)}))
                     fsops.install(tmp, final)
                     log.step(f"image {image.ref} ready at {final}")
                     # a custom image's layer is resolved at create; a builtin's is its venv
@@ -230,6 +238,28 @@ class ImageService:
         await self.builder.build(EnvSpec(parent, image.layer_lock, requirements), tmp, log)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _digest(self, image: Image) -> str:
+        """What the image's content follows from: its lock (builtin) or parent + layer."""
+        source = (self._builtin_lock(image).read_text() if image.builtin
+                  else f"{image.parent}\n{image.layer_lock}")
+        return hashlib.sha256(source.encode()).hexdigest()
+
+    async def _adopt(self, image: Image, final: Path) -> Image | None:
+        """A complete build of this very image already at ``final`` (its record was lost, or
+        another home sharing the images directory built it): record it instead of rebuilding."""
+        try:
+            marker = json.loads((final / _MARKER).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if marker != {"ref": image.ref, "digest": self._digest(image)}:
+            return None
+        info = await self.builder.inspect(final)
+        layer = image.layer_lock or await self.builder.freeze(final)
+        self._set(image, state="READY", path=str(final), python=info.base_python,
+                  python_version=info.version, platform=info.platform, layer_lock=layer,
+                  size_bytes=tree_size(final), built_at=time.time(), error=None)
+        return self.get(image.ref)
 
     def _path(self, image: Image) -> Path:
         return self.settings.images_dir / _slug(image.name) / str(image.version)

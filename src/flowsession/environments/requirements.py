@@ -76,10 +76,13 @@ class FlowRequirements:
 
 
 def _is_local(spec: str) -> bool:
+    """A path, a local archive or a file: URL (``pkg @ file:///x.whl`` included)."""
     s = spec.strip()
-    if s.startswith((".", "/", "~", "file:")) or s.lower().endswith(_LOCAL_SUFFIXES):
-        return "://" not in s or s.startswith("file:")
-    return bool(re.search(r"@\s*file:", s))
+    if s.startswith("file:") or re.search(r"@\s*file:", s):
+        return True
+    if "://" in s:
+        return False
+    return s.startswith((".", "/", "~")) or s.lower().endswith(_LOCAL_SUFFIXES)
 
 
 def parse_requirements(
@@ -109,7 +112,8 @@ def parse_requirements(
 
 def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped, *, depth):
     if depth > 10:
-        raise RequirementsError(f"{display}: -r includes nest too deeply (a cycle?)")
+        raise RequirementsError(f"{display}: -r/-c includes nest too deeply (a cycle?)",
+                                hint="remove the include that leads back to an earlier file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -117,7 +121,7 @@ def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped
             f"requirements file {display} does not exist",
             hint="create it, or point environment.python_requirements_txt at the right file",
         ) from None
-    for lineno, raw in enumerate(_logical_lines(text), start=1):
+    for lineno, raw in _logical_lines(text):
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
@@ -170,18 +174,21 @@ def _option(line, where, path, display, allow_local, image_versions, reqs, cons,
     opt, args = parts[0], parts[1:]
     if opt.startswith("-i") and opt != "-i":  # -ihttps://...
         opt, args = "-i", [opt[2:], *args]
-    if opt in ("-i", "--index-url", "--extra-index-url") and args:
+    takes_value = ("-i", "--index-url", "--extra-index-url", "-r", "--requirement", "-c",
+                   "--constraint")
+    if opt in takes_value and not args:
+        what = "a file" if opt in ("-r", "--requirement", "-c", "--constraint") else "a URL"
+        raise RequirementsError(f"{where}: option '{opt}' needs {what} after it",
+                                hint=f"write it as: {opt} {'FILE' if what == 'a file' else 'URL'}")
+    if opt in ("-i", "--index-url", "--extra-index-url"):
         feeds.append(Feed(url=args[0].rstrip("/"), primary=opt != "--extra-index-url"))
         return
-    if opt in ("-r", "--requirement", "-c", "--constraint") and args:
+    if opt in ("-r", "--requirement", "-c", "--constraint"):
         inc = (path.parent / args[0]).resolve()
         inc_display = f"{args[0]} (included from {display})"
-        if opt in ("-r", "--requirement"):
-            _read(inc, inc_display, allow_local, image_versions, reqs, cons, feeds, dropped,
-                  depth=depth + 1)
-        else:
-            sub = parse_requirements(inc, display=inc_display, allow_local=allow_local)
-            cons.extend(sub.requirements)
+        into = reqs if opt in ("-r", "--requirement") else cons
+        _read(inc, inc_display, allow_local, image_versions, into, cons, feeds, dropped,
+              depth=depth + 1)
         return
     if opt in ("-e", "--editable"):
         raise RequirementsError(
@@ -210,17 +217,23 @@ def _absolute_local(line: str, base: Path) -> str:
     return str(p)
 
 
-def _logical_lines(text: str) -> list[str]:
-    """Lines with backslash continuations joined, keeping one entry per physical line number."""
-    out: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """(first physical line number, text) with backslash continuations joined. A comment line
+    never continues onto the next one, whatever it ends with (as pip reads it)."""
+    out: list[tuple[int, str]] = []
+    pending, start = "", 0
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not pending:
+            start = lineno
+        if raw.lstrip().startswith("#"):
+            if not pending:
+                continue
+            raw = ""
         if raw.rstrip().endswith("\\"):
             pending += raw.rstrip()[:-1] + " "
-            out.append("")
             continue
-        out.append(pending + raw)
+        out.append((start, pending + raw))
         pending = ""
     if pending:
-        out.append(pending)
+        out.append((start, pending))
     return out
