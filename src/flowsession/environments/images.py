@@ -172,9 +172,8 @@ class ImageService:
             if image.state == "READY" and image.path and Path(image.path).exists():
                 return image
             fsops.clear_stale(final)
-            adopted = await self._adopt(image, final)
-            if adopted is not None:
-                return adopted
+            if self._adopt(image, final):
+                return self.get(image.ref)
             self._set(image, state="BUILDING", error=None)
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
@@ -183,19 +182,22 @@ class ImageService:
                     log.step(f"building image {image.ref}")
                     await self._build_into(image, tmp, log, requirements)
                     info = await self.builder.inspect(tmp)
-                    (tmp / _MARKER).write_text(json.dumps({"ref": image.ref,
-                                                           "digest": self._digest(image)}))
+                    record = dict(
+                        python=info.base_python, python_version=info.version,
+                        platform=info.platform, size_bytes=tree_size(tmp),
+                        # a custom image's layer is resolved at create; a builtin's is its venv
+                        layer_lock=image.layer_lock or await self.builder.freeze(tmp))
+                    # written last: a build with this file is complete, whoever recorded it
+                    (tmp / _MARKER).write_text(json.dumps(
+                        {"ref": image.ref, "digest": self._digest(image), "record": record}))
                     fsops.install(tmp, final)
                     log.step(f"image {image.ref} ready at {final}")
-                    # a custom image's layer is resolved at create; a builtin's is its venv
-                    layer = image.layer_lock or await self.builder.freeze(final)
             except BaseException as exc:
                 fsops.discard(tmp)
                 self._set(image, state="FAILED", error=str(exc)[:4000])
                 raise
-            self._set(image, state="READY", path=str(final), python=info.base_python,
-                      python_version=info.version, platform=info.platform,
-                      layer_lock=layer, size_bytes=tree_size(final), built_at=time.time())
+            self._set(image, state="READY", path=str(final), built_at=time.time(), error=None,
+                      **record)
             return self.get(image.ref)
 
     async def create(self, name: str, *, base: str, requirements: Path,
@@ -245,21 +247,18 @@ class ImageService:
                   else f"{image.parent}\n{image.layer_lock}")
         return hashlib.sha256(source.encode()).hexdigest()
 
-    async def _adopt(self, image: Image, final: Path) -> Image | None:
+    def _adopt(self, image: Image, final: Path) -> bool:
         """A complete build of this very image already at ``final`` (its record was lost, or
         another home sharing the images directory built it): record it instead of rebuilding."""
         try:
             marker = json.loads((final / _MARKER).read_text())
         except (FileNotFoundError, ValueError):
-            return None
-        if marker != {"ref": image.ref, "digest": self._digest(image)}:
-            return None
-        info = await self.builder.inspect(final)
-        layer = image.layer_lock or await self.builder.freeze(final)
-        self._set(image, state="READY", path=str(final), python=info.base_python,
-                  python_version=info.version, platform=info.platform, layer_lock=layer,
-                  size_bytes=tree_size(final), built_at=time.time(), error=None)
-        return self.get(image.ref)
+            return False
+        if (marker.get("ref"), marker.get("digest")) != (image.ref, self._digest(image)):
+            return False
+        self._set(image, state="READY", path=str(final), built_at=time.time(), error=None,
+                  **marker["record"])
+        return True
 
     def _path(self, image: Image) -> Path:
         return self.settings.images_dir / _slug(image.name) / str(image.version)
@@ -291,6 +290,9 @@ class ImageService:
                         description="Python, promptflow-core and promptflow-tools",
                         requirements=lock.with_name("requirements.in").read_text(),
                         layer_lock="", state="DEFINED", created_at=time.time()))
+        for image in self.list():  # built already (by another home sharing the images)?
+            if image.builtin and image.state == "DEFINED":
+                self._adopt(image, self._path(image))
 
 
 def _slug(name: str) -> str:

@@ -1,0 +1,116 @@
+"""The `flowsession` command: what a user types and what they see."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.flows import make_flow
+from typer.testing import CliRunner
+
+from flowsession.cli.main import app
+
+
+@pytest.fixture
+def cli(settings):
+    env = {"FLOWSESSION_HOME": str(settings.home), "FLOWSESSION_IMAGES_DIR": str(settings.images_dir),
+           "FLOWSESSION_INDEX_URL": settings.index_url, "COLUMNS": "200", "NO_COLOR": "1"}
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None):
+        return runner.invoke(app, list(args), env=env, input=input)
+
+    invoke.env = env
+    return invoke
+
+
+def test_image_list_and_show_print_json(cli):
+    listed = cli("image", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    images = json.loads(listed.stdout)
+    assert [(i["ref"], i["state"]) for i in images] == [("flowsession/runtime:1", "READY")]
+    shown = json.loads(cli("image", "show", "flowsession/runtime", "--json").stdout)
+    assert shown["installed"]["promptflow-core"] == "1.18.5"
+
+
+def test_env_build_prints_the_env_id_and_packages_their_origin(cli, tmp_path):
+    flow = make_flow(tmp_path, "f", "tinyalpha==1.0\n")
+    built = cli("env", "build", str(flow))
+    assert built.exit_code == 0, built.output
+    env_id = built.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", env_id)
+    pkgs = json.loads(cli("env", "packages", str(flow), "--json").stdout)
+    assert {"name": "tinyalpha", "version": "1.0", "origin": "requirements"} in pkgs
+    assert {"name": "promptflow-core", "version": "1.18.5", "origin": "image"} in pkgs
+    envs = json.loads(cli("env", "list", "--json").stdout)
+    assert [e["id"] for e in envs] == [env_id]
+    table = cli("env", "packages", str(flow))
+    assert "tinyalpha" in table.stdout and "requirements" in table.stdout
+
+
+def test_a_missing_flow_file_is_a_clear_error_without_a_traceback(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("env", "build", str(tmp_path / "empty"))
+    assert result.exit_code == 2
+    assert "flow.dag.yaml" in result.stderr and "hint:" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(cli, tmp_path):
+    flow = make_flow(tmp_path, "f", None)
+    (flow / "flow.dag.yaml").write_text("inputs:\n  x: {type: string\nnodes: []\n")
+    result = cli("env", "build", str(flow))
+    assert result.exit_code == 2
+    assert re.search(r"flow\.dag\.yaml, line \d+", result.stderr), result.stderr
+
+
+def test_an_unsatisfiable_requirement_names_the_conflict(cli, tmp_path):
+    result = cli("env", "build", str(make_flow(tmp_path, "f", "tinybeta\ntinygamma\n")))
+    assert result.exit_code != 0
+    assert "tinybeta" in result.stderr and "tinygamma" in result.stderr
+    assert "hint:" in result.stderr
+
+
+def test_image_check_says_whether_a_newer_version_exists(cli, tmp_path):
+    flow = make_flow(tmp_path, "f", None, image="flowsession/runtime:1")
+    result = json.loads(cli("image", "check", str(flow), "--json").stdout)
+    assert result["current_version"] == 1 and result["newer_available"] is False
+
+
+def test_image_create_from_a_requirements_file(cli, tmp_path):
+    reqs = tmp_path / "extra.txt"
+    reqs.write_text("tinyalpha==2.0\n")
+    result = cli("image", "create", "team/alpha", "--from", "flowsession/runtime", "-r", str(reqs),
+                 "--json")
+    assert result.exit_code == 0, result.output
+    image = json.loads(result.stdout)
+    assert image["ref"] == "team/alpha:1" and image["state"] == "READY"
+
+
+def test_feed_secrets_are_read_from_stdin_and_listed_masked(cli):
+    result = cli("feed", "set", "pkgs.example.com", "--stdin", input="me:tok-123456\n")
+    assert result.exit_code == 0
+    listed = cli("feed", "list", "--json")
+    assert json.loads(listed.stdout) == [
+        {"identity": "user", "host": "pkgs.example.com", "secret": "me:****",
+         "created_at": json.loads(listed.stdout)[0]["created_at"]}]
+    assert "tok-123456" not in listed.stdout + cli("feed", "list").stdout
+
+
+def test_the_installed_command_runs_a_command_in_the_flows_environment(cli, tmp_path):
+    exe = Path(sys.executable).parent / "flowsession"
+    if not exe.exists():
+        exe = Path(shutil.which("flowsession") or "flowsession")
+    flow = make_flow(tmp_path, "f", "tinyalpha==2.0\n")
+    out = subprocess.run(
+        [str(exe), "env", "run", str(flow), "--", "python", "-c",
+         "import tinyalpha, promptflow.core; print('alpha', tinyalpha.__version__)"],
+        env={**os.environ, **cli.env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "alpha 2.0"
