@@ -27,6 +27,18 @@ class FlowSessionError(Exception):
         return {"code": self.code, "message": self.message, "hint": self.hint, **self.details}
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowSessionError:
+        """Rebuild an error from ``to_dict()`` (a stored failure, or an API response)."""
+        data = dict(data)
+        klass = cls.by_code(data.pop("code", "error"))
+        err = klass.__new__(klass)  # subclasses' constructors differ; the fields do not
+        FlowSessionError.__init__(err, data.pop("message", ""), hint=data.pop("hint", ""),
+                                  details=data)
+        for key, value in data.items():
+            setattr(err, key, value)
+        return err
+
+    @classmethod
     def by_code(cls, code: str) -> type[FlowSessionError]:
         """The error class for a stable code (the SDK uses this to rebuild errors)."""
         for sub in _all_subclasses(FlowSessionError):
@@ -99,6 +111,11 @@ class ContainerImageUnsupported(InvalidInput):
 class NotFound(FlowSessionError):
     code = "not_found"
     status = 404
+
+
+class StoreUnavailable(FlowSessionError):
+    code = "store_unavailable"
+    status = 503
 
 
 # --- environment builds --------------------------------------------------------------------

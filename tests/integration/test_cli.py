@@ -114,3 +114,14 @@ def test_the_installed_command_runs_a_command_in_the_flows_environment(cli, tmp_
         env={**os.environ, **cli.env}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "alpha 2.0"
+
+
+def test_an_unreachable_database_names_the_setting(cli):
+    from typer.testing import CliRunner
+
+    env = {**cli.env, "FLOWSESSION_DATABASE_URL": "postgresql+psycopg://who:pw@127.0.0.1:1/x"}
+    result = CliRunner().invoke(app, ["env", "list"], env=env)
+    assert result.exit_code == 1
+    assert "cannot open the database" in result.stderr and "FLOWSESSION_DATABASE_URL" in result.stderr
+    assert "pw" not in result.stderr.replace("postgresql", "")  # the password is hidden
+    assert "Traceback" not in result.stderr

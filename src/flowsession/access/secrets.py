@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -19,6 +19,9 @@ from flowsession.environments.requirements import Feed
 from flowsession.errors import InvalidInput, NotFound
 from flowsession.store import Store
 from flowsession.store.tables import feed_secrets
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 USER_IDENTITY = "user"  # the user's own identity; managed identities get their own names
 
@@ -35,6 +38,8 @@ class FeedSecrets:
 
     def _cipher(self) -> Fernet:
         if self._fernet is None:
+            from cryptography.fernet import Fernet  # imported only when a secret is used
+
             path = self.settings.secret_key_file
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)

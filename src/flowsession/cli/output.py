@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from flowsession.config import Settings
 from flowsession.errors import EnvironmentError_, FlowSessionError, InvalidInput
 
 out = Console()
@@ -26,11 +30,20 @@ def emit_json(data: Any) -> None:
 
 def table(rows: Iterable[dict], columns: Sequence[str], *, title: str | None = None) -> None:
     t = Table(title=title, header_style="bold")
-    for col in columns:
-        t.add_column(col.replace("_", " "))
+    for i, col in enumerate(columns):  # the first column names the thing: never cut it
+        t.add_column(col.replace("_", " "), no_wrap=i == 0)
     for row in rows:
         t.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     out.print(t)
+
+
+def _log_traceback() -> Path:
+    path = Settings.from_env().logs_dir / "cli.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+        fh.write(traceback.format_exc())
+    return path
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -53,5 +66,14 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors: Click prints them
+            raise
+        except Exception as exc:  # a bug: one line for the user, the traceback to the log
+            path = _log_traceback()
+            err.print(f"[bold red]error:[/] unexpected failure: {type(exc).__name__}: {exc}",
+                      highlight=False)
+            err.print(f"[yellow]hint:[/] the details are in {path}; please report them",
+                      highlight=False)
+            raise typer.Exit(1) from None
 
     return wrapper

@@ -246,14 +246,10 @@ class EnvironmentCache:
         if age > self.settings.failed_build_memory_seconds or not env.error:
             return
         data = json.loads(env.error)
-        cls = FlowSessionError.by_code(data.pop("code", "error"))
         data.pop("class", None)
-        message, hint = data.pop("message", ""), data.pop("hint", "")
-        err = cls.__new__(cls)
-        FlowSessionError.__init__(err, f"{message}\n(this build failed {age:.0f}s ago; "
-                                  "retrying is paused briefly)", hint=hint, details=data)
-        err.log_tail, err.log_path = data.get("log_tail", ""), data.get("log_path", "")
-        raise err
+        data["message"] = (f"{data.get('message', '')}\n(this build failed {age:.0f}s ago; "
+                           "retrying is paused briefly)")
+        raise FlowSessionError.from_dict(data)
 
     @staticmethod
     def _add_ref(conn, env_id: str, holder: str) -> None:
