@@ -271,3 +271,18 @@ def test_concurrent_builds_of_one_environment_build_it_once(settings, tmp_path):
     assert len({e.id for e in envs}) == 1
     log = services[0].cache.log_path(envs[0].id).read_text()
     assert log.count("building environment") == 1
+
+
+def test_a_custom_image_can_take_packages_from_a_private_feed(service, tmp_path, wheelhouse):
+    from helpers.index_server import LocalIndex
+
+    with LocalIndex(wheelhouse.directory, auth=("imguser", "img-t0ken-42")) as private:
+        service.secrets.set(private.host, "imguser:img-t0ken-42")
+        reqs = tmp_path / "image-reqs.txt"
+        reqs.write_text(f"-i http://{{private}}@{private.host}/simple\ntinysecret==1.0\n")
+        image = run(service.create_image("team/private", base="flowsession/runtime",
+                                          requirements=reqs))
+    assert image.state == "READY" and "tinysecret==1.0" in image.layer_lock
+    assert "img-t0ken-42" not in repr(image.to_dict())
+    logs = "".join(p.read_text() for p in (service.settings.logs_dir / "images").glob("*.log"))
+    assert "img-t0ken-42" not in logs

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from flowsession.access.secrets import USER_IDENTITY
 from flowsession.cli.output import emit_json, err, handle_errors, out, table
 from flowsession.config import format_size
 from flowsession.environments.images import DEFAULT_IMAGE
@@ -75,13 +76,14 @@ def create(
     requirements: Path = typer.Option(..., "-r", "--requirements", help="Packages to add "
                                       "(index packages and local wheels)."),
     description: str = typer.Option("", help="What the image is for."),
+    identity: str = typer.Option(USER_IDENTITY, help="Whose feed secrets fill {private}."),
     json: bool = JSON,
 ) -> None:
     """Create a custom image: another image plus packages."""
     svc = EnvironmentService.open()
     with err.status(f"creating {name} from {base} ..."):
-        image = asyncio.run(svc.images.create(name, base=base, requirements=requirements,
-                                              description=description))
+        image = asyncio.run(svc.create_image(name, base=base, requirements=requirements,
+                                             description=description, identity=identity))
     if json:
         return emit_json(image.to_dict())
     out.print(f"image {image.ref} created over {image.parent}", highlight=False)

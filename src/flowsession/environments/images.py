@@ -12,10 +12,12 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder, parse_pins, tree_size
 from flowsession.config import Settings
@@ -25,6 +27,7 @@ from flowsession.environments.requirements import FlowRequirements, parse_requir
 from flowsession.errors import (
     BuildFailed,
     ContainerImageUnsupported,
+    ImageExists,
     ImageNotFound,
     InvalidInput,
 )
@@ -117,13 +120,10 @@ class ImageService:
             )
         return Image(**row._mapping)
 
-    def newest(self, name: str) -> Image:
-        return self.get(name)
-
     def check(self, ref: str) -> dict:
         """Does ``ref`` have a newer version? (``image check FLOW`` and the session page.)"""
         name, version = parse_ref(ref)
-        newest = self.newest(name)
+        newest = self.get(name)  # a bare name is the newest version
         current = self.get(ref)
         return {
             "image": ref,
@@ -157,7 +157,8 @@ class ImageService:
 
     # --- building --------------------------------------------------------------------------
 
-    async def ensure_built(self, ref: str, *, requirements: FlowRequirements | None = None) -> Image:
+    async def ensure_built(self, ref: str, *, requirements: FlowRequirements | None = None,
+                           credentials: Mapping[str, str] | None = None) -> Image:
         """Build ``ref`` if it is not built yet (one build per image at a time).
 
         ``requirements`` carries a custom image's feeds; a rebuild without them (after a
@@ -178,9 +179,9 @@ class ImageService:
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
             try:
-                with BuildLog(log_path) as log:
+                with BuildLog(log_path, secrets=(credentials or {}).values()) as log:
                     log.step(f"building image {image.ref}")
-                    await self._build_into(image, tmp, log, requirements)
+                    await self._build_into(image, tmp, log, requirements, credentials)
                     info = await self.builder.inspect(tmp)
                     record = dict(
                         python=info.base_python, python_version=info.version,
@@ -200,9 +201,10 @@ class ImageService:
                       **record)
             return self.get(image.ref)
 
-    async def create(self, name: str, *, base: str, requirements: Path,
-                     description: str = "") -> Image:
-        """A custom image: ``base`` plus the packages of ``requirements`` (local wheels allowed)."""
+    async def create(self, name: str, *, base: str, requirements: Path, description: str = "",
+                     credentials: Mapping[str, str] | None = None) -> Image:
+        """A custom image: ``base`` plus the packages of ``requirements`` (local wheels allowed).
+        ``credentials`` (host -> secret) fill ``{private}`` feeds in the requirements."""
         parsed_name, version = parse_ref(name)
         if version is not None:
             raise InvalidInput(f"image create takes a name without a version, got '{name}'",
@@ -210,34 +212,48 @@ class ImageService:
         if parsed_name in _BUILTIN:
             raise InvalidInput(f"'{parsed_name}' is the name of a built-in image",
                                hint="choose another name, e.g. myteam/runtime")
-        parent = await self.ensure_built(base)
         if not requirements.is_file():
             raise InvalidInput(f"requirements file {requirements} does not exist",
                                hint="pass the file that lists the image's extra packages with -r")
+        parent = await self.ensure_built(base)
         layers = self.layers(parent)
         reqs = parse_requirements(requirements.resolve(), display=str(requirements),
                                   allow_local=True, image_versions=layers.versions())
         log_path = self.settings.logs_dir / "images" / f"create-{_slug(parsed_name)}.log"
-        with BuildLog(log_path) as log:
-            lock = await self.builder.resolve(layers, reqs, log)
-        with self.store.engine.begin() as c:
-            latest = c.execute(select(func.max(images.c.version))
-                               .where(images.c.name == parsed_name)).scalar()
-            c.execute(insert(images).values(
-                name=parsed_name, version=(latest or 0) + 1, parent=parent.ref, builtin=False,
-                description=description, requirements=requirements.read_text(),
-                layer_lock=lock, state="DEFINED", created_at=time.time()))
-            new_version = (latest or 0) + 1
-        return await self.ensure_built(f"{parsed_name}:{new_version}", requirements=reqs)
+        with BuildLog(log_path, secrets=(credentials or {}).values()) as log:
+            lock = await self.builder.resolve(layers, reqs, log, credentials=credentials)
+        new_version = self._insert_next_version(
+            parsed_name, parent=parent.ref, description=description,
+            requirements=requirements.read_text(), layer_lock=lock)
+        return await self.ensure_built(f"{parsed_name}:{new_version}", requirements=reqs,
+                                       credentials=credentials)
+
+    def _insert_next_version(self, name: str, **values) -> int:
+        """Record the next version of ``name``; concurrent creators get successive numbers."""
+        for _attempt in range(5):
+            try:
+                with self.store.engine.begin() as c:
+                    latest = c.execute(select(func.max(images.c.version))
+                                       .where(images.c.name == name)).scalar()
+                    c.execute(insert(images).values(
+                        name=name, version=(latest or 0) + 1, builtin=False, state="DEFINED",
+                        created_at=time.time(), **values))
+                    return (latest or 0) + 1
+            except IntegrityError:
+                continue  # another creator took that number: take the next one
+        raise ImageExists(f"could not number a new version of image '{name}'",
+                          hint="another create of the same image is running; try again")
 
     async def _build_into(self, image: Image, tmp: Path, log: BuildLog,
-                          requirements: FlowRequirements | None) -> None:
+                          requirements: FlowRequirements | None,
+                          credentials: Mapping[str, str] | None) -> None:
         if image.builtin:
             await self.builder.build_base(self._builtin_lock(image), self.settings.python, tmp, log)
             return
         parent = self.layers(self.get(image.parent or ""))
         log.step(f"layer over {parent.ref}: {len(parse_pins(image.layer_lock))} packages")
-        await self.builder.build(EnvSpec(parent, image.layer_lock, requirements), tmp, log)
+        await self.builder.build(EnvSpec(parent, image.layer_lock, requirements), tmp, log,
+                                 credentials=credentials)
 
     # --- helpers ---------------------------------------------------------------------------
 

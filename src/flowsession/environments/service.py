@@ -85,6 +85,15 @@ class EnvironmentService:
         credentials = self.secrets.credentials_for(prepared.requirements.feeds, identity=identity)
         return await self.cache.ensure(prepared.spec, holder=holder, credentials=credentials)
 
+    async def create_image(self, name: str, *, base: str, requirements: Path,
+                           description: str = "", identity: str = USER_IDENTITY):
+        """A custom image, its ``{private}`` feeds filled from ``identity``'s secrets."""
+        feeds = (parse_requirements(requirements, allow_local=True).feeds
+                 if requirements.is_file() else ())
+        credentials = self.secrets.credentials_for(feeds, identity=identity)
+        return await self.images.create(name, base=base, requirements=requirements,
+                                        description=description, credentials=credentials)
+
     def packages(self, env: Environment) -> list[Package]:
         """View installed packages: what the image provides and what the requirements add."""
         image = self.images.layers(self.images.get(env.image))
