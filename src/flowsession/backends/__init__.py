@@ -1,0 +1,1 @@
+"""Backends: talk to the outside world; know nothing of the API or the store."""

@@ -1,0 +1,1 @@
+"""Compute backends: where sessions run."""

@@ -1,0 +1,121 @@
+"""What every compute backend provides (local processes today, Ray next).
+
+Handles are frozen, JSON-serialisable records stored in the database: a fresh control plane
+resumes from them after a restart (reattach, or mark lost — never guess).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class VmSize:
+    name: str
+    vcpu: float
+    memory_bytes: int
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    id: str
+    kind: str  # "serverless" | "instance"
+    owner: str
+    size: VmSize
+
+
+@dataclass(frozen=True)
+class ComputeHandle:
+    backend: str
+    compute_id: str
+    limits: Mapping[str, Any]  # what enforces the size: {"mode": "cgroup1"|"cgroup2"|"rlimit", ...}
+    vcpu: float
+    memory_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComputeHandle:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EnvHandle:
+    """An environment as a session needs it: the image's interpreter and the layer to add."""
+
+    env_id: str
+    python: str  # the image venv's python (the supervisor's interpreter)
+    image_ref: str
+    site_dirs: tuple[str, ...]  # the environment's own site-packages (added at adoption)
+    read_only_paths: tuple[str, ...]  # everything the interpreter needs to see, read-only
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    session_id: str
+    flow_dir: str  # the snapshot
+    idle_timeout_s: float
+    workers: int = 1
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionHandle:
+    backend: str
+    session_id: str
+    pid: int
+    pid_start: str  # /proc/<pid>/stat start time: a reused pid is not our process
+    socket: str
+    slot: str  # the session's directory: flow/ (read-only inside), work/ (private), state/
+    sandboxed: bool
+    sandbox_detail: str
+    limits_detail: str
+    from_standby: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SessionHandle:
+        return cls(**data)
+
+
+class BackendState(StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    EXITED = "EXITED"
+    LOST = "LOST"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    state: BackendState
+    detail: str = ""  # why: "idle for 600 s", "worker 123 killed by SIGKILL", ...
+    busy: int = 0  # lines executing now
+    idle_seconds: float = 0.0
+    failed: bool = False  # running, but unusable (a worker died): reset recovers
+
+
+class ComputeBackend(Protocol):
+    name: ClassVar[str]
+
+    async def provision(self, compute: ComputeSpec) -> ComputeHandle: ...
+
+    async def release(self, handle: ComputeHandle) -> None: ...
+
+    async def start_session(self, compute: ComputeHandle, env: EnvHandle,
+                            spec: SessionSpec) -> SessionHandle: ...
+
+    async def stop_session(self, handle: SessionHandle, *, reason: str = "") -> None: ...
+
+    async def status(self, handle: SessionHandle) -> BackendStatus: ...
+
+    async def test_line(self, handle: SessionHandle, inputs: Mapping[str, Any], *,
+                        timeout: float) -> dict[str, Any]: ...
+
+    async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None: ...
