@@ -7,9 +7,12 @@ environments, snapshots and build logs.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +36,37 @@ def parse_size(text: str, *, name: str = "size") -> int:
     return int(float(m.group(1)) * factor)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|hours?|minutes?|seconds?|d|days?)?\s*$",
+                       re.IGNORECASE)
+
+
+def parse_duration(text: str, *, name: str = "duration") -> float:
+    """'90', '90s', '30m', '2h', '1d' -> seconds. A bare number is minutes (as idle times are
+    given in the reference documents)."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise InvalidInput(f"{name}: cannot read {text!r} as a duration",
+                           hint="write it like 30m, 2h, 90s or 1d (a bare number is minutes)")
+    unit = (m.group(2) or "m").lower()[0]
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def format_duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "never"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _number(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"{name}: {text!r} is not a number") from None
+
+
 def format_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:
@@ -45,6 +79,13 @@ def _default_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
     return base / "flowsession"
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
 
 
 def _default_uv() -> str:
@@ -69,6 +110,15 @@ class Settings:
     python: str = f"{sys.version_info.major}.{sys.version_info.minor}"
     env_disk_budget: int = 20 * 10**9
     failed_build_memory_seconds: float = 30.0
+    # Who is using this control plane (the API's tokens replace this on a server).
+    user: str = field(default_factory=_default_user)
+    vm_sizes_file: Path | None = None
+    default_vm_size: str = "medium"
+    vcpu_quota: float = 16.0
+    idle_timeout_s: float = 3600.0  # sessions; runs from the CLI or SDK get one hour too
+    standby_pool_size: int = 1
+    # Where sessions' directories and sockets live: short, private, per home.
+    runtime_path: Path | None = None
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -86,6 +136,20 @@ class Settings:
             s = replace(s, index_url=v)
         if v := env.get("FLOWSESSION_PYTHON"):
             s = replace(s, python=v)
+        if v := env.get("FLOWSESSION_USER"):
+            s = replace(s, user=v)
+        if v := env.get("FLOWSESSION_VM_SIZES"):
+            s = replace(s, vm_sizes_file=Path(v).expanduser())
+        if v := env.get("FLOWSESSION_DEFAULT_VM_SIZE"):
+            s = replace(s, default_vm_size=v)
+        if v := env.get("FLOWSESSION_VCPU_QUOTA"):
+            s = replace(s, vcpu_quota=_number(v, "FLOWSESSION_VCPU_QUOTA"))
+        if v := env.get("FLOWSESSION_IDLE_TIMEOUT"):
+            s = replace(s, idle_timeout_s=parse_duration(v, name="FLOWSESSION_IDLE_TIMEOUT"))
+        if v := env.get("FLOWSESSION_STANDBY_POOL"):
+            s = replace(s, standby_pool_size=int(_number(v, "FLOWSESSION_STANDBY_POOL")))
+        if v := env.get("FLOWSESSION_RUNTIME_DIR"):
+            s = replace(s, runtime_path=Path(v))
         if v := env.get("FLOWSESSION_ENV_DISK_BUDGET"):
             s = replace(s, env_disk_budget=parse_size(v, name="FLOWSESSION_ENV_DISK_BUDGET"))
         return s
@@ -109,6 +173,15 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Sessions' slots (flow copy, working dir, socket). Kept short: socket paths are
+        limited to 107 bytes."""
+        if self.runtime_path:
+            return self.runtime_path
+        key = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"flowsession-{os.getuid()}" / key
 
     @property
     def secret_key_file(self) -> Path:

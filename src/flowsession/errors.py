@@ -113,6 +113,28 @@ class NotFound(FlowSessionError):
     status = 404
 
 
+class QuotaExceeded(FlowSessionError):
+    code = "quota_exceeded"
+    status = 409
+
+
+class Conflict(FlowSessionError):
+    """An operation on something in the wrong state (the message says which state)."""
+
+    code = "conflict"
+    status = 409
+
+
+class SessionFailed(FlowSessionError):
+    code = "session_failed"
+    status = 409
+
+
+class LineFailed(FlowSessionError):
+    code = "line_failed"
+    status = 422
+
+
 class StoreUnavailable(FlowSessionError):
     code = "store_unavailable"
     status = 503

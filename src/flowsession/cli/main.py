@@ -7,7 +7,7 @@ import logging
 import typer
 
 from flowsession import __version__
-from flowsession.cli import environments, feeds, images
+from flowsession.cli import computes, environments, feeds, images, sessions
 
 app = typer.Typer(
     name="flowsession",
@@ -19,6 +19,10 @@ app = typer.Typer(
 app.add_typer(images.app, name="image", help="Images: named, versioned base environments.")
 app.add_typer(environments.app, name="env", help="Environments: an image plus a flow's packages.")
 app.add_typer(feeds.app, name="feed", help="Secrets for private package feeds ({private}).")
+app.add_typer(sessions.app, name="session", help="Compute sessions: one flow's running "
+              "environment.")
+app.add_typer(computes.app, name="compute", help="Computes: serverless and instances.")
+app.add_typer(sessions.flow_app, name="flow", help="Flows: test a line on the flow's session.")
 
 
 @app.callback()

@@ -64,10 +64,11 @@ class EnvironmentService:
     # --- a flow's environment -----------------------------------------------------------------
 
     async def prepare(self, flow: str | Path, *, identity: str = USER_IDENTITY,
-                      refresh: bool = False) -> Prepared:
-        """Snapshot the flow and resolve its requirements against its image (no build yet)."""
+                      refresh: bool = False, image: str | None = None) -> Prepared:
+        """Snapshot the flow and resolve its requirements against its image (no build yet).
+        ``image`` overrides the flow's ``environment.image`` (a session's advanced setting)."""
         snapshot = make_snapshot(load_flow(flow), self.settings.snapshots_dir)
-        image = await self.images.ensure_built(snapshot.flow.image or DEFAULT_IMAGE)
+        image = await self.images.ensure_built(image or snapshot.flow.image or DEFAULT_IMAGE)
         layers = self.images.layers(image)
         reqs = self._requirements(snapshot, layers)
         lock = await self._resolve(layers, reqs, identity=identity, refresh=refresh,

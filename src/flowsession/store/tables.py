@@ -6,12 +6,14 @@ Times are UTC epoch seconds (floats): portable between SQLite and PostgreSQL and
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
     ForeignKey,
     Integer,
     LargeBinary,
+    UniqueConstraint,
     MetaData,
     String,
     Table,
@@ -89,5 +91,85 @@ feed_secrets = Table(
     Column("identity", String(200), primary_key=True),
     Column("host", String(400), primary_key=True),
     Column("ciphertext", LargeBinary, nullable=False),  # never the secret itself
+    Column("created_at", Float, nullable=False),
+)
+
+# --- computes service ---------------------------------------------------------------------
+
+computes = Table(
+    "computes",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("owner", String(200), nullable=False),
+    Column("kind", String(20), nullable=False),  # serverless | instance
+    Column("vm_size", String(100), nullable=False),
+    Column("vcpu", Float, nullable=False),
+    Column("memory_bytes", BigInteger, nullable=False),
+    Column("state", String(20), nullable=False),  # RUNNING | STOPPED
+    Column("idle_shutdown_s", Float, nullable=True),  # instances only
+    Column("identity", String(200), nullable=False),
+    Column("handle", Text, nullable=True),  # ComputeHandle JSON while RUNNING
+    Column("reason", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_activity_at", Float, nullable=False),
+    UniqueConstraint("name", name="uq_computes_name"),
+)
+
+# --- sessions service ---------------------------------------------------------------------
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("flow", String(1000), nullable=False),
+    Column("owner", String(200), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("compute_type", String(20), nullable=False),
+    Column("compute_id", String(40), nullable=True),
+    Column("vm_size", String(100), nullable=True),
+    Column("image", String(220), nullable=True),
+    Column("identity", String(200), nullable=False),
+    Column("idle_timeout_s", Float, nullable=False),
+    Column("env_id", String(64), nullable=True),
+    Column("snapshot_id", String(64), nullable=True),
+    Column("handle", Text, nullable=True),  # SessionHandle JSON while a supervisor runs
+    # the control-plane process doing the session's pending work ("pid:start"): if it dies
+    # mid-operation, the reconciler can tell that nobody is finishing it
+    Column("operator", String(100), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("last_activity_at", Float, nullable=False),
+)
+
+# One flow, one session: the row that exists while a session is bound to the flow.
+flow_bindings = Table(
+    "flow_bindings",
+    metadata,
+    Column("flow", String(1000), primary_key=True),
+    Column("session_id", String(40), nullable=False),
+)
+
+session_events = Table(
+    "session_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session_id", String(40), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("from_state", String(20), nullable=True),
+    Column("to_state", String(20), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+)
+
+# Supervisors started in advance with the runtime imported, waiting to be adopted.
+standby = Table(
+    "standby",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("image", String(220), nullable=False),
+    Column("state", String(20), nullable=False),  # WARMING | READY | CLAIMED
+    Column("handle", Text, nullable=False),
     Column("created_at", Float, nullable=False),
 )

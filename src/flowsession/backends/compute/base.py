@@ -6,6 +6,7 @@ resumes from them after a restart (reattach, or mark lost — never guess).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -80,6 +81,9 @@ class SessionHandle:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def json_text(self) -> str:
+        return json.dumps(self.to_json())
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SessionHandle:
         return cls(**data)
@@ -108,8 +112,15 @@ class ComputeBackend(Protocol):
 
     async def release(self, handle: ComputeHandle) -> None: ...
 
-    async def start_session(self, compute: ComputeHandle, env: EnvHandle,
-                            spec: SessionSpec) -> SessionHandle: ...
+    async def start_standby(self, env: EnvHandle, *, idle_timeout_s: float) -> SessionHandle:
+        """A supervisor with the runtime imported, on no compute yet, waiting to be adopted."""
+        ...
+
+    async def start_session(self, compute: ComputeHandle, env: EnvHandle, spec: SessionSpec,
+                            *, standby: SessionHandle | None = None) -> SessionHandle:
+        """Run ``spec`` on ``compute``: adopt ``standby`` (started with ``env``'s image) or
+        start a supervisor; returns once the flow is loaded in its workers."""
+        ...
 
     async def stop_session(self, handle: SessionHandle, *, reason: str = "") -> None: ...
 

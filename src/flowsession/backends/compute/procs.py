@@ -1,0 +1,40 @@
+"""Processes named so that a reused pid is never mistaken for ours: "pid:start-time"."""
+
+from __future__ import annotations
+
+import os
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def identity(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{start_time(pid)}"
+
+
+def alive(pid: int, started: str | None) -> bool:
+    """Is the process ``pid`` that started at ``started`` still there (and not a zombie)?"""
+    st = start_time(pid)
+    if st is None or (started is not None and st != started):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().decode(errors="replace").rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def identity_alive(ident: str | None) -> bool:
+    if not ident:
+        return False
+    pid, _, started = ident.partition(":")
+    return alive(int(pid), started or None)

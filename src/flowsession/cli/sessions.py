@@ -1,0 +1,213 @@
+"""``flowsession session ...`` and ``flowsession flow test``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json as jsonlib
+from pathlib import Path
+
+import typer
+
+from flowsession.cli.output import emit_json, err, handle_errors, out, table
+from flowsession.config import format_duration, parse_duration
+from flowsession.sessions.service import SessionService, StartOptions
+
+app = typer.Typer(no_args_is_help=True)
+flow_app = typer.Typer(no_args_is_help=True)
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
+FLOW = typer.Argument(..., help="The flow folder.")
+
+
+def _service() -> SessionService:
+    return SessionService.open()
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _print_session(data: dict) -> None:
+    keys = ["id", "flow", "state", "reason", "compute_type", "compute_id", "vm_size", "image",
+            "identity", "idle_time", "env_id", "sandbox", "limits", "owner", "created",
+            "last_activity"]
+    for key in keys:
+        if data.get(key) not in (None, ""):
+            out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
+
+
+def _session_dict(session) -> dict:
+    d = session.to_dict()
+    d["idle_time"] = format_duration(session.idle_timeout_s)
+    d["created"] = _when(session.created_at)
+    d["last_activity"] = _when(session.last_activity_at)
+    return d
+
+
+async def _then_fill_pool(svc: SessionService, coro):
+    result = await coro
+    await svc.pool.fill()  # the next start adopts a warm supervisor
+    return result
+
+
+@app.command()
+@handle_errors
+def start(
+    flow: Path = FLOW,
+    compute_type: str = typer.Option(None, "--compute-type", help="serverless (default) or "
+                                     "instance."),
+    vm_size: str = typer.Option(None, "--vm-size", help="Serverless: the VM size "
+                                "(flowsession compute sizes)."),
+    instance: str = typer.Option(None, "--instance", help="Instance: the compute instance."),
+    idle_time: str = typer.Option(None, "--idle-time", help="Delete the session after this "
+                                  "long unused, e.g. 30m, 2h (a bare number is minutes)."),
+    identity: str = typer.Option(None, "--identity", help="Serverless: the identity to use."),
+    image: str = typer.Option(None, "--image", help="Serverless: the image (default: the "
+                              "flow's environment.image)."),
+    json: bool = JSON,
+) -> None:
+    """Start the flow's session (default settings, or the advanced ones given)."""
+    svc = _service()
+    options = StartOptions(compute_type=compute_type, vm_size=vm_size, instance=instance,
+                           idle_timeout_s=parse_duration(idle_time, name="--idle-time")
+                           if idle_time else None, identity=identity, image=image)
+    with err.status(f"starting the session of {flow} ..."):
+        session = asyncio.run(_then_fill_pool(
+            svc, svc.start(flow, user=svc.settings.user, options=options)))
+    if json:
+        return emit_json(_session_dict(session))
+    _print_session(_session_dict(session))
+
+
+@app.command()
+@handle_errors
+def show(flow: Path = FLOW, json: bool = JSON) -> None:
+    """Show the flow's session."""
+    svc = _service()
+    session = asyncio.run(svc.show(flow, user=svc.settings.user))
+    if json:
+        return emit_json(_session_dict(session))
+    _print_session(_session_dict(session))
+
+
+@app.command("list")
+@handle_errors
+def list_(all_: bool = typer.Option(False, "--all", help="Include stopped sessions."),
+          json: bool = JSON) -> None:
+    """List your sessions."""
+    svc = _service()
+    sessions = asyncio.run(svc.list(user=svc.settings.user, include_stopped=all_))
+    rows = [_session_dict(s) for s in sessions]
+    if json:
+        return emit_json(rows)
+    table(rows, ["id", "state", "flow", "vm_size", "compute_id", "idle_time", "last_activity"])
+
+
+@app.command()
+@handle_errors
+def events(flow: Path = FLOW, json: bool = JSON) -> None:
+    """The flow's session state changes: who, when, why."""
+    svc = _service()
+    rows = [{**e.__dict__, "when": _when(e.at)} for e in svc.events(flow, user=svc.settings.user)]
+    if json:
+        return emit_json(rows)
+    table(rows, ["when", "session_id", "from_state", "to_state", "actor", "reason"])
+
+
+@app.command()
+@handle_errors
+def install(flow: Path = FLOW, json: bool = JSON) -> None:
+    """Save and install: install what the requirements file now says. Atomic: on failure the
+    session keeps running unchanged."""
+    svc = _service()
+    with err.status("installing (the session keeps running meanwhile) ..."):
+        session = asyncio.run(_then_fill_pool(svc, svc.install(flow, user=svc.settings.user)))
+    if json:
+        return emit_json(_session_dict(session))
+    out.print(f"installed: session {session.id} runs environment {session.env_id}",
+              highlight=False)
+
+
+@app.command()
+@handle_errors
+def packages(flow: Path = FLOW, json: bool = JSON) -> None:
+    """View installed packages: name, version, origin (image or requirements)."""
+    svc = _service()
+    rows = [p.__dict__ for p in svc.packages(flow, user=svc.settings.user)]
+    if json:
+        return emit_json(rows)
+    table(rows, ["name", "version", "origin"])
+
+
+@app.command()
+@handle_errors
+def reset(flow: Path = FLOW, json: bool = JSON) -> None:
+    """Delete and recreate the session with the same settings (picks up a changed image or
+    requirements file)."""
+    svc = _service()
+    with err.status("resetting ..."):
+        session = asyncio.run(_then_fill_pool(svc, svc.reset(flow, user=svc.settings.user)))
+    if json:
+        return emit_json(_session_dict(session))
+    _print_session(_session_dict(session))
+
+
+@app.command()
+@handle_errors
+def stop(flow: Path = FLOW, json: bool = JSON) -> None:
+    """Delete the flow's session (a serverless compute with no session left is deleted)."""
+    svc = _service()
+    session = asyncio.run(svc.stop(flow, user=svc.settings.user))
+    if json:
+        return emit_json(_session_dict(session))
+    out.print(f"stopped session {session.id}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def update(
+    flow: Path = FLOW,
+    vm_size: str = typer.Option(None, "--vm-size", help="A new VM size (resets the session)."),
+    idle_time: str = typer.Option(None, "--idle-time", help="A new idle time (in place)."),
+    identity: str = typer.Option(None, "--identity", help="A new identity (in place)."),
+    instance: str = typer.Option(None, "--instance", help="Move to this instance (resets)."),
+    json: bool = JSON,
+) -> None:
+    """Change the session's settings."""
+    svc = _service()
+    with err.status("updating ..."):
+        session = asyncio.run(svc.update(
+            flow, user=svc.settings.user, vm_size=vm_size, identity=identity, instance=instance,
+            idle_timeout_s=parse_duration(idle_time, name="--idle-time") if idle_time else None))
+    if json:
+        return emit_json(_session_dict(session))
+    _print_session(_session_dict(session))
+
+
+def _inputs(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{pair}' is not key=value", param_hint="--inputs")
+        try:
+            values[key] = jsonlib.loads(value)
+        except ValueError:
+            values[key] = value
+    return values
+
+
+@flow_app.command("test")
+@handle_errors
+def flow_test(
+    flow: Path = FLOW,
+    inputs: list[str] = typer.Option([], "--inputs", help="key=value (repeat, or several "
+                                     "after one --inputs)."),
+    timeout: float = typer.Option(600, help="Seconds the line may take."),
+) -> None:
+    """Run one line on the flow's session (started if none runs); print the outputs as JSON."""
+    svc = _service()
+    with err.status(f"testing {flow} ..."):
+        output = asyncio.run(svc.test(flow, _inputs(inputs), user=svc.settings.user,
+                                      timeout=timeout))
+    emit_json(output)

@@ -1,0 +1,2 @@
+"""Computes: where sessions run. Serverless (made on demand) and instances (owned, started and
+stopped by their owner)."""

@@ -1,0 +1,1 @@
+"""Sessions: one flow's running environment on one compute."""

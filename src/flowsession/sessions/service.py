@@ -1,0 +1,387 @@
+"""The sessions service: every operation of the reference documents on a session.
+
+start (default or advanced settings), show, list, events, install (Save and install: atomic),
+packages, reset, stop, update, and a test line. One flow binds to one session; a session runs on
+one compute of its owner. Only ``SessionRecords.transition`` changes a state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowsession.backends.compute import procs
+from flowsession.backends.compute.base import ComputeBackend, EnvHandle, SessionHandle, SessionSpec
+from flowsession.computes.service import Compute, ComputeService
+from flowsession.config import Settings
+from flowsession.environments.cache import Environment
+from flowsession.environments.service import EnvironmentService, Package, Prepared
+from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound, SessionFailed
+from flowsession.flows.flowfile import load_flow
+from flowsession.sessions.pool import StandbyPool
+from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
+from flowsession.sessions.state import SessionState as S
+from flowsession.sessions.sweep import Sweeper
+from flowsession.store import Store, open_store
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """Start with advanced settings. None means the default."""
+
+    compute_type: str | None = None  # "serverless" | "instance"
+    vm_size: str | None = None  # serverless only
+    instance: str | None = None  # instance only
+    idle_timeout_s: float | None = None
+    identity: str | None = None  # serverless only (an instance uses its own)
+    image: str | None = None  # serverless only; else the flow's environment.image
+
+
+class SessionService:
+    def __init__(self, settings: Settings, store: Store, *, envs: EnvironmentService,
+                 computes: ComputeService, backend: ComputeBackend,
+                 clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.clock = settings, store, clock
+        self.envs, self.computes, self.backend = envs, computes, backend
+        self.records = SessionRecords(store, clock)
+        self.pool = StandbyPool(settings, store, backend, envs)
+        self.sweeper = Sweeper(self)
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> SessionService:
+        from flowsession.backends.compute.local import LocalBackend
+
+        settings = settings or Settings.from_env()
+        store = open_store(settings.db_url)
+        backend = LocalBackend(settings)
+        envs = EnvironmentService(settings, store)
+        return cls(settings, store, envs=envs, computes=ComputeService(settings, store, backend),
+                   backend=backend)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def flow_key(self, flow: str | Path) -> str:
+        return str(load_flow(flow).folder)
+
+    async def show(self, flow: str | Path, *, user: str) -> Session:
+        session = self._bound(self.flow_key(flow), user)
+        await self.sweeper.reconcile_one(session)
+        return self.records.get(session.id)
+
+    async def list(self, *, user: str | None, include_stopped: bool = False) -> list[Session]:
+        await self.sweeper.sweep()
+        states = None if include_stopped else ACTIVE_STATES
+        return self.records.list(owner=user, states=states)
+
+    def events(self, flow: str | Path, *, user: str) -> list[Event]:
+        key = self.flow_key(flow)
+        ids = [sid for sid in self.records.history(key) if self.records.get(sid).owner == user]
+        if not ids:
+            raise NotFound(f"flow {key} has had no session",
+                           hint="start one: flowsession session start FLOW")
+        return self.records.events(ids)
+
+    def packages(self, flow: str | Path, *, user: str) -> list[Package]:
+        """View installed packages: what the running session's environment holds."""
+        session = self._bound(self.flow_key(flow), user)
+        if not session.env_id:
+            raise Conflict(f"session {session.id} is {session.state}: it has no environment yet")
+        return self.envs.packages(self.envs.cache.get(session.env_id))
+
+    # --- start -----------------------------------------------------------------------------
+
+    async def start(self, flow: str | Path, *, user: str,
+                    options: StartOptions | None = None) -> Session:
+        """Start the flow's session (or return the one already bound to it)."""
+        options = options or StartOptions()
+        flow_def = load_flow(flow)  # bad flows fail here, before anything is made
+        compute_type = self._check_options(options)
+        instance = (self.computes.get(options.instance, user=user)
+                    if compute_type == "instance" else None)
+        if instance is not None and instance.state != "RUNNING":
+            raise Conflict(f"compute instance '{instance.name}' is {instance.state}",
+                           hint=f"start it: flowsession compute start {instance.name}")
+        identity = instance.identity if instance else (options.identity or "user")
+        session, created = self.records.create_bound(
+            flow=str(flow_def.folder), actor=user, owner=user, compute_type=compute_type,
+            compute_id=instance.id if instance else None, vm_size=options.vm_size,
+            image=options.image, identity=identity, operator=procs.identity(),
+            idle_timeout_s=(options.idle_timeout_s if options.idle_timeout_s is not None
+                            else self.settings.idle_timeout_s))
+        if not created:
+            if session.owner != user:
+                raise Conflict(f"flow {session.flow} is bound to another user's session",
+                               hint="one flow binds to one session")
+            return await self._settled(session)
+        return await self._launch(session, flow_def.folder, actor=user, reason="started")
+
+    async def _launch(self, session: Session, flow: Path, *, actor: str, reason: str) -> Session:
+        """NOT_STARTED/RESETTING -> BUILDING -> STARTING -> RUNNING, or cleaned up on failure."""
+        session = self.records.transition(session, S.BUILDING, actor=actor,
+                                          reason="building the environment",
+                                          operator=procs.identity())
+        standby: asyncio.Task | None = None
+        try:
+            compute = await self._compute_for(session)
+            prepared = await self.envs.prepare(flow, identity=session.identity,
+                                               image=session.image)
+            # the supervisor imports the runtime while the environment builds
+            standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
+            env = await self.envs.ensure(prepared, identity=session.identity,
+                                         holder=session.holder)
+            session = self.records.transition(
+                session, S.STARTING, actor=actor, reason="starting the supervisor",
+                env_id=env.id, snapshot_id=prepared.snapshot.id, image=prepared.image.ref)
+            handle = await self._run_on(compute, session, prepared, env, await standby)
+            standby = None
+            session = self.records.transition(
+                session, S.RUNNING, actor=actor, reason=reason, operator=None,
+                handle=handle.json_text(), last_activity_at=self.clock())
+            self.computes.touch(session.compute_id)
+            return session
+        except BaseException as exc:
+            if standby is not None:
+                await self.pool.discard(standby)
+            await self._cleanup_failed_start(session.id, actor, exc)
+            raise
+
+    async def _run_on(self, compute: Compute, session: Session, prepared: Prepared,
+                      env: Environment, standby: SessionHandle | None) -> SessionHandle:
+        spec = SessionSpec(session_id=session.id, flow_dir=str(prepared.snapshot.path),
+                           idle_timeout_s=session.idle_timeout_s, workers=1)
+        return await self.backend.start_session(compute.compute_handle, self.env_handle(env),
+                                                spec, standby=standby)
+
+    async def _cleanup_failed_start(self, session_id: str, actor: str,
+                                    exc: BaseException) -> None:
+        """A start that failed leaves nothing half-started: the session is stopped."""
+        why = (exc.message if isinstance(exc, FlowSessionError)
+               else "interrupted" if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
+               else f"{type(exc).__name__}: {exc}")
+        await self._stop(self.records.get(session_id), actor=actor,
+                         reason=f"the start failed: {why.splitlines()[0]}")
+
+    async def _settled(self, session: Session, timeout: float = 600) -> Session:
+        """Wait for another start of the same session to finish."""
+        deadline = self.clock() + timeout
+        while session.state in (S.NOT_STARTED, S.BUILDING, S.STARTING, S.RESETTING):
+            if not procs.identity_alive(session.operator) or self.clock() > deadline:
+                await self.sweeper.reconcile_one(session)
+                break
+            await asyncio.sleep(0.1)
+            session = self.records.get(session.id)
+        return self.records.get(session.id)
+
+    # --- operations on a running session ---------------------------------------------------
+
+    async def install(self, flow: str | Path, *, user: str) -> Session:
+        """Save and install: build the new environment beside the running one; switch only
+        when it is ready. On failure the session keeps running unchanged."""
+        session = await self._running(flow, user)
+        session = self.records.transition(session, S.INSTALLING, actor=user,
+                                          reason="installing the requirements",
+                                          operator=procs.identity(), expect=[S.RUNNING])
+        new_env: Environment | None = None
+        new_handle: SessionHandle | None = None
+        try:
+            prepared = await self.envs.prepare(session.flow, identity=session.identity,
+                                               image=session.image, refresh=True)
+            standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
+            new_env = await self.envs.ensure(prepared, identity=session.identity,
+                                             holder=f"{session.holder}:next")
+            compute = self.computes.get(session.compute_id, user=session.owner)
+            new_handle = await self._run_on(compute, session, prepared, new_env, await standby)
+        except BaseException as exc:
+            if new_env is not None:
+                self.envs.cache.release(new_env.id, f"{session.holder}:next")
+            why = exc.message if isinstance(exc, FlowSessionError) else repr(exc)
+            try:
+                self.records.transition(session, S.RUNNING, actor=user, operator=None,
+                                        reason=f"install failed, nothing changed: "
+                                               f"{why.splitlines()[0]}", expect=[S.INSTALLING])
+            except Conflict:
+                pass  # stopped meanwhile: the stop cleaned up
+            raise
+        old = session
+        try:
+            session = self.records.transition(
+                session, S.RUNNING, actor=user, reason="installed; switched to the new "
+                f"environment {new_env.id}", expect=[S.INSTALLING], operator=None,
+                handle=new_handle.json_text(), env_id=new_env.id, snapshot_id=prepared.snapshot.id,
+                last_activity_at=self.clock())
+        except Conflict:  # the session was stopped during the install: drop the new one
+            await self.backend.stop_session(new_handle, reason="session stopped during install")
+            self.envs.cache.release(new_env.id, f"{session.holder}:next")
+            raise Conflict(f"session {session.id} was stopped during the install",
+                           hint="start it again: flowsession session start FLOW") from None
+        self.envs.cache.acquire(new_env.id, session.holder)
+        self.envs.cache.release(new_env.id, f"{session.holder}:next")
+        if old.env_id and old.env_id != new_env.id:
+            self.envs.cache.release(old.env_id, session.holder)
+        if old.session_handle:
+            await self.backend.stop_session(old.session_handle, reason="replaced by install")
+        return session
+
+    async def reset(self, flow: str | Path, *, user: str, reason: str = "reset") -> Session:
+        """Delete and recreate with the same settings; a changed image or requirements file is
+        picked up."""
+        session = self._bound(self.flow_key(flow), user)
+        session = self.records.transition(session, S.RESETTING, actor=user, reason=reason,
+                                          operator=procs.identity(),
+                                          expect=[S.RUNNING, S.FAILED])
+        await self._release_runtime(session)
+        session = self.records.set_and_get(session.id, handle=None, env_id=None)
+        return await self._launch(session, Path(session.flow), actor=user, reason="reset")
+
+    async def stop(self, flow: str | Path, *, user: str, reason: str = "stopped") -> Session:
+        session = self._bound(self.flow_key(flow), user)
+        return await self._stop(session, actor=user, reason=reason)
+
+    async def _stop(self, session: Session, *, actor: str, reason: str) -> Session:
+        if session.state != S.STOPPING:
+            session = self.records.transition(session, S.STOPPING, actor=actor, reason=reason)
+        await self._release_runtime(session)
+        self.records.unbind(session)
+        session = self.records.transition(session, S.STOPPED, actor=actor, reason=reason,
+                                          handle=None, operator=None)
+        if not await self.computes.release_if_unused(session.compute_id):
+            self.computes.touch(session.compute_id)
+        return session
+
+    async def _release_runtime(self, session: Session) -> None:
+        handle = session.session_handle
+        if handle is not None:
+            await self.backend.stop_session(handle, reason=session.reason or "")
+        if session.env_id:
+            self.envs.cache.release(session.env_id, session.holder)
+
+    async def update(self, flow: str | Path, *, user: str, vm_size: str | None = None,
+                     idle_timeout_s: float | None = None, identity: str | None = None,
+                     instance: str | None = None) -> Session:
+        """Change settings: idle time and identity in place; a VM size or instance resets."""
+        session = self._bound(self.flow_key(flow), user)
+        if session.compute_type == "instance" and (vm_size or identity):
+            raise InvalidInput("a session on a compute instance uses the instance's VM size and "
+                               "identity", hint="change the instance, or use --instance")
+        if session.compute_type == "serverless" and instance:
+            raise InvalidInput("--instance moves a session to a compute instance: stop this "
+                               "serverless session and start one with --compute-type instance")
+        if idle_timeout_s is not None:
+            self.records.set(session.id, idle_timeout_s=idle_timeout_s)
+            if session.session_handle and session.state == S.RUNNING:
+                await self.backend.configure(session.session_handle,
+                                             idle_timeout_s=idle_timeout_s)
+        if identity:
+            self.records.set(session.id, identity=identity)
+        if vm_size or instance:
+            target = (self.computes.get(instance, user=user) if instance
+                      else None)
+            size = self.computes.size(vm_size) if vm_size else None
+            self.records.set(session.id, vm_size=size.name if size else session.vm_size,
+                             compute_id=target.id if target else None)
+            old_compute = session.compute_id
+            session = await self.reset(flow, user=user,
+                                       reason=f"moved to {instance or size.name}")
+            if old_compute != session.compute_id:
+                await self.computes.release_if_unused(old_compute)
+        return self.records.get(session.id)
+
+    async def test(self, flow: str | Path, inputs: Mapping[str, Any], *, user: str,
+                   timeout: float = 600) -> dict[str, Any]:
+        """One line on the flow's session (started with default settings if none runs)."""
+        key = self.flow_key(flow)
+        session = self.records.bound_to(key)
+        if session is None or session.owner != user:
+            session = await self.start(key, user=user)
+        elif session.state != S.RUNNING:
+            await self.sweeper.reconcile_one(session)
+            session = await self._settled(self.records.get(session.id))
+        if session.state == S.FAILED:
+            raise SessionFailed(f"session {session.id} failed: {session.reason}",
+                                hint="reset it: flowsession session reset FLOW")
+        if session.state != S.RUNNING:
+            raise Conflict(f"session {session.id} is {session.state}")
+        self.records.touch(session.id)
+        try:
+            return await self.backend.test_line(session.session_handle, inputs, timeout=timeout)
+        except SessionFailed as exc:
+            self.records.transition(session, S.FAILED, actor="system:supervisor",
+                                    reason=exc.message, expect=[S.RUNNING])
+            raise
+        finally:
+            self.records.touch(session.id)
+            self.computes.touch(session.compute_id)
+
+    async def stop_compute(self, compute: Compute, *, actor: str, reason: str) -> Compute:
+        """Stop a compute instance: the sessions on it stop first, with the reason."""
+        if compute.kind != "instance":
+            raise Conflict(f"compute '{compute.name}' is serverless: it stops with its sessions",
+                           hint="stop its sessions: flowsession session stop FLOW")
+        for session in self.records.list(owner=None, states=ACTIVE_STATES):
+            if session.compute_id == compute.id:
+                await self._stop(session, actor=actor,
+                                 reason=f"compute instance {compute.name} stopped: {reason}")
+        return await self.computes.stop(compute, reason=reason)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def env_handle(self, env: Environment) -> EnvHandle:
+        image = self.envs.images.get(env.image)
+        site = sorted(Path(env.path).glob("lib/python*/site-packages"))
+        return EnvHandle(env_id=env.id, python=str(Path(image.path) / "bin" / "python"),
+                         image_ref=image.ref, site_dirs=tuple(str(p) for p in site),
+                         read_only_paths=(str(self.settings.images_dir),
+                                          str(self.settings.envs_dir)))
+
+    def _check_options(self, o: StartOptions) -> str:
+        kind = o.compute_type or ("instance" if o.instance else "serverless")
+        if kind not in ("serverless", "instance"):
+            raise InvalidInput(f"compute type '{kind}' is not one of serverless, instance")
+        if kind == "instance":
+            if not o.instance:
+                raise InvalidInput("a session on a compute instance needs --instance NAME",
+                                   hint="list your instances: flowsession compute list")
+            given = [n for n, v in (("--vm-size", o.vm_size), ("--identity", o.identity),
+                                    ("--image", o.image)) if v]
+            if given:
+                raise InvalidInput(
+                    f"{', '.join(given)} cannot be set for a session on a compute instance: its "
+                    "VM size and identity are the instance's, and its image is the flow's",
+                    hint="drop them, or use --compute-type serverless")
+        elif o.instance:
+            raise InvalidInput("--instance needs --compute-type instance")
+        if o.vm_size:
+            self.computes.size(o.vm_size)  # an unknown size fails before anything is made
+        return kind
+
+    async def _compute_for(self, session: Session) -> Compute:
+        if session.compute_id:  # an instance, or a serverless compute kept across a reset
+            compute = self.computes.get(session.compute_id, user=session.owner)
+            if compute.state != "RUNNING":
+                raise Conflict(f"compute '{compute.name}' is {compute.state}",
+                               hint=f"start it: flowsession compute start {compute.name}")
+            return compute
+        size = (self.computes.size(session.vm_size) if session.vm_size
+                else self.computes.default_size())
+        compute = await self.computes.provision_serverless(user=session.owner, size=size,
+                                                           identity=session.identity)
+        self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
+        return compute
+
+    def _bound(self, key: str, user: str) -> Session:
+        session = self.records.bound_to(key)
+        if session is None or session.owner != user:
+            raise NotFound(f"flow {key} has no session",
+                           hint="start one: flowsession session start FLOW")
+        return session
+
+    async def _running(self, flow: str | Path, user: str) -> Session:
+        session = await self.show(flow, user=user)
+        if session.state != S.RUNNING:
+            raise Conflict(f"session {session.id} is {session.state}",
+                           hint="the operation needs a RUNNING session", details={"state": session.state})
+        return session

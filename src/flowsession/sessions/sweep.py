@@ -1,0 +1,81 @@
+"""The reconciler and the idle culler. The database is a belief: the reconciler asks the backend
+what really runs and corrects it; the culler stops what has been idle for its idle time, through
+the same stop the API uses. Without a server, every CLI command sweeps first."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flowsession.backends.compute import procs
+from flowsession.backends.compute.base import BackendState
+from flowsession.config import format_duration
+from flowsession.errors import Conflict
+from flowsession.sessions.records import Session
+from flowsession.sessions.state import LIVE, IdleView, SessionState as S, should_stop
+
+if TYPE_CHECKING:
+    from flowsession.sessions.service import SessionService
+
+RECONCILER = "system:reconciler"
+CULLER = "system:idle-culler"
+
+
+class Sweeper:
+    def __init__(self, service: SessionService):
+        self.svc = service
+
+    async def sweep(self) -> None:
+        """Reconcile every unfinished session, cull idle ones, shut down idle instances."""
+        records = self.svc.records
+        for session in records.list(owner=None, states=[s for s in S if s != S.STOPPED]):
+            await self.reconcile_one(session)
+        await self.cull()
+
+    async def reconcile_one(self, session: Session) -> None:
+        try:
+            await self._reconcile(session)
+        except Conflict:
+            pass  # it moved on while we looked: the next sweep sees the new state
+
+    async def _reconcile(self, session: Session) -> None:
+        svc = self.svc
+        handle = session.session_handle
+        if session.state in LIVE and handle is not None and session.operator is None:
+            status = await svc.backend.status(handle)
+            if status.state == BackendState.EXITED:
+                await svc._stop(session, actor=RECONCILER, reason=status.detail or "ended")
+            elif status.state == BackendState.LOST:
+                svc.records.transition(session, S.FAILED, actor=RECONCILER,
+                                       reason=f"lost: {status.detail}")
+            elif status.failed:
+                svc.records.transition(session, S.FAILED, actor=RECONCILER, reason=status.detail)
+            return
+        if session.operator and not procs.identity_alive(session.operator):
+            # the process doing this session's pending work is gone (the control plane died)
+            if session.state == S.INSTALLING:
+                svc.records.transition(session, S.RUNNING, actor=RECONCILER, operator=None,
+                                       reason="the install was interrupted; nothing changed")
+                return
+            why = f"the control plane stopped during {session.state.lower()}"
+            if session.state == S.STOPPING:
+                why = session.reason or why
+            await svc._stop(session, actor=RECONCILER, reason=why)
+
+    async def cull(self) -> None:
+        svc = self.svc
+        now = svc.clock()
+        for session in svc.records.list(owner=None, states=[S.RUNNING]):
+            handle = session.session_handle
+            if handle is None:
+                continue
+            status = await svc.backend.status(handle)
+            idle = min(now - session.last_activity_at, status.idle_seconds)
+            view = IdleView(S.RUNNING, now - idle, session.idle_timeout_s, status.busy)
+            if status.state == BackendState.RUNNING and should_stop(view, now):
+                await svc._stop(session, actor=CULLER,
+                                reason=f"idle for {format_duration(round(idle))} "
+                                       f"(idle time {format_duration(session.idle_timeout_s)})")
+        for compute in svc.computes.idle_instances(now):
+            await svc.stop_compute(compute, actor=CULLER,
+                                   reason=f"idle shutdown after "
+                                          f"{format_duration(compute.idle_shutdown_s or 0)}")

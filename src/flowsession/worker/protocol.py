@@ -1,0 +1,256 @@
+"""The session supervisor's protocol: JSON lines over a Unix socket. Stdlib only.
+
+The control plane imports this module (``request``, ``Connection``, the constants); the
+supervisor (``flowsession.worker.supervisor``) implements the server side.
+
+Starting a session
+------------------
+::
+
+    python -m flowsession.worker.supervisor --socket PATH --state-dir DIR
+        [--standby] [--flow DIR] [--site-dir DIR ...] [--idle-timeout S] [--workers N]
+        [--line-timeout S]
+
+The socket is bound (mode 0600) before promptflow is imported, so ``ping`` answers within
+milliseconds of the start, with phase ``importing``. Poll ``ping`` until the phase is ``ready``
+(or ``standby``, or ``failed``). Everything the supervisor and its workers print or log goes to
+``DIR/supervisor.log``. ``--idle-timeout`` 0 (the default) means never; ``--line-timeout``
+(default 600 s) applies to lines whose ``test`` request gives no ``timeout``; 0 means none.
+
+Phases: ``importing`` -> [``standby`` -> (adopt)] -> ``loading`` -> ``ready``; any of them may
+end in ``failed`` (``error`` says why; ``ping`` still answers, ``test`` is refused, a reset
+of the session recovers).
+
+Wire format
+-----------
+A client connects, writes one request line ``{"op": ..., ...}\\n`` and reads one response line;
+it may send more requests on the same connection (they are answered in order). Every response
+has ``"ok": true|false``; on false it has ``"error": {"type": str, "message": str}``. Error types
+are the ``E_*`` constants below.
+
+``ping`` -- does not count as activity::
+
+    -> {"op": "ping"}
+    <- {"ok": true, "pid": int, "phase": str, "busy": int (lines executing now),
+        "queued": int (lines waiting for a worker), "idle_seconds": float (since the last
+        non-ping request finished, or since ready/standby; 0 while anything is active),
+        "idle_timeout": float, "line_timeout": float,
+        "workers": [{"pid": int, "alive": bool, "exit": null | "exited with code 1" |
+                     "killed by SIGKILL", "state": "loading"|"idle"|"busy"|"dead"}],
+        "error": null | str, "flow": null | str, "lines": int (lines run so far),
+        "standby": bool (started as a standby), "protocol": int}
+
+``adopt`` -- standby only (else ``wrong_phase``); answers once the workers have the flow loaded::
+
+    -> {"op": "adopt", "flow": DIR, "site_dirs": [DIR, ...], "idle_timeout": s,
+        "workers": n, "env": {"K": "V"}, "line_timeout": s (optional)}
+    <- the ping fields, plus "adopt_seconds": float
+    <- {"ok": false, "error": {"type": "load_failed", "message": ...}}   (phase is now failed)
+
+``test`` -- one line on a free worker (queued while all are busy, or while loading)::
+
+    -> {"op": "test", "inputs": {...}, "timeout": s (optional)}
+    <- {"ok": true, "output": {...}, "duration": s, "index": n, "worker": pid}
+    <- {"ok": false, "error": {"type": "line_failed" | "timeout" | "session_failed" |
+                                        "wrong_phase" | "stopped" | "bad_request", ...}}
+
+  Output values that are not JSON-serialisable are sent as ``str(value)``; generators are
+  consumed (into a string when every item is a string, else a list). A line over its timeout
+  has its worker killed and replaced; the session stays ready.
+
+``configure`` -- change settings in place; answers with the ping fields::
+
+    -> {"op": "configure", "idle_timeout": s, "line_timeout": s (optional)}
+
+``shutdown`` -- writes ``DIR/exit.json``, kills the workers, removes the socket, answers, exits 0::
+
+    -> {"op": "shutdown", "reason": str}
+    <- {"ok": true, "pid": int}
+
+Files in the state dir
+----------------------
+- ``supervisor.log``: the supervisor's and the workers' stdout, stderr and logging.
+- ``exit.json``: written just before the supervisor exits:
+  ``{"reason": "idle"|"terminated"|<shutdown reason>|"crashed", "at": epoch, ...}``
+  (``idle_seconds`` for idle, ``error`` for crashed).
+- ``status.json``: written when the session fails: ``{"phase": "failed", "error": str, "at": epoch}``.
+
+SIGTERM (and SIGINT) act like ``shutdown`` with reason ``terminated``. A worker that dies (e.g.
+killed with SIGKILL) fails the session ("worker 1234 was killed by SIGKILL"); it is not
+respawned. Workers die with their supervisor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# phases
+IMPORTING, STANDBY, LOADING, READY, FAILED = "importing", "standby", "loading", "ready", "failed"
+PHASES = (IMPORTING, STANDBY, LOADING, READY, FAILED)
+
+# error types
+E_BAD_REQUEST = "bad_request"  # not JSON, unknown op, a field of the wrong type
+E_WRONG_PHASE = "wrong_phase"  # adopt on a non-standby, test on a standby
+E_LOAD_FAILED = "load_failed"  # the flow failed to load (adopt's answer)
+E_LINE_FAILED = "line_failed"  # the line ran and failed (or its inputs were refused)
+E_TIMEOUT = "timeout"  # the line ran over its timeout; its worker was replaced
+E_SESSION_FAILED = "session_failed"  # the session is failed: reset it
+E_STOPPED = "stopped"  # the session stopped while the request waited
+
+# files in the state dir
+LOG_FILE = "supervisor.log"
+EXIT_FILE = "exit.json"
+STATUS_FILE = "status.json"
+
+DEFAULT_LINE_TIMEOUT = 600.0
+FLOW_FILES = ("flow.dag.yaml", "flow.dag.yml", "flow.flex.yaml", "flow.flex.yml")
+MAX_LINE = 64 * 1024 * 1024  # the longest request/response line accepted
+
+_MAX_SUN_PATH = 100  # sockaddr_un's sun_path is 108 bytes, NUL included
+
+
+class ProtocolError(ConnectionError):
+    """The supervisor closed the connection without answering, or answered garbage."""
+
+
+def encode(obj: Any) -> bytes:
+    """One JSON line; values JSON cannot carry are sent as ``str(value)``."""
+    return (json.dumps(obj, default=str, separators=(",", ":")) + "\n").encode()
+
+
+def error(type_: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"type": type_, "message": message}}
+
+
+def flow_file(folder: str | os.PathLike) -> Path | None:
+    """The flow's yaml in ``folder`` (dag or flex), or None."""
+    for name in FLOW_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def describe_exit(status: int) -> str:
+    """A wait status as people say it: 'exited with code 1', 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, default=str, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def socket_address(path: str | os.PathLike) -> Iterator[str]:
+    """An AF_UNIX address for ``path``, even past sun_path's 108 bytes (via /proc/self/fd)."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) < _MAX_SUN_PATH:
+        yield path
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    fd = os.open(folder or "/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
+def connect(path: str | os.PathLike, timeout: float | None = 10.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with socket_address(path) as address:
+            sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Connection:
+    """One connection to a supervisor; requests on it are answered in order.
+
+    >>> with Connection(path) as c:
+    ...     c.request({"op": "ping"})["phase"]
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout: float | None = 10.0):
+        self.sock = connect(path, timeout)
+        self._buf = bytearray()
+
+    def request(self, payload: Mapping[str, Any], timeout: float | None = 10.0) -> dict[str, Any]:
+        """Send one request, wait up to ``timeout`` seconds (None: forever) for its answer.
+
+        Raises OSError (FileNotFoundError, ConnectionRefusedError, TimeoutError, ...) when the
+        supervisor cannot be reached, ProtocolError when it hangs up without answering."""
+        self.sock.settimeout(timeout)
+        self.sock.sendall(encode(dict(payload)))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no answer to {payload.get('op')!r} in {timeout} s")
+                self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ProtocolError(f"the session closed the connection without answering "
+                                    f"{payload.get('op')!r}")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                raise ProtocolError("the answer is too long")
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        try:
+            answer = json.loads(line)
+        except ValueError as exc:
+            raise ProtocolError(f"the session answered something that is not JSON: {exc}") from None
+        if not isinstance(answer, dict):
+            raise ProtocolError("the session's answer is not a JSON object")
+        return answer
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request(socket_path: str | os.PathLike, payload: Mapping[str, Any],
+            timeout: float | None = 10.0) -> dict[str, Any]:
+    """Connect, send one request, return its answer (see ``Connection.request``)."""
+    with Connection(socket_path, timeout=timeout) as conn:
+        return conn.request(payload, timeout=timeout)

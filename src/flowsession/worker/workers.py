@@ -1,0 +1,188 @@
+"""Warm workers: processes forked from the supervisor (after promptflow is imported, so the
+imports are shared and a worker is ready in milliseconds), each with the flow loaded in a
+``FlowExecutor``, serving lines over a socketpair. Stdlib and promptflow only.
+
+Supervisor -> worker: ``{"op": "line", "inputs": {...}, "index": n}``
+Worker -> supervisor: ``{"event": "loaded"}`` | ``{"event": "load_failed", "error": str}`` |
+``{"event": "result", "ok": true, "output": {...}}`` |
+``{"event": "result", "ok": false, "error": {"type": "line_failed", "message": str}}``
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowsession.worker.channel import Channel
+from flowsession.worker.protocol import E_LINE_FAILED, encode
+
+log = logging.getLogger("flowsession.worker")
+
+LOADING, IDLE, BUSY, DEAD = "loading", "idle", "busy", "dead"
+
+
+@dataclass
+class Worker:
+    """The supervisor's view of one worker process."""
+
+    pid: int
+    channel: Channel
+    state: str = LOADING
+    exit: str | None = None  # "exited with code 1" | "killed by SIGKILL" once reaped
+    job: Any = None  # the line it runs
+    retired: bool = False  # killed by the supervisor (line timeout, shutdown): not a failure
+    closed_at: float | None = None  # when its channel hit EOF
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def alive(self) -> bool:
+        return self.exit is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "alive": self.alive, "exit": self.exit, "state": self.state}
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(flow_dir: Path, flow_yaml: Path, sel: selectors.BaseSelector,
+          on_message: Callable[[Channel, dict | None], None],
+          on_close: Callable[[Channel], None],
+          close_in_child: Callable[[], None]) -> Worker:
+    """Fork a worker that loads the flow; it reports ``loaded`` or ``load_failed``.
+
+    Call only from the main thread with no thread of the supervisor's own running.
+    ``close_in_child`` closes the supervisor's sockets in the child (it must not touch the
+    selector's registrations: the epoll instance is shared with the parent)."""
+    parent_end, child_end = socket.socketpair()
+    supervisor = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the worker: never returns
+        code = 1
+        try:
+            parent_end.close()
+            close_in_child()
+            code = _serve(child_end, flow_dir, flow_yaml, supervisor)
+        except BaseException:  # noqa: BLE001 - last resort: say why in the log, then exit
+            try:
+                log.exception("worker %d crashed", os.getpid())
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            try:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    child_end.close()
+    return Worker(pid=pid, channel=Channel(parent_end, sel, on_message, on_close))
+
+
+# --- inside the worker ----------------------------------------------------------------------
+
+def _serve(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int) -> int:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    _die_with(supervisor)
+    sock.setblocking(True)
+
+    def send(obj: dict[str, Any]) -> None:
+        sock.sendall(encode(obj))
+
+    from promptflow.executor import FlowExecutor
+
+    started = time.monotonic()
+    try:
+        executor = FlowExecutor.create(flow_yaml, {}, working_dir=flow_dir, raise_ex=False)
+    except Exception as exc:  # the flow's code does not import, its yaml is wrong, ...
+        log.exception("worker %d: the flow failed to load", os.getpid())
+        send({"event": "load_failed", "error": message_of(exc)})
+        return 1
+    log.info("worker %d: flow %s loaded in %.3f s", os.getpid(), flow_dir,
+             time.monotonic() - started)
+    declared = set(getattr(getattr(executor, "_flow", None), "outputs", None) or ())
+    send({"event": "loaded"})
+
+    reader = sock.makefile("rb")
+    for raw in reader:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            continue
+        if msg.get("op") == "line":
+            result = run_line(executor, msg.get("inputs") or {}, msg.get("index"), declared)
+            send({"event": "result", **result})
+    return 0  # the supervisor closed the channel
+
+
+def run_line(executor: Any, inputs: dict[str, Any], index: int | None,
+             declared: set[str]) -> dict[str, Any]:
+    """Run one line; ok with the outputs, or a line_failed error."""
+    try:
+        result = executor.exec_line(inputs, index=index)
+    except Exception as exc:  # refused inputs, and whatever promptflow raises despite raise_ex
+        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message_of(exc)}}
+    run_info = result.run_info
+    status = str(getattr(run_info.status, "value", run_info.status))
+    if status != "Completed":
+        err = run_info.error or {}
+        message = err.get("message") or f"the line ended with status {status}"
+        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message}}
+    output = dict(result.output or {})
+    if "line_number" not in declared and output.get("line_number") == index:
+        output.pop("line_number", None)  # promptflow's bookkeeping, not a flow output
+    return {"ok": True, "output": {k: plain(v) for k, v in output.items()}}
+
+
+def plain(value: Any) -> Any:
+    """Consume generators (a string when every item is one, else a list); the rest is sent
+    as is, and what JSON cannot carry becomes ``str(value)`` when encoded."""
+    if isinstance(value, (str, bytes, bytearray, dict, list, tuple)):
+        return value
+    if isinstance(value, (types.GeneratorType, collections.abc.Iterator)):
+        items = [plain(v) for v in value]
+        return "".join(items) if items and all(isinstance(v, str) for v in items) else items
+    return value
+
+
+def message_of(exc: BaseException) -> str:
+    """promptflow's own message when it has one (it names the node and the inner error)."""
+    message = getattr(exc, "message", None)
+    if not isinstance(message, str) or not message:
+        message = str(exc) or type(exc).__name__
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__
+    if inner is not None and str(inner) and str(inner) not in message:
+        message = f"{message.rstrip('.')}: ({type(inner).__name__}) {inner}"
+    return message
+
+
+def _die_with(supervisor: int) -> None:
+    """SIGKILL this worker when the supervisor dies (Linux), so no worker outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        raise SystemExit(1)
