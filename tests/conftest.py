@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import replace
@@ -73,8 +74,10 @@ def index(wheelhouse):
 
 @pytest.fixture
 def settings(tmp_path, images_dir, index) -> Settings:
-    return Settings(home=tmp_path / "home", images_path=images_dir, index_url=index.url,
-                    failed_build_memory_seconds=30.0)
+    settings = Settings(home=tmp_path / "home", images_path=images_dir, index_url=index.url,
+                        failed_build_memory_seconds=30.0)
+    yield settings
+    shutil.rmtree(settings.runtime_dir, ignore_errors=True)  # sessions' slots under /tmp
 
 
 @pytest.fixture

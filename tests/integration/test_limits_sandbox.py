@@ -41,7 +41,7 @@ def cgroups() -> Limits:
 
 @pytest.fixture
 def compute(cgroups: Limits):
-    """make(vcpu, memory_bytes) -> a fresh compute group (destroyed afterwards) and started()."""
+    """make(vcpu, memory_bytes) -> a fresh compute group; groups and make.procs cleaned up."""
     made: list[dict] = []
     procs: list[subprocess.Popen] = []
 
@@ -65,6 +65,11 @@ def start_in(limits: Limits, handle: dict, code: str, procs: list) -> subprocess
     procs.append(p)
     limits.add_process(handle, p.pid)
     return p
+
+
+def go(p: subprocess.Popen) -> None:
+    p.stdin.write("go\n")
+    p.stdin.flush()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -98,8 +103,7 @@ def test_a_flow_that_outgrows_the_memory_limit_is_killed_and_one_that_fits_runs(
 def test_a_busy_loop_gets_only_its_half_vcpu(cgroups, compute):
     handle = compute(vcpu=0.5)
     p = start_in(cgroups, handle, "while True: pass", compute.procs)
-    p.stdin.write("go\n")
-    p.stdin.flush()
+    go(p)
     time.sleep(0.3)  # past start-up and the first period
     cpu0, t0, acct0 = cpu_seconds(p.pid), time.monotonic(), cgroups.usage(handle)["cpu_seconds"]
     time.sleep(2.0)
@@ -118,32 +122,22 @@ def test_a_child_forked_after_joining_is_in_the_compute_too(cgroups, compute):
         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         "print(c.pid, flush=True)\n"
         "sys.stdin.readline()\n"), compute.procs)
-    parent.stdin.write("go\n")
-    parent.stdin.flush()
+    go(parent)
     child = int(parent.stdout.readline())
     assert {parent.pid, child} <= set(cgroups.processes(handle))
     assert f"/flowsession/{handle['compute_id']}" in Path(f"/proc/{child}/cgroup").read_text()
 
 
-def test_command_puts_the_program_in_the_compute_before_it_starts(cgroups, compute):
-    handle = compute()
-    out = subprocess.run(cgroups.command(handle, [PY, "-c", "print(open('/proc/self/cgroup')"
-                                                  ".read())"]),
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    memory_line = next(line for line in out.splitlines() if ":memory:" in line or
-                       line.startswith("0::"))
-    assert memory_line.endswith(f"/flowsession/{handle['compute_id']}")
-
-
 def test_destroy_kills_what_is_left_and_removes_the_groups(cgroups, compute):
     handle = compute()
     added = start_in(cgroups, handle, "import time; time.sleep(300)", compute.procs)
-    joined = subprocess.Popen(cgroups.command(handle, ["sleep", "300"]))
+    # command() joins the group before exec: the program is inside from its first instruction
+    joined = subprocess.Popen(cgroups.command(handle, [
+        "sh", "-c", "grep -E ':memory:|^0::' /proc/self/cgroup; exec sleep 300"]),
+        stdout=subprocess.PIPE, text=True)
     compute.procs.append(joined)
-    deadline = time.monotonic() + 5
-    while len(cgroups.processes(handle)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(cgroups.processes(handle)) == 2
+    assert joined.stdout.readline().strip().endswith(f"/flowsession/{handle['compute_id']}")
+    assert set(cgroups.processes(handle)) == {added.pid, joined.pid}
 
     restarted = Limits(cgroups.mode)  # a fresh control plane, from the stored handle alone
     stored = json.loads(json.dumps(handle))
@@ -157,13 +151,10 @@ def test_destroy_kills_what_is_left_and_removes_the_groups(cgroups, compute):
 
 
 def test_describe_names_the_mechanism_and_the_numbers(cgroups, compute):
-    handle = compute(vcpu=2, memory_bytes=4 * 10**9)
-    text = cgroups.describe(handle)
-    if handle["mode"] == "cgroup1":
-        assert text == ("cgroup v1: 2 vCPU (cpu.cfs_quota_us=200000), memory 4.0 GB "
-                        "(memory.limit_in_bytes)")
-    else:
-        assert text == "cgroup v2: 2 vCPU (cpu.max=200000 100000), memory 4.0 GB (memory.max)"
+    text = cgroups.describe(compute(vcpu=2, memory_bytes=4 * 10**9))
+    assert text in ("cgroup v1: 2 vCPU (cpu.cfs_quota_us=200000), memory 4.0 GB "
+                    "(memory.limit_in_bytes)",
+                    "cgroup v2: 2 vCPU (cpu.max=200000 100000), memory 4.0 GB (memory.max)")
 
 
 def test_rlimit_fallback_fails_a_large_allocation_in_the_limited_process_only(tmp_path):
@@ -177,9 +168,7 @@ def test_rlimit_fallback_fails_a_large_allocation_in_the_limited_process_only(tm
             "except MemoryError:\n    print('MemoryError')\n"
             "print(subprocess.run([sys.executable, '-c', 'bytearray(2 * 2**30)'],"
             " capture_output=True).returncode)\n")  # a child inherits the limit
-    procs: list = []
-    p = start_in(limits, handle, code, procs)
-    out, err = p.communicate("go\n", timeout=60)
+    out, err = start_in(limits, handle, code, []).communicate("go\n", timeout=60)
     assert out.split() == ["MemoryError", "1"], err
 
     via_command = subprocess.run(limits.command(handle, [PY, "-c", code]),
@@ -190,7 +179,6 @@ def test_rlimit_fallback_fails_a_large_allocation_in_the_limited_process_only(tm
     unaffected = bytearray(2 * 2**30)  # the control plane itself is not limited
     assert len(unaffected) == 2 * 2**30
     assert limits.processes(handle) == []
-    limits.destroy(handle)
 
 
 # --- sandbox ---------------------------------------------------------------------------------
@@ -206,9 +194,10 @@ def bwrap() -> str:
 @pytest.fixture
 def layout(tmp_path: Path) -> dict[str, Path]:
     """Two sessions' directories and the control plane's database and key, side by side."""
-    paths = {"db": tmp_path / "home" / "flowsession.sqlite", "key": tmp_path / "home" / "secret.key",
-             "flow": tmp_path / "sessions" / "a" / "flow", "work": tmp_path / "sessions" / "a" / "work",
-             "other": tmp_path / "sessions" / "b" / "work" / "output.jsonl"}
+    home, sessions = tmp_path / "home", tmp_path / "sessions"
+    paths = {"db": home / "flowsession.sqlite", "key": home / "secret.key",
+             "flow": sessions / "a" / "flow", "work": sessions / "a" / "work",
+             "other": sessions / "b" / "work" / "output.jsonl"}
     for p in ("flow", "work"):
         paths[p].mkdir(parents=True)
     for p in ("db", "key", "other"):
@@ -228,37 +217,31 @@ def session_sandbox(layout: dict[str, Path]) -> sb.Sandbox:
 
 PROBE = """
 import json, os, sys
-def attempt(fn):
+def attempt(path, mode="r", data=None):
     try:
-        return fn()
+        with open(path, mode) as f:
+            return f.write(data) if data else f.read()
     except OSError as exc:
         return type(exc).__name__
-paths = json.loads(sys.argv[1])
-print(json.dumps({
-    "db": attempt(lambda: open(paths["db"]).read()),
-    "key": attempt(lambda: open(paths["key"]).read()),
-    "other": attempt(lambda: open(paths["other"]).read()),
-    "flow": attempt(lambda: open("/session/flow/flow.dag.yaml").read()),
-    "write_flow": attempt(lambda: open("/session/flow/new.py", "w").write("x")),
-    "write_work": attempt(lambda: open("/session/work/out.txt", "w").write("written")),
-    "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
-    "env": sorted(os.environ),
-    "cwd": os.getcwd(),
-}))
+seen = {k: attempt(v) for k, v in json.loads(sys.argv[1]).items()}
+print(json.dumps({**seen, "write_flow": attempt("/session/flow/new.py", "w", "x"),
+                  "write_work": attempt("/session/work/out.txt", "w", "written"),
+                  "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                  "env": sorted(os.environ), "cwd": os.getcwd()}))
 """
 
 
 def test_a_sandboxed_flow_sees_its_binds_and_nothing_else(bwrap, layout, monkeypatch):
     monkeypatch.setenv("FLOWSESSION_TEST_SECRET", "hunter2")
-    args = json.dumps({k: str(v) for k, v in layout.items()})
+    args = json.dumps({**{k: str(layout[k]) for k in ("db", "key", "other")},
+                       "flow": "/session/flow/flow.dag.yaml"})
     done = subprocess.run(sb.wrap([PY, "-c", PROBE, args], session_sandbox(layout)),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["db"] == seen["key"] == seen["other"] == "FileNotFoundError"
     assert seen["flow"] == "nodes: []\n"
-    assert seen["write_flow"] == "OSError"  # EROFS: the flow is read-only
-    assert seen["write_work"] == len("written")
+    assert (seen["write_flow"], seen["write_work"]) == ("OSError", len("written"))  # EROFS
     assert (layout["work"] / "out.txt").read_text() == "written"
     assert not (layout["flow"] / "new.py").exists()
     assert seen["cwd"] == "/session/work"
@@ -276,6 +259,20 @@ def test_wrap_refuses_binds_that_would_expose_the_database_or_a_home(layout):
                 bwrap="bwrap")
 
 
+def test_without_bubblewrap_the_session_says_it_is_not_sandboxed(monkeypatch):
+    monkeypatch.setattr(sb.shutil, "which", lambda name: None)
+    sb._probe.cache_clear()
+    try:
+        assert sb.bwrap_path() is None
+        assert sb.describe(False) == ("not sandboxed: bubblewrap is not installed "
+                                      "(apt-get install bubblewrap)")
+        with pytest.raises(RuntimeError, match="not installed"):
+            sb.wrap(["true"], sb.Sandbox())
+    finally:
+        monkeypatch.undo()
+        sb._probe.cache_clear()
+
+
 def test_interpreter_paths_are_the_real_installation_and_the_venv():
     paths = sb.interpreter_paths(PY)
     assert os.path.realpath(sys.base_prefix) in paths
@@ -283,19 +280,15 @@ def test_interpreter_paths_are_the_real_installation_and_the_venv():
         assert sys.prefix in paths
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
-        return False
-
-
-def _pids_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
+def _live_procs_with(token: str) -> dict[int, str]:
+    """pid -> name of the running (not zombie) processes whose command line holds ``token``."""
+    found = {}
+    for pid in (int(e) for e in os.listdir("/proc") if e.isdigit()):
         try:
-            if entry.isdigit() and token in Path(f"/proc/{entry}/cmdline").read_bytes().decode():
-                found.append(int(entry))
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            running = stat.rsplit(")", 1)[1].split()[0] not in "ZX"
+            if running and token in Path(f"/proc/{pid}/cmdline").read_text():
+                found[pid] = stat[stat.index("(") + 1:stat.rindex(")")]
         except OSError:
             pass
     return found
@@ -309,23 +302,15 @@ def test_a_sandboxed_session_outlives_the_process_that_started_it(bwrap):
                 "subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,"
                 " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n")
     subprocess.run([PY, "-c", launcher, *cmd], check=True, timeout=30)  # its Popen is gone
-    sleep_pid = None
     deadline = time.monotonic() + 10
-    while sleep_pid is None and time.monotonic() < deadline:
-        sleep_pid = next((p for p in _pids_with(token)
-                          if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"), None)
+    while "sleep" not in _live_procs_with(token).values() and time.monotonic() < deadline:
         time.sleep(0.05)
-    try:
-        assert sleep_pid is not None, "the sandboxed sleep never started"
-        time.sleep(1.0)
-        assert _alive(sleep_pid)
-    finally:
-        for pid in sorted(_pids_with(token), key=lambda p: p != sleep_pid):  # sleep first
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    time.sleep(1.0)
+    procs = _live_procs_with(token)
+    for pid in sorted(procs, key=lambda p: procs[p] != "sleep"):  # the sleep first
+        os.kill(pid, signal.SIGKILL)
+    assert "sleep" in procs.values(), "the sandboxed sleep did not outlive its launcher"
     deadline = time.monotonic() + 5
-    while any(_alive(p) for p in _pids_with(token)) and time.monotonic() < deadline:
+    while _live_procs_with(token) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(p) for p in _pids_with(token))
+    assert not _live_procs_with(token)

@@ -22,6 +22,7 @@ from flowsession.environments.cache import Environment
 from flowsession.environments.service import EnvironmentService, Package, Prepared
 from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound, SessionFailed
 from flowsession.flows.flowfile import load_flow
+from flowsession.flows.snapshot import make_snapshot
 from flowsession.sessions.pool import StandbyPool
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
 from flowsession.sessions.state import SessionState as S
@@ -306,6 +307,7 @@ class SessionService:
         if session.state != S.RUNNING:
             raise Conflict(f"session {session.id} is {session.state}")
         self.records.touch(session.id)
+        session = await self._load_changes(session)
         try:
             return await self.backend.test_line(session.session_handle, inputs, timeout=timeout)
         except SessionFailed as exc:
@@ -326,6 +328,15 @@ class SessionService:
                 await self._stop(session, actor=actor,
                                  reason=f"compute instance {compute.name} stopped: {reason}")
         return await self.computes.stop(compute, reason=reason)
+
+    async def _load_changes(self, session: Session) -> Session:
+        """Edited flow files take effect at the next line, as on the flow page: a changed
+        snapshot is loaded by fresh workers. (Changed requirements need Save and install.)"""
+        snapshot = make_snapshot(load_flow(session.flow), self.settings.snapshots_dir)
+        if snapshot.id == session.snapshot_id:
+            return session
+        await self.backend.reload(session.session_handle, snapshot.path)
+        return self.records.set_and_get(session.id, snapshot_id=snapshot.id)
 
     # --- helpers ---------------------------------------------------------------------------
 

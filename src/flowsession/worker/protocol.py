@@ -14,8 +14,13 @@ Starting a session
 The socket is bound (mode 0600) before promptflow is imported, so ``ping`` answers within
 milliseconds of the start, with phase ``importing``. Poll ``ping`` until the phase is ``ready``
 (or ``standby``, or ``failed``). Everything the supervisor and its workers print or log goes to
-``DIR/supervisor.log``. ``--idle-timeout`` 0 (the default) means never; ``--line-timeout``
-(default 600 s) applies to lines whose ``test`` request gives no ``timeout``; 0 means none.
+``DIR/supervisor.log``. ``--idle-timeout`` 0 (the default) means never; it counts in the
+standby, ready and failed phases (never while a request is active or a line runs).
+``--line-timeout`` (default 600 s) applies to lines whose ``test`` gives no ``timeout``; 0
+means none. The working directory is ``DIR/../work`` when it exists, else ``DIR``;
+``PF_DISABLE_TRACING`` defaults to true. The supervisor calls setsid() and ignores SIGHUP,
+so it outlives the process that started it. Socket paths longer than sun_path allows work
+(through /proc/self/fd): use ``connect``/``request`` here to reach them.
 
 Phases: ``importing`` -> [``standby`` -> (adopt)] -> ``loading`` -> ``ready``; any of them may
 end in ``failed`` (``error`` says why; ``ping`` still answers, ``test`` is refused, a reset
@@ -40,16 +45,20 @@ are the ``E_*`` constants below.
         "error": null | str, "flow": null | str, "lines": int (lines run so far),
         "standby": bool (started as a standby), "protocol": int}
 
-``adopt`` -- standby only (else ``wrong_phase``); answers once the workers have the flow loaded::
+``adopt`` -- standby only (else ``wrong_phase``); answers once the workers have the flow loaded
+(an adopt sent while the standby is still importing waits for the import). ``env`` is set in
+the supervisor's environment before the workers are forked; ``site_dirs`` are added with
+``site.addsitedir`` (their .pth files run) ahead of the image's site-packages::
 
     -> {"op": "adopt", "flow": DIR, "site_dirs": [DIR, ...], "idle_timeout": s,
         "workers": n, "env": {"K": "V"}, "line_timeout": s (optional)}
     <- the ping fields, plus "adopt_seconds": float
     <- {"ok": false, "error": {"type": "load_failed", "message": ...}}   (phase is now failed)
 
-``test`` -- one line on a free worker (queued while all are busy, or while loading)::
+``test`` -- one line on a free worker (queued while all are busy, or while importing/loading)::
 
-    -> {"op": "test", "inputs": {...}, "timeout": s (optional)}
+    -> {"op": "test", "inputs": {...}, "timeout": s (optional: seconds the line may run on its
+        worker, queueing not counted; default the session's line_timeout; 0 means no limit)}
     <- {"ok": true, "output": {...}, "duration": s, "index": n, "worker": pid}
     <- {"ok": false, "error": {"type": "line_failed" | "timeout" | "session_failed" |
                                         "wrong_phase" | "stopped" | "bad_request", ...}}
@@ -57,6 +66,15 @@ are the ``E_*`` constants below.
   Output values that are not JSON-serialisable are sent as ``str(value)``; generators are
   consumed (into a string when every item is a string, else a list). A line over its timeout
   has its worker killed and replaced; the session stays ready.
+
+``reload`` -- ready only (else ``wrong_phase``, or ``session_failed``): new workers load the
+flow from ``flow`` (a changed copy; default: the same folder again), new lines wait for them,
+lines running on the old workers finish there first; answers once the new workers are loaded
+(site dirs, env and settings stay)::
+
+    -> {"op": "reload", "flow": DIR (optional)}
+    <- the ping fields, plus "reload_seconds": float
+    <- {"ok": false, "error": {"type": "load_failed", "message": ...}}   (phase is now failed)
 
 ``configure`` -- change settings in place; answers with the ping fields::
 
@@ -73,7 +91,8 @@ Files in the state dir
 - ``exit.json``: written just before the supervisor exits:
   ``{"reason": "idle"|"terminated"|<shutdown reason>|"crashed", "at": epoch, ...}``
   (``idle_seconds`` for idle, ``error`` for crashed).
-- ``status.json``: written when the session fails: ``{"phase": "failed", "error": str, "at": epoch}``.
+- ``status.json``: written when the session fails:
+  ``{"phase": "failed", "error": str, "at": epoch}``.
 
 SIGTERM (and SIGINT) act like ``shutdown`` with reason ``terminated``. A worker that dies (e.g.
 killed with SIGKILL) fails the session ("worker 1234 was killed by SIGKILL"); it is not
@@ -90,7 +109,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 PROTOCOL_VERSION = 1
 
@@ -100,8 +119,8 @@ PHASES = (IMPORTING, STANDBY, LOADING, READY, FAILED)
 
 # error types
 E_BAD_REQUEST = "bad_request"  # not JSON, unknown op, a field of the wrong type
-E_WRONG_PHASE = "wrong_phase"  # adopt on a non-standby, test on a standby
-E_LOAD_FAILED = "load_failed"  # the flow failed to load (adopt's answer)
+E_WRONG_PHASE = "wrong_phase"  # adopt on a non-standby, test on a standby, reload unready
+E_LOAD_FAILED = "load_failed"  # the flow failed to load (adopt's or reload's answer)
 E_LINE_FAILED = "line_failed"  # the line ran and failed (or its inputs were refused)
 E_TIMEOUT = "timeout"  # the line ran over its timeout; its worker was replaced
 E_SESSION_FAILED = "session_failed"  # the session is failed: reset it
@@ -242,7 +261,7 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Connection:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,11 +11,13 @@ Worker -> supervisor: ``{"event": "loaded"}`` | ``{"event": "load_failed", "erro
 from __future__ import annotations
 
 import collections.abc
+import importlib
 import json
 import logging
 import os
 import selectors
 import signal
+import site
 import socket
 import sys
 import time
@@ -33,6 +35,18 @@ log = logging.getLogger("flowsession.worker")
 LOADING, IDLE, BUSY, DEAD = "loading", "idle", "busy", "dead"
 
 
+@dataclass(eq=False)
+class Line:
+    """A ``test`` request's line: queued, then run by one worker."""
+
+    req: Any  # the loop's Request, answered with the result
+    inputs: dict[str, Any]
+    timeout: float  # seconds on the worker; 0: no limit
+    index: int = -1
+    started: float = 0.0
+    deadline: float | None = None
+
+
 @dataclass
 class Worker:
     """The supervisor's view of one worker process."""
@@ -41,8 +55,9 @@ class Worker:
     channel: Channel
     state: str = LOADING
     exit: str | None = None  # "exited with code 1" | "killed by SIGKILL" once reaped
-    job: Any = None  # the line it runs
+    job: Line | None = None  # the line it runs
     retired: bool = False  # killed by the supervisor (line timeout, shutdown): not a failure
+    draining: bool = False  # has an old version of the flow: retired when its line ends
     closed_at: float | None = None  # when its channel hit EOF
     started_at: float = field(default_factory=time.monotonic)
 
@@ -83,7 +98,7 @@ def spawn(flow_dir: Path, flow_yaml: Path, sel: selectors.BaseSelector,
         except BaseException:  # noqa: BLE001 - last resort: say why in the log, then exit
             try:
                 log.exception("worker %d crashed", os.getpid())
-            except BaseException:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001, S110 - nowhere left to say it
                 pass
         finally:
             try:
@@ -94,6 +109,41 @@ def spawn(flow_dir: Path, flow_yaml: Path, sel: selectors.BaseSelector,
                 os._exit(code)
     child_end.close()
     return Worker(pid=pid, channel=Channel(parent_end, sel, on_message, on_close))
+
+
+def import_promptflow() -> None:
+    """The slow imports, done once in the supervisor so that every forked worker has them:
+    the executor (~2 s), and what ``FlowExecutor.create`` would otherwise import lazily in
+    each worker (openai's resources, promptflow.tools: ~100 ms). Only image packages: a
+    flow's environment adds packages, it never replaces the image's."""
+    from promptflow.executor import FlowExecutor  # noqa: F401
+
+    try:
+        import promptflow.tools  # noqa: F401
+    except ImportError:
+        pass
+    try:  # private, so best effort
+        from promptflow.tracing._integrations._openai_injector import (
+            available_openai_apis_and_injectors,
+        )
+
+        list(available_openai_apis_and_injectors())
+    except Exception:  # noqa: BLE001, S110 - only a warm-up
+        pass
+
+
+def add_site_dirs(dirs: list[str]) -> None:
+    """Add the environment's site-packages (and its .pth files) ahead of the image's, the way
+    the environment's own interpreter orders them."""
+    if not dirs:
+        return
+    before = list(sys.path)
+    for d in dirs:
+        site.addsitedir(d)
+    added = [p for p in sys.path if p not in before]
+    at = next((i for i, p in enumerate(before) if "site-packages" in p), len(before))
+    sys.path[:] = before[:at] + added + before[at:]
+    importlib.invalidate_caches()
 
 
 # --- inside the worker ----------------------------------------------------------------------
@@ -130,7 +180,12 @@ def _serve(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int
             continue
         if msg.get("op") == "line":
             result = run_line(executor, msg.get("inputs") or {}, msg.get("index"), declared)
-            send({"event": "result", **result})
+            try:
+                data = encode({"event": "result", **result})
+            except (ValueError, TypeError, RecursionError) as exc:  # e.g. a circular output
+                data = encode({"event": "result", "ok": False, "error": {
+                    "type": E_LINE_FAILED, "message": f"the line's output cannot be sent: {exc}"}})
+            sock.sendall(data)
     return 0  # the supervisor closed the channel
 
 
@@ -139,7 +194,7 @@ def run_line(executor: Any, inputs: dict[str, Any], index: int | None,
     """Run one line; ok with the outputs, or a line_failed error."""
     try:
         result = executor.exec_line(inputs, index=index)
-    except Exception as exc:  # refused inputs, and whatever promptflow raises despite raise_ex
+    except Exception as exc:  # noqa: BLE001 - refused inputs, whatever promptflow raises
         return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message_of(exc)}}
     run_info = result.run_info
     status = str(getattr(run_info.status, "value", run_info.status))

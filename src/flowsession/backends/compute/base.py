@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 
@@ -128,5 +129,9 @@ class ComputeBackend(Protocol):
 
     async def test_line(self, handle: SessionHandle, inputs: Mapping[str, Any], *,
                         timeout: float) -> dict[str, Any]: ...
+
+    async def reload(self, handle: SessionHandle, snapshot: Path) -> None:
+        """Serve a changed flow (a new snapshot) with fresh workers."""
+        ...
 
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None: ...

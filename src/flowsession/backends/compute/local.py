@@ -80,6 +80,8 @@ class LocalBackend:
         slot = self.settings.runtime_dir / "slots" / slot_id
         for sub in ("flow", "work", "state"):
             (slot / sub).mkdir(parents=True, exist_ok=True)
+        for path in env.read_only_paths:  # the images and environments dirs: bind sources
+            Path(path).mkdir(parents=True, exist_ok=True)
         os.chmod(slot, 0o700)
         inside = INSIDE if self.bwrap else str(slot)
         argv = [env.python, "-m", "flowsession.worker.supervisor",
@@ -182,6 +184,15 @@ class LocalBackend:
                              else f"the line timed out: {message}",
                              hint="the session is still running; fix the inputs or the flow")
         raise Conflict(message)
+
+    async def reload(self, handle: SessionHandle, snapshot: Path) -> None:
+        """Load a changed flow: fresh workers on the new snapshot (lines running finish first)."""
+        flow_inside = self._place_flow(handle, snapshot)
+        answer = await asyncio.to_thread(protocol.request, handle.socket,
+                                         {"op": "reload", "flow": flow_inside}, STARTUP_TIMEOUT_S)
+        if not answer.get("ok"):
+            raise SessionFailed(f"the changed flow failed to load: {answer['error']['message']}",
+                                hint="fix the flow and test again, or reset the session")
 
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None:
         await asyncio.to_thread(protocol.request, handle.socket,

@@ -22,6 +22,7 @@ def identity(pid: int | None = None) -> str:
 
 def alive(pid: int, started: str | None) -> bool:
     """Is the process ``pid`` that started at ``started`` still there (and not a zombie)?"""
+    reap(pid)
     st = start_time(pid)
     if st is None or (started is not None and st != started):
         return False
@@ -38,3 +39,11 @@ def identity_alive(ident: str | None) -> bool:
         return False
     pid, _, started = ident.partition(":")
     return alive(int(pid), started or None)
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of ``pid`` if it is our exited child (else a zombie stays)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: its own parent (or init) reaps it

@@ -76,7 +76,7 @@ def describe(enabled: bool) -> str:
     if enabled:
         return ("bubblewrap: read-only environment and flow, private working directory, "
                 "own PID namespace")
-    return _probe()[1] or _NOT_INSTALLED
+    return _probe()[1] or "not sandboxed: sandboxing is turned off"
 
 
 def interpreter_paths(python: str) -> list[str]:
