@@ -13,10 +13,15 @@ setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: pyproject.toml uv.lock
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check 'uv>=0.5,<1'
 	$(PYTHON) -m uv sync --frozen --compile-bytecode
+	@# bubblewrap sandboxes sessions; without it they run unsandboxed (session show says so)
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } \
+	  || echo "note: bubblewrap is not installed: sessions will run without a sandbox"
 	@touch $@
 
 # The product's main job. Until the server exists: build the default image, then an end-to-end
-# demo on examples/flows/hello (its environment, its packages, one line run in it).
+# demo on examples/flows/hello (its environment and packages, a session, test lines, events).
 run: setup
 	$(FS) image build
 	$(MAKE) --no-print-directory demo
@@ -29,11 +34,16 @@ demo: setup
 	  "import json,sys; p=json.load(sys.stdin); r=[x for x in p if x['origin']=='requirements']; \
 	  print(f'{len(p)} packages: {len(p)-len(r)} from the image, added by requirements.txt:', \
 	  ', '.join(x['name']+'=='+x['version'] for x in r))"
-	@echo "--- one line of the flow, run in its environment:"
-	$(FS) env run examples/flows/hello -- python -m flowsession.worker.testline --inputs name=Ada
+	@echo "--- a session for the flow: sandboxed, within its VM size, warm"
+	$(FS) session start examples/flows/hello
+	$(FS) flow test examples/flows/hello --inputs name=Ada
+	$(FS) flow test examples/flows/hello --inputs name=Grace
+	$(FS) session events examples/flows/hello
+	$(FS) session stop examples/flows/hello
 
 test: setup
 	$(VENV)/bin/python -m pytest
 
 bench: setup
 	$(VENV)/bin/python bench/env_build.py
+	$(VENV)/bin/python bench/session_start.py

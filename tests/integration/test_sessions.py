@@ -140,6 +140,9 @@ def test_a_start_with_an_unsatisfiable_requirement_leaves_nothing_behind(svc, tm
 def test_save_and_install_switches_only_when_the_new_environment_works(svc, tmp_path):
     flow = echo_flow(tmp_path)
     before = run(svc.start(flow, user=USER))
+    unchanged = run(svc.install(flow, user=USER))  # Save and install with nothing new
+    assert unchanged.session_handle.pid == before.session_handle.pid
+    assert "unchanged" in svc.events(flow, user=USER)[-1].reason
     (flow / "requirements.txt").write_text("tinyalpha==1.0\ntinybeta\ntinygamma\n")
     with pytest.raises(Unsatisfiable) as exc:
         run(svc.install(flow, user=USER))
@@ -352,3 +355,75 @@ def test_an_operation_on_a_session_in_the_wrong_state_says_the_state(svc, tmp_pa
     with pytest.raises(Conflict) as exc:
         run(svc.install(flow, user=USER))
     assert "FAILED" in str(exc.value)
+
+
+def _slow_uv(tmp_path: Path, real_uv: str, seconds: float) -> str:
+    slow = tmp_path / "slow-uv"
+    slow.write_text(f"#!/bin/sh\ncase \"$*\" in *install*) sleep {seconds};; esac\n"
+                    f"exec {real_uv} \"$@\"\n")
+    slow.chmod(0o755)
+    return str(slow)
+
+
+def test_a_stop_during_an_install_wins_and_leaves_nothing_running(svc, tmp_path):
+    flow = echo_flow(tmp_path)
+    session = run(svc.start(flow, user=USER))
+    old_handle = session.session_handle
+    svc.envs.builder.uv = _slow_uv(tmp_path, svc.envs.builder.uv, 3)
+    (flow / "requirements.txt").write_text("tinyalpha==2.0\n")
+
+    async def install_then_stop():
+        install = asyncio.create_task(svc.install(flow, user=USER))
+        while svc.records.get(session.id).state != "INSTALLING":
+            await asyncio.sleep(0.05)
+        stopped = await svc.stop(flow, user=USER)
+        with pytest.raises(Conflict, match="stopped during the install"):
+            await install
+        return stopped
+
+    stopped = run(install_then_stop())
+    assert stopped.state == "STOPPED"
+    assert svc.records.get(session.id).state == "STOPPED"
+    assert not procs.alive(old_handle.pid, old_handle.pid_start)
+    assert all(e.refs == 0 for e in svc.envs.cache.list())  # neither environment is held
+    assert svc.computes.list(user=USER) == []
+
+
+def test_a_control_plane_killed_mid_start_leaves_no_half_started_session(session_settings,
+                                                                         tmp_path):
+    import subprocess
+    import sys
+
+    flow = echo_flow(tmp_path)
+    slow = _slow_uv(tmp_path, session_settings.uv, 60)
+    code = (
+        "import asyncio, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from pathlib import Path\n"
+        "from flowsession.config import Settings\n"
+        "from integration.test_sessions import make_service\n"
+        f"s = Settings(home=Path({str(session_settings.home)!r}), "
+        f"images_path=Path({str(session_settings.images_dir)!r}), "
+        f"index_url={session_settings.index_url!r}, uv={slow!r}, standby_pool_size=0)\n"
+        f"asyncio.run(make_service(s).start({str(flow)!r}, user={USER!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    svc = make_service(session_settings)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        sessions = svc.records.list(owner=USER)
+        if sessions and sessions[0].state == "BUILDING" and list(
+                session_settings.envs_dir.glob(".tmp-*")):
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the control plane dies in the middle of the start
+    proc.wait()
+    run(svc.sweeper.sweep())  # the next control plane reconciles
+    [session] = svc.records.list(owner=USER, states=None)
+    assert session.state == "STOPPED" and "control plane stopped" in session.reason
+    assert svc.computes.list(user=USER) == []
+    fresh = run(svc.start(flow, user=USER))  # and the flow can start again
+    try:
+        assert fresh.state == "RUNNING" and fresh.id != session.id
+    finally:
+        run(_stop_everything(svc))

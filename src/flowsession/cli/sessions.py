@@ -111,7 +111,8 @@ def events(flow: Path = FLOW, json: bool = JSON) -> None:
     rows = [{**e.__dict__, "when": _when(e.at)} for e in svc.events(flow, user=svc.settings.user)]
     if json:
         return emit_json(rows)
-    table(rows, ["when", "session_id", "from_state", "to_state", "actor", "reason"])
+    several = len({r["session_id"] for r in rows}) > 1  # the flow's earlier sessions too
+    table(rows, ["when", *(["session_id"] if several else []), "to_state", "actor", "reason"])
 
 
 @app.command()

@@ -188,15 +188,24 @@ class SessionService:
                                           operator=procs.identity(), expect=[S.RUNNING])
         new_env: Environment | None = None
         new_handle: SessionHandle | None = None
+        standby: asyncio.Task | None = None
         try:
             prepared = await self.envs.prepare(session.flow, identity=session.identity,
-                                               image=session.image, refresh=True)
+                                               image=session.image)
+            if prepared.env_id == session.env_id:
+                return self.records.transition(
+                    session, S.RUNNING, actor=user, operator=None, expect=[S.INSTALLING],
+                    reason="nothing to install: the requirements are unchanged")
             standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
             new_env = await self.envs.ensure(prepared, identity=session.identity,
                                              holder=f"{session.holder}:next")
+            self._still_installing(session)
             compute = self.computes.get(session.compute_id, user=session.owner)
             new_handle = await self._run_on(compute, session, prepared, new_env, await standby)
+            standby = None
         except BaseException as exc:
+            if standby is not None:
+                await self.pool.discard(standby)
             if new_env is not None:
                 self.envs.cache.release(new_env.id, f"{session.holder}:next")
             why = exc.message if isinstance(exc, FlowSessionError) else repr(exc)
@@ -217,8 +226,8 @@ class SessionService:
         except Conflict:  # the session was stopped during the install: drop the new one
             await self.backend.stop_session(new_handle, reason="session stopped during install")
             self.envs.cache.release(new_env.id, f"{session.holder}:next")
-            raise Conflict(f"session {session.id} was stopped during the install",
-                           hint="start it again: flowsession session start FLOW") from None
+            self._still_installing(session)
+            raise
         self.envs.cache.acquire(new_env.id, session.holder)
         self.envs.cache.release(new_env.id, f"{session.holder}:next")
         if old.env_id and old.env_id != new_env.id:
@@ -328,6 +337,13 @@ class SessionService:
                 await self._stop(session, actor=actor,
                                  reason=f"compute instance {compute.name} stopped: {reason}")
         return await self.computes.stop(compute, reason=reason)
+
+    def _still_installing(self, session: Session) -> None:
+        state = self.records.get(session.id).state
+        if state != S.INSTALLING:
+            raise Conflict(f"session {session.id} was stopped during the install (it is {state})",
+                           hint="start it again: flowsession session start FLOW",
+                           details={"state": state})
 
     async def _load_changes(self, session: Session) -> Session:
         """Edited flow files take effect at the next line, as on the flow page: a changed
