@@ -181,7 +181,7 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
 
     session = fs.json("session", "start", flow, "--compute-type", "instance", "--instance", "box")
     assert session["state"] == "RUNNING" and session["compute_type"] == "instance"
-    assert session["compute_id"] == created["id"] and session["vm_size"] == "small"
+    assert session["compute_id"] == created["id"]
     shown = fs.json("compute", "show", "box")
     assert shown["sessions"] == 1
     tested = fs("flow", "test", flow, "--inputs", "x=on box")
@@ -205,6 +205,20 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
     missing = fs("compute", "show", "box")
     assert missing.returncode == 1
     assert "does not exist" in missing.stderr and "flowsession compute list" in missing.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: a session on a compute instance records no VM size "
+    "(sessions/service.py start() binds vm_size=options.vm_size, None for an instance, and "
+    "_compute_for() sets vm_size only for serverless), so `session show`/`session list` "
+    "show no VM size for it"))
+def test_a_session_on_an_instance_shows_the_instances_vm_size(fs, tmp_path):
+    flow = str(make_flow(tmp_path, "f", "tinyalpha==1.0\n"))
+    fs.json("compute", "create", "box", "--size", "small")
+    session = fs.json("session", "start", flow, "--compute-type", "instance", "--instance", "box")
+    assert session["state"] == "RUNNING"
+    assert fs.json("session", "show", flow)["vm_size"] == "small"
+    assert [s["vm_size"] for s in fs.json("session", "list")] == ["small"]
 
 
 def test_update_changes_the_idle_time_in_place(fs, tmp_path):
