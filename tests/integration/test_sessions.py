@@ -427,3 +427,15 @@ def test_a_control_plane_killed_mid_start_leaves_no_half_started_session(session
         assert fresh.state == "RUNNING" and fresh.id != session.id
     finally:
         run(_stop_everything(svc))
+
+
+def test_starting_again_after_the_session_ended_by_itself_gives_a_new_session(svc, tmp_path):
+    flow = echo_flow(tmp_path)
+    first = run(svc.start(flow, user=USER, options=StartOptions(idle_timeout_s=1)))
+    handle = first.session_handle
+    deadline = time.time() + 30
+    while procs.alive(handle.pid, handle.pid_start) and time.time() < deadline:
+        time.sleep(0.2)
+    second = run(svc.start(flow, user=USER))  # nobody swept: the start notices by itself
+    assert second.id != first.id and second.state == "RUNNING"
+    assert svc.records.get(first.id).state == "STOPPED"

@@ -117,7 +117,11 @@ class SessionService:
             if session.owner != user:
                 raise Conflict(f"flow {session.flow} is bound to another user's session",
                                hint="one flow binds to one session")
-            return await self._settled(session)
+            await self.sweeper.reconcile_one(session)  # the belief may be stale
+            session = await self._settled(self.records.get(session.id))
+            if session.state == S.STOPPED:  # it had ended (idle, say): start a new one
+                return await self.start(flow, user=user, options=options)
+            return session
         return await self._launch(session, flow_def.folder, actor=user, reason="started")
 
     async def _launch(self, session: Session, flow: Path, *, actor: str, reason: str) -> Session:
