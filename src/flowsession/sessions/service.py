@@ -109,7 +109,8 @@ class SessionService:
         identity = instance.identity if instance else (options.identity or "user")
         session, created = self.records.create_bound(
             flow=str(flow_def.folder), actor=user, owner=user, compute_type=compute_type,
-            compute_id=instance.id if instance else None, vm_size=options.vm_size,
+            compute_id=instance.id if instance else None,
+            vm_size=instance.vm_size if instance else options.vm_size,
             image=options.image, identity=identity, operator=procs.identity(),
             idle_timeout_s=(options.idle_timeout_s if options.idle_timeout_s is not None
                             else self.settings.idle_timeout_s))
