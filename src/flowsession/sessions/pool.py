@@ -10,7 +10,7 @@ import asyncio
 import json
 from dataclasses import replace
 import time
-import uuid
+from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
@@ -31,8 +31,6 @@ class StandbyPool:
         self.settings, self.store, self.backend, self.envs = settings, store, backend, envs
 
     def image_env(self, image_ref: str) -> EnvHandle:
-        from pathlib import Path
-
         image = self.envs.images.get(image_ref)
         return EnvHandle(env_id="", python=str(Path(image.path) / "bin" / "python"),
                          image_ref=image.ref, site_dirs=(),
@@ -115,7 +113,3 @@ class StandbyPool:
     def _forget(self, standby_id: str) -> None:
         with self.store.engine.begin() as c:
             c.execute(delete(standby).where(standby.c.id == standby_id))
-
-
-def new_standby_id() -> str:
-    return f"stb-{uuid.uuid4().hex[:10]}"
