@@ -439,3 +439,31 @@ def test_starting_again_after_the_session_ended_by_itself_gives_a_new_session(sv
     second = run(svc.start(flow, user=USER))  # nobody swept: the start notices by itself
     assert second.id != first.id and second.state == "RUNNING"
     assert svc.records.get(first.id).state == "STOPPED"
+
+
+def test_an_idle_instance_is_stopped_not_deleted(svc):
+    run(svc.computes.create_instance("napper", user=USER, size="small", idle_shutdown_s=1))
+    run(svc.sweeper.sweep())
+    assert svc.computes.get("napper", user=USER).state == "RUNNING"  # not idle long enough
+    time.sleep(1.5)
+    run(svc.sweeper.sweep())
+    compute = svc.computes.get("napper", user=USER)
+    assert compute.state == "STOPPED" and "idle shutdown" in compute.reason
+    assert run(svc.computes.start("napper", user=USER)).state == "RUNNING"  # it can start again
+
+
+def test_without_bubblewrap_a_session_runs_and_says_it_is_not_sandboxed(session_settings,
+                                                                        tmp_path):
+    store = open_store(session_settings.db_url)
+    backend = LocalBackend(session_settings, use_sandbox=False)
+    svc = SessionService(session_settings, store,
+                         envs=EnvironmentService(session_settings, store),
+                         computes=ComputeService(session_settings, store, backend),
+                         backend=backend)
+    flow = echo_flow(tmp_path)
+    try:
+        session = run(svc.start(flow, user=USER))
+        assert session.to_dict()["sandbox"].startswith("not sandboxed")
+        assert run(svc.test(flow, {"x": "bare"}, user=USER)) == {"y": "bare with tinyalpha 1.0"}
+    finally:
+        run(_stop_everything(svc))
