@@ -422,6 +422,9 @@ def test_a_control_plane_killed_mid_start_leaves_no_half_started_session(session
     [session] = svc.records.list(owner=USER, states=None)
     assert session.state == "STOPPED" and "control plane stopped" in session.reason
     assert svc.computes.list(user=USER) == []
+    # the supervisor it had spawned for the start (never recorded) is stopped as an orphan
+    slots = session_settings.runtime_dir / "slots"
+    assert not list(slots.glob("s*")), "an orphaned supervisor was left running"
     fresh = run(svc.start(flow, user=USER))  # and the flow can start again
     try:
         assert fresh.state == "RUNNING" and fresh.id != session.id

@@ -25,11 +25,28 @@ class Sweeper:
         self.svc = service
 
     async def sweep(self) -> None:
-        """Reconcile every unfinished session, cull idle ones, shut down idle instances."""
+        """Reconcile every unfinished session, stop orphans, cull idle sessions, shut down
+        idle instances."""
         records = self.svc.records
         for session in records.list(owner=None, states=[s for s in S if s != S.STOPPED]):
             await self.reconcile_one(session)
+        await self.stop_orphans()
         await self.cull()
+
+    async def stop_orphans(self) -> list[str]:
+        """Stop supervisors that no session or standby refers to. Only while no operation is
+        under way: a start in progress has spawned a supervisor it has not recorded yet."""
+        svc = self.svc
+        unfinished = svc.records.list(owner=None, states=[s for s in S if s != S.STOPPED])
+        if any(s.operator and procs.identity_alive(s.operator) for s in unfinished):
+            return []
+        known = {s.session_handle.slot for s in unfinished if s.session_handle}
+        known |= {h.slot for h in svc.pool.members()}
+        stopped = []
+        for handle in svc.backend.orphans(known):
+            await svc.backend.stop_session(handle, reason="orphaned: no session refers to it")
+            stopped.append(handle.slot)
+        return stopped
 
     async def reconcile_one(self, session: Session) -> None:
         try:

@@ -44,6 +44,7 @@ from flowsession.worker import protocol
 INSIDE = "/session"  # the slot, as the sandboxed session sees it
 PACKAGE_INSIDE = "/opt/flowsession"  # where flowsession.worker is importable inside
 STARTUP_TIMEOUT_S = 180.0
+HANDLE_FILE = "handle.json"
 
 
 class LocalBackend:
@@ -91,12 +92,24 @@ class LocalBackend:
         proc = subprocess.Popen(argv, env=environ, cwd=slot / "work", start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=open(slot / "state" / "launch.log", "wb"))
-        return SessionHandle(
+        handle = SessionHandle(
             backend=self.name, session_id=slot_id, pid=proc.pid,
             pid_start=procs.start_time(proc.pid) or "", socket=str(slot / "state" / "s.sock"),
             slot=str(slot), sandboxed=self.bwrap is not None,
             sandbox_detail=sandbox.describe(self.bwrap is not None), limits_detail="",
             from_standby=False)
+        protocol.write_json(slot / HANDLE_FILE, handle.to_json())  # so an orphan can be found
+        return handle
+
+    def orphans(self, known_slots: set[str]) -> list[SessionHandle]:
+        """Slots no session or standby refers to: left by a control plane that died between
+        starting a supervisor and recording it."""
+        found = []
+        for slot in sorted((self.settings.runtime_dir / "slots").glob("s*")):
+            data = protocol.read_json(slot / HANDLE_FILE)
+            if str(slot) not in known_slots and data:
+                found.append(SessionHandle.from_json(data))
+        return found
 
     async def start_session(self, compute: ComputeHandle, env: EnvHandle, spec: SessionSpec,
                             *, standby: SessionHandle | None = None) -> SessionHandle:
