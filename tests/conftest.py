@@ -5,7 +5,10 @@ PostgreSQL when it is there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import warnings
 import shutil
 import sys
 import uuid
@@ -19,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers
 from helpers.index_server import LocalIndex  # noqa: E402
 from helpers.wheels import PackageSet  # noqa: E402
 
+from flowsession.backends.compute import procs  # noqa: E402
 from flowsession.config import Settings  # noqa: E402
 from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
 from flowsession.environments.service import EnvironmentService  # noqa: E402
@@ -77,7 +81,14 @@ def settings(tmp_path, images_dir, index) -> Settings:
     settings = Settings(home=tmp_path / "home", images_path=images_dir, index_url=index.url,
                         failed_build_memory_seconds=30.0)
     yield settings
+    # no test may leave a session's process behind: kill any, and say which test did
+    leftovers = procs.with_argument_under(str(settings.runtime_dir))
+    for pid in leftovers:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(settings.runtime_dir, ignore_errors=True)  # sessions' slots under /tmp
+    if leftovers:
+        warnings.warn(f"processes left running by this test: {sorted(leftovers)}")
 
 
 @pytest.fixture

@@ -44,7 +44,6 @@ from flowsession.worker import protocol
 INSIDE = "/session"  # the slot, as the sandboxed session sees it
 PACKAGE_INSIDE = "/opt/flowsession"  # where flowsession.worker is importable inside
 STARTUP_TIMEOUT_S = 180.0
-HANDLE_FILE = "handle.json"
 
 
 class LocalBackend:
@@ -98,17 +97,27 @@ class LocalBackend:
             slot=str(slot), sandboxed=self.bwrap is not None,
             sandbox_detail=sandbox.describe(self.bwrap is not None), limits_detail="",
             from_standby=False)
-        protocol.write_json(slot / HANDLE_FILE, handle.to_json())  # so an orphan can be found
         return handle
 
     def orphans(self, known_slots: set[str]) -> list[SessionHandle]:
-        """Slots no session or standby refers to: left by a control plane that died between
-        starting a supervisor and recording it."""
+        """Supervisors no session or standby refers to: left by a control plane that died
+        between starting one and recording it. Found by their command line (it names the
+        slot), so even one whose handle was never written is found."""
+        slots_dir = str(self.settings.runtime_dir / "slots") + "/"
+        by_slot: dict[str, list[int]] = {}
+        for pid, arg in procs.with_argument_under(slots_dir).items():
+            slot = slots_dir + arg[len(slots_dir):].split("/", 1)[0]
+            by_slot.setdefault(slot, []).append(pid)
         found = []
-        for slot in sorted((self.settings.runtime_dir / "slots").glob("s*")):
-            data = protocol.read_json(slot / HANDLE_FILE)
-            if str(slot) not in known_slots and data:
-                found.append(SessionHandle.from_json(data))
+        for slot, pids in sorted(by_slot.items()):
+            if slot in known_slots:
+                continue
+            top = min(pids)  # the launcher (bwrap, or the supervisor itself) started first
+            found.append(SessionHandle(
+                backend=self.name, session_id=Path(slot).name, pid=top,
+                pid_start=procs.start_time(top) or "", socket=f"{slot}/state/s.sock",
+                slot=slot, sandboxed=self.bwrap is not None, sandbox_detail="",
+                limits_detail=""))
         return found
 
     async def start_session(self, compute: ComputeHandle, env: EnvHandle, spec: SessionSpec,

@@ -47,3 +47,21 @@ def reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass  # not our child: its own parent (or init) reaps it
+
+
+def with_argument_under(prefix: str) -> dict[int, str]:
+    """Processes with a command-line argument under the path ``prefix``: pid -> that argument."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for arg in args:
+            if arg.startswith(prefix):
+                found[int(entry)] = arg
+                break
+    return found
