@@ -66,6 +66,14 @@ async def _stop_everything(service: SessionService) -> None:
             await service.backend.release(compute.compute_handle)
 
 
+def _gone_within(handle, seconds: float) -> bool:
+    """Has the session's top process ended within ``seconds``?"""
+    deadline = time.time() + seconds
+    while procs.alive(handle.pid, handle.pid_start) and time.time() < deadline:
+        time.sleep(0.2)
+    return not procs.alive(handle.pid, handle.pid_start)
+
+
 def echo_flow(root: Path, name: str = "f", requirements: str = "tinyalpha==1.0\n",
               body: str = "return f'{x} with tinyalpha {tinyalpha.__version__}'") -> Path:
     flow = make_flow(root, name, requirements)
@@ -229,10 +237,8 @@ def test_an_idle_session_ends_itself_even_with_no_control_plane_running(svc, tmp
     flow = echo_flow(tmp_path)
     session = run(svc.start(flow, user=USER, options=StartOptions(idle_timeout_s=1.5)))
     handle = session.session_handle
-    deadline = time.time() + 30
-    while procs.alive(handle.pid, handle.pid_start) and time.time() < deadline:
-        time.sleep(0.2)  # nobody sweeps meanwhile: the supervisor enforces its own idle time
-    assert not procs.alive(handle.pid, handle.pid_start)
+    # nobody sweeps meanwhile: the supervisor enforces its own idle time
+    assert _gone_within(handle, 30)
     run(svc.sweeper.sweep())
     last = svc.events(flow, user=USER)[-1]
     assert last.to_state == "STOPPED" and "idle" in last.reason
@@ -435,10 +441,7 @@ def test_a_control_plane_killed_mid_start_leaves_no_half_started_session(session
 def test_starting_again_after_the_session_ended_by_itself_gives_a_new_session(svc, tmp_path):
     flow = echo_flow(tmp_path)
     first = run(svc.start(flow, user=USER, options=StartOptions(idle_timeout_s=1)))
-    handle = first.session_handle
-    deadline = time.time() + 30
-    while procs.alive(handle.pid, handle.pid_start) and time.time() < deadline:
-        time.sleep(0.2)
+    assert _gone_within(first.session_handle, 30)
     second = run(svc.start(flow, user=USER))  # nobody swept: the start notices by itself
     assert second.id != first.id and second.state == "RUNNING"
     assert svc.records.get(first.id).state == "STOPPED"

@@ -6,7 +6,7 @@ import asyncio
 
 import typer
 
-from flowsession.cli.output import emit_json, handle_errors, out, table
+from flowsession.cli.output import emit_json, fields, handle_errors, out, table
 from flowsession.config import format_duration, format_size, parse_duration
 from flowsession.sessions.service import SessionService
 
@@ -111,7 +111,5 @@ def show(name: str, json: bool = JSON) -> None:
     data = {**_row(compute), "sessions": svc.computes.session_count(compute.id)}
     if json:
         return emit_json(data)
-    for key in ("name", "id", "kind", "state", "vm_size", "vcpu", "memory", "idle_shutdown",
-                "limits", "sessions", "owner", "reason"):
-        if data.get(key) not in (None, ""):
-            out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
+    fields(data, ("name", "id", "kind", "state", "vm_size", "vcpu", "memory", "idle_shutdown",
+                  "limits", "sessions", "owner", "reason"))

@@ -12,7 +12,7 @@ import typer
 import flowsession
 
 from flowsession.access.secrets import USER_IDENTITY
-from flowsession.cli.output import emit_json, err, handle_errors, out, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
 from flowsession.config import format_size
 from flowsession.environments.service import EnvironmentService
 
@@ -100,9 +100,7 @@ def show(env_id: str, json: bool = JSON) -> None:
             "holders": svc.cache.holders(env_id)}
     if json:
         return emit_json(data)
-    for key in ("id", "image", "state", "path", "size_bytes", "refs", "log", "error"):
-        if data.get(key) not in (None, ""):
-            out.print(f"[bold]{key}:[/] {data[key]}", highlight=False)
+    fields(data, ("id", "image", "state", "path", "size_bytes", "refs", "log", "error"))
     out.print(env.lock or "(no packages beyond the image)", highlight=False)
 
 

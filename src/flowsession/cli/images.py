@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from flowsession.access.secrets import USER_IDENTITY
-from flowsession.cli.output import emit_json, err, handle_errors, out, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
 from flowsession.config import format_size
 from flowsession.environments.images import DEFAULT_IMAGE
 from flowsession.environments.service import EnvironmentService
@@ -47,9 +47,7 @@ def show(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
                          if image.state == "READY" else {})
     if json:
         return emit_json(data)
-    for key in ("ref", "state", "parent", "description", "python_version", "path", "error"):
-        if data.get(key):
-            out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
+    fields(data, ("ref", "state", "parent", "description", "python_version", "path", "error"))
     if data["installed"]:
         table([{"name": n, "version": v} for n, v in data["installed"].items()],
               ["name", "version"], title=f"{len(data['installed'])} packages")

@@ -37,6 +37,13 @@ def table(rows: Iterable[dict], columns: Sequence[str], *, title: str | None = N
     out.print(t)
 
 
+def fields(data: dict, keys: Sequence[str]) -> None:
+    """'key: value' lines for the keys that have a value (the text form of a show command)."""
+    for key in keys:
+        if data.get(key) not in (None, ""):
+            out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
+
+
 def _log_traceback() -> Path:
     path = Settings.from_env().logs_dir / "cli.log"
     path.parent.mkdir(parents=True, exist_ok=True)

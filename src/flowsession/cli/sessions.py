@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from flowsession.cli.output import emit_json, err, handle_errors, out, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
 from flowsession.config import format_duration, parse_duration
 from flowsession.sessions.service import SessionService, StartOptions
 
@@ -31,9 +31,7 @@ def _print_session(data: dict) -> None:
     keys = ["id", "flow", "state", "reason", "compute_type", "compute_id", "vm_size", "image",
             "identity", "idle_time", "env_id", "sandbox", "limits", "owner", "created",
             "last_activity"]
-    for key in keys:
-        if data.get(key) not in (None, ""):
-            out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
+    fields(data, keys)
 
 
 def _session_dict(session) -> dict:

@@ -86,8 +86,7 @@ class ComputeService:
 
     def vcpu_in_use(self) -> float:
         with self.store.engine.connect() as c:
-            return float(c.execute(select(func.coalesce(func.sum(computes.c.vcpu), 0))
-                                   .where(computes.c.state == "RUNNING")).scalar())
+            return _vcpu_in_use(c)
 
     def session_count(self, compute_id: str) -> int:
         with self.store.engine.connect() as c:
@@ -191,9 +190,7 @@ class ComputeService:
         now = self.clock()
         # the quota check and the insert are one transaction: two creators cannot both fit
         with self.store.engine.begin() as c:
-            in_use = float(c.execute(select(func.coalesce(func.sum(computes.c.vcpu), 0))
-                                     .where(computes.c.state == "RUNNING")).scalar())
-            sizes.check_fits(size, quota=self.settings.vcpu_quota, in_use=in_use)
+            sizes.check_fits(size, quota=self.settings.vcpu_quota, in_use=_vcpu_in_use(c))
             try:
                 c.execute(insert(computes).values(
                     id=compute_id, name=name, owner=user, kind=kind, vm_size=size.name,
@@ -223,3 +220,9 @@ class ComputeService:
     def _set(self, compute_id: str, **values) -> None:
         with self.store.engine.begin() as c:
             c.execute(update(computes).where(computes.c.id == compute_id).values(**values))
+
+
+def _vcpu_in_use(conn) -> float:
+    """vCPUs of the running computes: what counts against the workspace quota."""
+    return float(conn.execute(select(func.coalesce(func.sum(computes.c.vcpu), 0))
+                              .where(computes.c.state == "RUNNING")).scalar())

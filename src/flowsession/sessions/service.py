@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -362,12 +362,10 @@ class SessionService:
     # --- helpers ---------------------------------------------------------------------------
 
     def env_handle(self, env: Environment) -> EnvHandle:
-        image = self.envs.images.get(env.image)
+        """The image's handle plus the environment's own layer (added at adoption)."""
         site = sorted(Path(env.path).glob("lib/python*/site-packages"))
-        return EnvHandle(env_id=env.id, python=str(Path(image.path) / "bin" / "python"),
-                         image_ref=image.ref, site_dirs=tuple(str(p) for p in site),
-                         read_only_paths=(str(self.settings.images_dir),
-                                          str(self.settings.envs_dir)))
+        return replace(self.pool.image_env(env.image), env_id=env.id,
+                       site_dirs=tuple(str(p) for p in site))
 
     def _check_options(self, o: StartOptions) -> str:
         kind = o.compute_type or ("instance" if o.instance else "serverless")

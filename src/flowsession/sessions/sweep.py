@@ -10,7 +10,7 @@ from flowsession.backends.compute import procs
 from flowsession.backends.compute.base import BackendState
 from flowsession.config import format_duration
 from flowsession.errors import Conflict
-from flowsession.sessions.records import Session
+from flowsession.sessions.records import ACTIVE_STATES, Session
 from flowsession.sessions.state import LIVE, IdleView, SessionState as S, should_stop
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Sweeper:
         """Reconcile every unfinished session, stop orphans, cull idle sessions, shut down
         idle instances."""
         records = self.svc.records
-        for session in records.list(owner=None, states=[s for s in S if s != S.STOPPED]):
+        for session in records.list(owner=None, states=ACTIVE_STATES):
             await self.reconcile_one(session)
         await self.stop_orphans()
         await self.cull()
@@ -37,7 +37,7 @@ class Sweeper:
         """Stop supervisors that no session or standby refers to. Only while no operation is
         under way: a start in progress has spawned a supervisor it has not recorded yet."""
         svc = self.svc
-        unfinished = svc.records.list(owner=None, states=[s for s in S if s != S.STOPPED])
+        unfinished = svc.records.list(owner=None, states=ACTIVE_STATES)
         if any(s.operator and procs.identity_alive(s.operator) for s in unfinished):
             return []
         known = {s.session_handle.slot for s in unfinished if s.session_handle}
