@@ -173,3 +173,47 @@ standby = Table(
     Column("handle", Text, nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+# --- runs service ---------------------------------------------------------------------------
+
+# A batch run. Its lines live in files under ``<home>/runs/<name>/`` (inputs, results, outputs);
+# this row is its record and summary.
+runs = Table(
+    "runs",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("owner", String(200), nullable=False, index=True),
+    Column("flow", String(1000), nullable=False),  # the flow's folder
+    Column("display_name", String(400), nullable=False, default=""),
+    Column("description", Text, nullable=False, default=""),
+    Column("tags", Text, nullable=False, default="{}"),  # JSON object
+    # Preparing | Running | Completed | Failed | Canceling | Canceled
+    Column("status", String(20), nullable=False),
+    Column("spec", Text, nullable=False),  # JSON: data, column_mapping, run, variant, ... (no secrets)
+    Column("session_id", String(40), nullable=True),  # the session it runs (or ran) on
+    Column("total", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("errors", Text, nullable=False, default="[]"),  # JSON: the first line errors
+    Column("error", Text, nullable=True),  # why the run itself failed
+    Column("operator", String(100), nullable=True),  # "pid:start" of the process driving it
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("ended_at", Float, nullable=True),
+)
+
+# --- access: connections --------------------------------------------------------------------
+
+# prompt flow connections (OpenAI, Azure OpenAI, custom): configs in clear, secrets encrypted
+# with the same key as the feed secrets. The only writer is ``access.connections``.
+connections = Table(
+    "connections",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("type", String(40), nullable=False),  # open_ai | azure_open_ai | custom
+    Column("configs", Text, nullable=False, default="{}"),  # JSON object, no secrets
+    Column("secrets", LargeBinary, nullable=False),  # Fernet token of a JSON object
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
