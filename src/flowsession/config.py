@@ -171,6 +171,16 @@ class Settings:
         return self.home / "snapshots"
 
     @property
+    def runs_dir(self) -> Path:
+        """Each run's files: inputs, collected results, outputs, metrics, logs."""
+        return self.home / "runs"
+
+    @property
+    def salvage_dir(self) -> Path:
+        """Run files rescued from a session's folder when the session went away."""
+        return self.home / "run-salvage"
+
+    @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
 

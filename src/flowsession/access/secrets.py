@@ -2,10 +2,12 @@
 
 Secrets are encrypted (Fernet) with a key kept in its own file (mode 0600) beside the database,
 so a copy of the database alone reveals nothing. They are decrypted only to hand to a build.
+``cipher`` is that one key's cipher, shared with the connections (``access.connections``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -31,6 +33,35 @@ def mask(secret: str) -> str:
     return f"{user}:****" if sep else "****"
 
 
+def cipher(settings: Settings) -> Fernet:
+    """The Fernet cipher for every stored secret (feed secrets, connections), keyed by
+    ``settings.secret_key_file``; the key file is created (mode 0600) on first use."""
+    from cryptography.fernet import Fernet  # imported only when a secret is used
+
+    path = settings.secret_key_file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # write a complete key under a private name, then link it into place: two processes
+        # creating it at once agree on one key, and nobody reads a half-written file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(Fernet.generate_key())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+            except OSError:  # a file system without hard links
+                with contextlib.suppress(FileExistsError):
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(tmp.read_bytes())
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Fernet(path.read_bytes())
+
+
 class FeedSecrets:
     def __init__(self, settings: Settings, store: Store):
         self.settings, self.store = settings, store
@@ -38,15 +69,7 @@ class FeedSecrets:
 
     def _cipher(self) -> Fernet:
         if self._fernet is None:
-            from cryptography.fernet import Fernet  # imported only when a secret is used
-
-            path = self.settings.secret_key_file
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(Fernet.generate_key())
-            self._fernet = Fernet(path.read_bytes())
+            self._fernet = cipher(self.settings)
         return self._fernet
 
     def set(self, host: str, secret: str, *, identity: str = USER_IDENTITY) -> None:

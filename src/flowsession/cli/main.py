@@ -7,7 +7,7 @@ import logging
 import typer
 
 from flowsession import __version__
-from flowsession.cli import computes, environments, feeds, images, sessions
+from flowsession.cli import computes, connections, environments, feeds, images, runs, sessions
 
 app = typer.Typer(
     name="flowsession",
@@ -22,6 +22,9 @@ app.add_typer(feeds.app, name="feed", help="Secrets for private package feeds ({
 app.add_typer(sessions.app, name="session", help="Compute sessions: one flow's running "
               "environment.")
 app.add_typer(computes.app, name="compute", help="Computes: serverless and instances.")
+app.add_typer(connections.app, name="connection", help="prompt flow connections (OpenAI, "
+              "Azure OpenAI, custom); secrets encrypted.")
+app.add_typer(runs.app, name="run", help="Batch runs: a flow over data on its session.")
 app.add_typer(sessions.flow_app, name="flow", help="Flows: test a line on the flow's session.")
 
 

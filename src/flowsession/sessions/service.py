@@ -308,20 +308,7 @@ class SessionService:
     async def test(self, flow: str | Path, inputs: Mapping[str, Any], *, user: str,
                    timeout: float = 600) -> dict[str, Any]:
         """One line on the flow's session (started with default settings if none runs)."""
-        key = self.flow_key(flow)
-        session = self.records.bound_to(key)
-        if session is None or session.owner != user:
-            session = await self.start(key, user=user)
-        elif session.state != S.RUNNING:
-            await self.sweeper.reconcile_one(session)
-            session = await self._settled(self.records.get(session.id))
-        if session.state == S.FAILED:
-            raise SessionFailed(f"session {session.id} failed: {session.reason}",
-                                hint="reset it: flowsession session reset FLOW")
-        if session.state != S.RUNNING:
-            raise Conflict(f"session {session.id} is {session.state}")
-        self.records.touch(session.id)
-        session = await self._load_changes(session)
+        session = await self.ready(flow, user=user)
         try:
             return await self.backend.test_line(session.session_handle, inputs, timeout=timeout)
         except SessionFailed as exc:
@@ -331,6 +318,28 @@ class SessionService:
         finally:
             self.records.touch(session.id)
             self.computes.touch(session.compute_id)
+
+    async def ready(self, flow: str | Path, *, user: str,
+                    options: StartOptions | None = None) -> Session:
+        """The flow's RUNNING session with the flow's current files loaded: started (with
+        ``options``, else default settings) when none runs."""
+        key = self.flow_key(flow)
+        session = self.records.bound_to(key)
+        if session is None or session.owner != user or session.state == S.STOPPED:
+            session = await self.start(key, user=user, options=options)
+        elif session.state != S.RUNNING:
+            await self.sweeper.reconcile_one(session)
+            session = await self._settled(self.records.get(session.id))
+            if session.state == S.STOPPED:
+                session = await self.start(key, user=user, options=options)
+        if session.state == S.FAILED:
+            raise SessionFailed(f"session {session.id} failed: {session.reason}",
+                                hint="reset it: flowsession session reset FLOW")
+        if session.state != S.RUNNING:
+            raise Conflict(f"session {session.id} is {session.state}",
+                           details={"state": session.state})
+        self.records.touch(session.id)
+        return await self._load_changes(session)
 
     async def stop_compute(self, compute: Compute, *, actor: str, reason: str) -> Compute:
         """Stop a compute instance: the sessions on it stop first, with the reason."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flowsession.worker import batch as bt
 from flowsession.worker import workers as wk
 from flowsession.worker.channel import Channel
 from flowsession.worker.loop import BadRequest, Exit, Request, Server, number
@@ -72,6 +73,8 @@ class Supervisor(Server):
         self.flow_yaml: Path | None = None
         self._import_error: str | None = None
         self._sites_added = False
+        self.batches: dict[str, bt.Batch] = {}  # runs, by id (ended ones are kept)
+        self.batch_channels: dict[Channel, bt.Batch] = {}
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -82,7 +85,9 @@ class Supervisor(Server):
 
     def ops(self) -> dict[str, Callable[[Request], None]]:
         return {"adopt": self._op_adopt, "test": self._op_test, "reload": self._op_reload,
-                "configure": self._op_configure, "shutdown": self._op_shutdown}
+                "configure": self._op_configure, "shutdown": self._op_shutdown,
+                "run": self._op_run, "run_status": self._op_run_status,
+                "run_cancel": self._op_run_cancel, "aggregate": self._op_aggregate}
 
     def _start_import(self) -> None:
         self._imp_r, self._imp_w = socket.socketpair()
@@ -127,6 +132,8 @@ class Supervisor(Server):
 
     def tick(self) -> None:
         now = time.monotonic()
+        for batch in self.batches.values():
+            batch.tick(now)
         for w in list(self.workers):
             line = w.job
             if line is not None and line.deadline is not None and now >= line.deadline:
@@ -139,7 +146,7 @@ class Supervisor(Server):
                     self._spawn()
             elif w.closed_at is not None and w.alive and now - w.closed_at > _CLOSED_GRACE:
                 w.kill()  # hung up but did not exit
-        if (self.idle_timeout > 0 and self.last_activity is not None and not self.active
+        if (self.idle_timeout > 0 and self.last_activity is not None and not self.busy_now()
                 and self.phase in (STANDBY, READY, FAILED)):
             idle = now - self.last_activity
             if idle >= self.idle_timeout:
@@ -154,17 +161,24 @@ class Supervisor(Server):
 
     # --- ops -----------------------------------------------------------------------------
 
+    def busy_now(self) -> bool:
+        """A request is being served or a run is going: not idle."""
+        return bool(self.active) or any(b.active for b in self.batches.values())
+
     def status(self) -> dict[str, Any]:
         idle = 0.0
-        if not self.active and self.last_activity is not None:
+        if not self.busy_now() and self.last_activity is not None:
             idle = time.monotonic() - self.last_activity
+        busy = sum(1 for w in self.workers if w.job is not None)
+        busy += sum(1 for b in self.batches.values() for x in b.workers if x.chunk)
         return {
             "ok": True, "pid": os.getpid(), "phase": self.phase,
-            "busy": sum(1 for w in self.workers if w.job is not None), "queued": len(self.queue),
+            "busy": busy, "queued": len(self.queue),
             "idle_seconds": round(idle, 3), "idle_timeout": self.idle_timeout,
             "line_timeout": self.line_timeout, "workers": [w.to_json() for w in self.workers],
             "error": self.error, "flow": self.flow, "lines": self.lines,
             "standby": self.standby, "protocol": PROTOCOL_VERSION,
+            "runs": {b.id: b.state for b in self.batches.values()},
         }
 
     def _op_test(self, req: Request) -> None:
@@ -238,6 +252,91 @@ class Supervisor(Server):
                  self.idle_timeout, self.line_timeout)
         self.answer(req, self.status())
 
+    # --- batch runs (flowsession.worker.batch) ---------------------------------------------
+
+    def _op_run(self, req: Request) -> None:
+        """Start a run (answers at once with its status); a run already going answers its
+        status; a run submitted again goes on where its folder's results stop."""
+        if self.phase != READY:
+            kind = E_SESSION_FAILED if self.phase == FAILED else E_WRONG_PHASE
+            self.answer(req, error(kind, f"only a ready session runs lines; this one is "
+                                   f"{self.phase}" + (f": {self.error}" if self.error else "")))
+            return
+        spec = self._run_spec(req.msg)
+        batch = self.batches.get(spec["id"])
+        if batch is None or not batch.active:
+            try:
+                batch = bt.Batch(spec, self._spawn_batch_worker, self._batch_ended)
+            except (OSError, ValueError) as exc:
+                raise BadRequest(f"the run cannot start: {exc}") from None
+            self.batches[batch.id] = batch
+            batch.start()
+        self.answer(req, {"ok": True, "run": batch.to_json()})
+
+    def _run_spec(self, msg: dict[str, Any]) -> dict[str, Any]:
+        for key in ("id", "dir"):
+            if not isinstance(msg.get(key), str) or not msg[key]:
+                raise BadRequest(f"'{key}' must be a non-empty string")
+        for key in ("env", "connections", "init", "node_override"):
+            if not isinstance(msg.get(key) or {}, dict):
+                raise BadRequest(f"'{key}' must be an object")
+        lines = msg.get("lines")
+        if lines is not None and not (isinstance(lines, list)
+                                      and all(isinstance(i, int) for i in lines)):
+            raise BadRequest("'lines' must be a list of line positions")
+        return {**msg, "flow": msg.get("flow") or self.flow,
+                "workers": int(number(msg, "workers", self.n_workers)),
+                "line_timeout": number(msg, "line_timeout", self.line_timeout)}
+
+    def _op_run_status(self, req: Request) -> None:
+        batch = self.batches.get(str(req.msg.get("id")))
+        self.answer(req, {"ok": True, "run": batch.to_json() if batch else None})
+
+    def _op_run_cancel(self, req: Request) -> None:
+        batch = self.batches.get(str(req.msg.get("id")))
+        if batch is not None:
+            batch.cancel()
+        self.answer(req, {"ok": True, "run": batch.to_json() if batch else None})
+
+    def _op_aggregate(self, req: Request) -> None:
+        """The aggregation nodes over a file of records in the run's folder (``file``), on a
+        worker loaded like the run's; answers with the metrics."""
+        if self.phase != READY:
+            self.answer(req, error(E_WRONG_PHASE, f"only a ready session aggregates; this one "
+                                   f"is {self.phase}"))
+            return
+        spec = self._run_spec(req.msg)
+        name = req.msg.get("file")
+        if not isinstance(name, str) or "/" in name or not name:
+            raise BadRequest("'file' must name a file in the run's folder")
+        batch = self.batches.get(spec["id"])
+        if batch is not None and batch.active:
+            self.answer(req, error(E_WRONG_PHASE, f"run {batch.id} is still {batch.state}"))
+            return
+        try:
+            batch = bt.Batch({**spec, "lines": []}, self._spawn_batch_worker, self._batch_ended)
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"the aggregation cannot start: {exc}") from None
+        self.batches[batch.id] = batch
+        batch.start()
+        batch.aggregate(req, name, self.answer)
+
+    def _spawn_batch_worker(self, serve: Callable[..., int]) -> wk.Worker:
+        w = wk.spawn(None, None, self.sel, self._on_worker_message, self._on_worker_closed,
+                     self.close_in_child, serve=serve)
+        return w
+
+    def _batch_ended(self, batch: bt.Batch) -> None:
+        self.last_activity = time.monotonic()
+        write_json(batch.dir / "status.json", batch.to_json())
+
+    def _batch_of(self, ch: Channel) -> tuple[bt.Batch, bt.BatchWorker] | None:
+        for batch in self.batches.values():
+            b = batch.owns(ch)
+            if b is not None:
+                return batch, b
+        return None
+
     def _op_shutdown(self, req: Request) -> None:
         self._exit_session(str(req.msg.get("reason") or "shutdown"), reply_to=req)
 
@@ -265,6 +364,11 @@ class Supervisor(Server):
 
     def _on_worker_message(self, ch: Channel, msg: dict[str, Any] | None) -> None:
         w = self.by_channel.get(ch)
+        if w is None and msg is not None:
+            found = self._batch_of(ch)
+            if found is not None:
+                found[0].on_message(found[1], msg)
+            return
         if w is None or w.retired or msg is None:
             return
         event = msg.get("event")
@@ -322,6 +426,9 @@ class Supervisor(Server):
 
     def _on_worker_closed(self, ch: Channel) -> None:
         w = self.by_channel.get(ch)
+        if w is None:
+            found = self._batch_of(ch)
+            w = found[1].worker if found else None
         if w is not None and not w.retired:
             w.closed_at = time.monotonic()
             self._reap()  # usually it has exited already; else SIGCHLD follows
@@ -331,7 +438,7 @@ class Supervisor(Server):
 
     def _reap(self) -> None:
         """Collect our workers that exited (by pid: never another thread's subprocess)."""
-        for w in [*self.workers, *self.retired]:
+        for w in [*self.workers, *self.retired, *self._batch_workers()]:
             if w.exit is not None:
                 continue
             try:
@@ -341,7 +448,19 @@ class Supervisor(Server):
             if pid:
                 self._on_exit(pid, status)
 
+    def _batch_workers(self) -> list[wk.Worker]:
+        return [w for batch in self.batches.values() for w in batch.all_workers()]
+
     def _on_exit(self, pid: int, status: int) -> None:
+        for batch in self.batches.values():
+            b = next((b for b in batch.workers if b.worker.pid == pid), None)
+            if b is not None:
+                b.worker.exit, b.worker.state = describe_exit(status), wk.DEAD
+                if not b.worker.channel.closed:
+                    b.worker.channel.close()
+                if not self.stopping:
+                    batch.on_exit(b, os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+                return
         for w in self.retired:
             if w.pid == pid:
                 w.exit = describe_exit(status)
@@ -389,9 +508,10 @@ class Supervisor(Server):
         self.stopping = True
         log.info("stopping: %s %s", reason, extra or "")
         write_json(self.state_dir / EXIT_FILE, {"reason": reason, "at": time.time(), **extra})
-        for w in self.workers + self.retired:
+        everyone = self.workers + self.retired + self._batch_workers()
+        for w in everyone:
             w.kill()
-        for w in self.workers + self.retired:
+        for w in everyone:
             try:
                 os.waitpid(w.pid, 0)
             except ChildProcessError:

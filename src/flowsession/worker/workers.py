@@ -78,8 +78,11 @@ class Worker:
 def spawn(flow_dir: Path, flow_yaml: Path, sel: selectors.BaseSelector,
           on_message: Callable[[Channel, dict | None], None],
           on_close: Callable[[Channel], None],
-          close_in_child: Callable[[], None]) -> Worker:
+          close_in_child: Callable[[], None],
+          serve: Callable[[socket.socket, int], int] | None = None) -> Worker:
     """Fork a worker that loads the flow; it reports ``loaded`` or ``load_failed``.
+    ``serve(sock, supervisor_pid)`` is the child's life (default: test lines); its return
+    value is the exit code.
 
     Call only from the main thread with no thread of the supervisor's own running.
     ``close_in_child`` closes the supervisor's sockets in the child (it must not touch the
@@ -94,7 +97,10 @@ def spawn(flow_dir: Path, flow_yaml: Path, sel: selectors.BaseSelector,
         try:
             parent_end.close()
             close_in_child()
-            code = _serve(child_end, flow_dir, flow_yaml, supervisor)
+            if serve is None:
+                code = _serve(child_end, flow_dir, flow_yaml, supervisor)
+            else:
+                code = serve(child_end, supervisor)
         except BaseException:  # noqa: BLE001 - last resort: say why in the log, then exit
             try:
                 log.exception("worker %d crashed", os.getpid())
@@ -148,12 +154,17 @@ def add_site_dirs(dirs: list[str]) -> None:
 
 # --- inside the worker ----------------------------------------------------------------------
 
-def _serve(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int) -> int:
+def prepare_child(sock: socket.socket, supervisor: int) -> None:
+    """A forked worker's first steps: default signal handling, die with the supervisor."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     _die_with(supervisor)
     sock.setblocking(True)
+
+
+def _serve(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int) -> int:
+    prepare_child(sock, supervisor)
 
     def send(obj: dict[str, Any]) -> None:
         sock.sendall(encode(obj))

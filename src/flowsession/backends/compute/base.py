@@ -136,6 +136,36 @@ class ComputeBackend(Protocol):
 
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None: ...
 
+    # --- batch runs: the supervisor runs the lines; results are files the control plane
+    # collects (``run_dirs``), so a run outlives the control plane that submitted it.
+
+    def run_dir(self, handle: SessionHandle, run_id: str) -> Path:
+        """The run's folder in the session (made if missing), as the control plane sees it;
+        ``inputs.jsonl`` goes there before ``submit_run``."""
+        ...
+
+    async def submit_run(self, handle: SessionHandle, run_id: str, work: Mapping[str, Any]
+                         ) -> dict[str, Any]:
+        """Start (or re-attach to) a run: the ``run`` op of ``flowsession.worker.protocol``
+        with ``work`` (flow, lines, workers, line_timeout, env, connections, init,
+        node_override); paths in ``work`` are the control plane's. Returns its status."""
+        ...
+
+    async def run_status(self, handle: SessionHandle, run_id: str) -> dict[str, Any] | None:
+        """The supervisor's view of the run, or None when it does not know it."""
+        ...
+
+    async def cancel_run(self, handle: SessionHandle, run_id: str) -> None: ...
+
+    async def aggregate_run(self, handle: SessionHandle, run_id: str,
+                            work: Mapping[str, Any], records: str) -> dict[str, Any]:
+        """The aggregation nodes over ``records`` (a file in the run's folder)."""
+        ...
+
+    def run_dirs(self, run_id: str) -> list[Path]:
+        """Every folder holding results of the run: in live sessions and salvaged."""
+        ...
+
     def orphans(self, known_slots: set[str]) -> list[SessionHandle]:
         """Sessions this backend runs that no record refers to (``known_slots`` are known)."""
         ...

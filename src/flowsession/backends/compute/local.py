@@ -42,6 +42,8 @@ from flowsession.errors import BuildFailed, Conflict, LineFailed, SessionFailed
 from flowsession.worker import protocol
 
 INSIDE = "/session"  # the slot, as the sandboxed session sees it
+RUNS = "runs"  # the runs' folders, under the slot's state/
+AGGREGATE_TIMEOUT_S = 3600.0
 PACKAGE_INSIDE = "/opt/flowsession"  # where flowsession.worker is importable inside
 STARTUP_TIMEOUT_S = 180.0
 
@@ -159,6 +161,7 @@ class LocalBackend:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.killpg(handle.pid, signal.SIGKILL)  # the session's own process group
+        await asyncio.to_thread(self._salvage_runs, handle)
         await asyncio.to_thread(shutil.rmtree, handle.slot, True)
 
     async def status(self, handle: SessionHandle) -> BackendStatus:
@@ -219,6 +222,80 @@ class LocalBackend:
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None:
         await asyncio.to_thread(protocol.request, handle.socket,
                                 {"op": "configure", "idle_timeout": idle_timeout_s}, 10.0)
+
+    # --- batch runs --------------------------------------------------------------------------
+
+    def run_dir(self, handle: SessionHandle, run_id: str) -> Path:
+        path = Path(handle.slot) / "state" / RUNS / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _inside(self, handle: SessionHandle, path: Path | str) -> str:
+        """A path under the slot as the sandboxed session sees it."""
+        if not handle.sandboxed:
+            return str(path)
+        return f"{INSIDE}/{Path(path).relative_to(handle.slot)}"
+
+    async def _request(self, handle: SessionHandle, msg: dict[str, Any],
+                       timeout: float) -> dict[str, Any]:
+        try:
+            answer = await asyncio.to_thread(protocol.request, handle.socket, msg, timeout)
+        except (OSError, protocol.ProtocolError) as exc:
+            raise SessionFailed(f"the session's supervisor is not answering: {exc}",
+                                hint="reset the session: flowsession session reset FLOW") from None
+        if not answer.get("ok"):
+            kind, message = answer["error"]["type"], answer["error"]["message"]
+            if kind in (protocol.E_SESSION_FAILED, protocol.E_STOPPED):
+                raise SessionFailed(message, hint="reset the session: flowsession session reset FLOW")
+            raise Conflict(message)
+        return answer
+
+    def _run_msg(self, handle: SessionHandle, run_id: str, work: Mapping[str, Any]) -> dict:
+        msg = {**work, "id": run_id, "dir": self._inside(handle, self.run_dir(handle, run_id))}
+        if work.get("flow"):
+            msg["flow"] = self._inside(handle, work["flow"])
+        return msg
+
+    async def submit_run(self, handle: SessionHandle, run_id: str, work: Mapping[str, Any]
+                         ) -> dict[str, Any]:
+        msg = {"op": "run", **self._run_msg(handle, run_id, work)}
+        return (await self._request(handle, msg, 60.0))["run"]
+
+    async def run_status(self, handle: SessionHandle, run_id: str) -> dict[str, Any] | None:
+        if not procs.alive(handle.pid, handle.pid_start):
+            return None
+        try:
+            answer = await self._request(handle, {"op": "run_status", "id": run_id}, 10.0)
+        except SessionFailed:
+            return None
+        return answer.get("run")
+
+    async def cancel_run(self, handle: SessionHandle, run_id: str) -> None:
+        if procs.alive(handle.pid, handle.pid_start):
+            with contextlib.suppress(SessionFailed):
+                await self._request(handle, {"op": "run_cancel", "id": run_id}, 10.0)
+
+    async def aggregate_run(self, handle: SessionHandle, run_id: str,
+                            work: Mapping[str, Any], records: str) -> dict[str, Any]:
+        msg = {"op": "aggregate", **self._run_msg(handle, run_id, work), "file": records}
+        return await self._request(handle, msg, AGGREGATE_TIMEOUT_S)
+
+    def run_dirs(self, run_id: str) -> list[Path]:
+        live = self.settings.runtime_dir.glob(f"slots/*/state/{RUNS}/{run_id}")
+        salvaged = self.settings.salvage_dir.glob(f"*/{run_id}")
+        return sorted(p for p in [*live, *salvaged] if p.is_dir())
+
+    def _salvage_runs(self, handle: SessionHandle) -> None:
+        """Keep the session's run folders (results not collected yet) before the slot goes."""
+        runs = Path(handle.slot) / "state" / RUNS
+        if not runs.is_dir() or not any(runs.iterdir()):
+            return
+        target = self.settings.salvage_dir / Path(handle.slot).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(runs, target)
+        except OSError:  # another filesystem
+            shutil.copytree(runs, target, dirs_exist_ok=True)
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Batch runs: a flow run over the lines of a data file and/or an earlier run."""

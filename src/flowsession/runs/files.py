@@ -1,0 +1,264 @@
+"""A run's files under ``<home>/runs/<name>/``: the durable side of a run.
+
+- ``inputs.jsonl``: one JSON object of inputs per line, in position order (a line's position
+  is its number in this file); the session gets a copy.
+- ``line_numbers.json``: position -> line number, when they differ (a run over a base run whose
+  lines partly failed keeps the base run's line numbers).
+- ``lines.jsonl``: every result record collected from the session's results files, each
+  position once (records as ``flowsession.worker.batchworker`` writes them).
+- ``collect.json``: how far each results file has been read.
+- ``outputs.jsonl``: written when the run ends: ``{"line_number": n, <outputs>}`` per completed
+  line, in order. ``metrics.json``: the aggregation's metrics. ``logs/``: the run's log and
+  its workers' logs.
+
+Collecting is idempotent and safe to repeat after a crash: records are appended before the
+cursors move, and a position already in ``lines.jsonl`` is never appended again, so no line is
+stored twice. Collectors in different processes take the folder's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from flowsession.worker.batchworker import RESULTS_GLOB
+
+INPUTS, LINE_NUMBERS, LINES, CURSORS = ("inputs.jsonl", "line_numbers.json", "lines.jsonl",
+                                        "collect.json")
+OUTPUTS, METRICS, LOGS, RUN_LOG = "outputs.jsonl", "metrics.json", "logs", "run.log"
+MAX_ERRORS = 5
+
+
+class RunFiles:
+    def __init__(self, root: Path):
+        self.root = root
+        self._known: set[int] = set()
+        self._ok = 0
+        self._errors: list[list[Any]] = []
+        self._read_upto = 0  # how much of lines.jsonl is in _known
+        self._numbers: list[int] | None = None
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def write_inputs(self, lines: Mapping[int, Mapping[str, Any]]) -> int:
+        """Positions 0..n-1 in line-number order; returns n."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / LOGS).mkdir(exist_ok=True)
+        numbers = sorted(lines)
+        tmp = self.root / f".{INPUTS}.tmp"
+        with open(tmp, "w") as out:
+            for n in numbers:
+                out.write(json.dumps(lines[n], default=str, separators=(",", ":")) + "\n")
+        if numbers != list(range(len(numbers))):
+            (self.root / LINE_NUMBERS).write_text(json.dumps(numbers))
+        os.rename(tmp, self.root / INPUTS)  # last: a run whose inputs exist is complete
+        return len(numbers)
+
+    @property
+    def inputs_path(self) -> Path:
+        return self.root / INPUTS
+
+    def has_inputs(self) -> bool:
+        return (self.root / INPUTS).is_file()
+
+    def line_number(self, pos: int) -> int:
+        if self._numbers is None:
+            try:
+                self._numbers = json.loads((self.root / LINE_NUMBERS).read_text())
+            except FileNotFoundError:
+                self._numbers = []
+        return self._numbers[pos] if self._numbers else pos
+
+    def positions(self) -> int:
+        with open(self.root / INPUTS, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+    def iter_inputs(self) -> Iterator[dict[str, Any]]:
+        with open(self.root / INPUTS) as f:
+            for raw in f:
+                yield json.loads(raw)
+
+    # --- collecting ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _catch_up(self) -> None:
+        """Read what was appended to lines.jsonl since we last looked (by anyone)."""
+        try:
+            with open(self.root / LINES, "rb") as f:
+                f.seek(self._read_upto)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        for raw in data[:end].split(b"\n")[:-1]:
+            self._note(json.loads(raw))
+        self._read_upto += end
+
+    def _note(self, rec: dict[str, Any]) -> None:
+        self._known.add(rec["i"])
+        if rec.get("ok"):
+            self._ok += 1
+        elif len(self._errors) < MAX_ERRORS:
+            self._errors.append([self.line_number(rec["i"]), rec.get("error")])
+
+    def collect(self, dirs: Iterable[Path]) -> int:
+        """Append the new records of the results files in ``dirs``; how many were new."""
+        with self.locked():
+            self._catch_up()
+            cursors = _read_json(self.root / CURSORS) or {}
+            new: list[bytes] = []
+            for d in dirs:
+                for path in sorted(d.glob(RESULTS_GLOB)):
+                    key = str(path)
+                    start = int(cursors.get(key, 0))
+                    try:
+                        with open(path, "rb") as f:
+                            f.seek(start)
+                            data = f.read()
+                    except FileNotFoundError:
+                        continue
+                    end = data.rfind(b"\n") + 1  # a torn last record waits (or never comes)
+                    for raw in data[:end].split(b"\n")[:-1]:
+                        try:
+                            rec = json.loads(raw)
+                        except ValueError:
+                            continue
+                        if not isinstance(rec, dict) or rec.get("i") in self._known:
+                            continue
+                        self._note(rec)
+                        new.append(raw)
+                    cursors[key] = start + end
+            if new:
+                with open(self.root / LINES, "ab") as out:
+                    out.write(b"\n".join(new) + b"\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._read_upto += sum(len(r) + 1 for r in new)
+            _write_json(self.root / CURSORS, cursors)
+            return len(new)
+
+    def adopt(self, records: Iterable[bytes]) -> int:
+        """Store records taken from another run (``--resume-from``)."""
+        with self.locked():
+            self._catch_up()
+            new = []
+            for raw in records:
+                rec = json.loads(raw)
+                if rec["i"] not in self._known:
+                    self._note(rec)
+                    new.append(raw)
+            if new:
+                with open(self.root / LINES, "ab") as out:
+                    out.write(b"\n".join(new) + b"\n")
+                self._read_upto += sum(len(r) + 1 for r in new)
+            return len(new)
+
+    def counts(self) -> tuple[int, int, list[list[Any]]]:
+        """(completed, failed, first errors) of what is stored."""
+        with self.locked():
+            self._catch_up()
+        return self._ok, len(self._known) - self._ok, list(self._errors)
+
+    def stored(self) -> set[int]:
+        with self.locked():
+            self._catch_up()
+        return set(self._known)
+
+    def records(self) -> dict[int, dict[str, Any]]:
+        """Every stored record by position."""
+        out: dict[int, dict[str, Any]] = {}
+        try:
+            with open(self.root / LINES, "rb") as f:
+                for raw in f:
+                    if raw.endswith(b"\n"):
+                        rec = json.loads(raw)
+                        out.setdefault(rec["i"], rec)
+        except FileNotFoundError:
+            pass
+        return out
+
+    def raw_records(self) -> Iterator[bytes]:
+        try:
+            with open(self.root / LINES, "rb") as f:
+                for raw in f:
+                    if raw.endswith(b"\n"):
+                        yield raw.rstrip(b"\n")
+        except FileNotFoundError:
+            return
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def write_outputs(self) -> None:
+        records = self.records()
+        tmp = self.root / f".{OUTPUTS}.tmp"
+        with open(tmp, "w") as out:
+            for pos in sorted(records):
+                rec = records[pos]
+                if rec.get("ok"):
+                    row = {"line_number": self.line_number(pos), **(rec.get("output") or {})}
+                    out.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+        os.rename(tmp, self.root / OUTPUTS)
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        _write_json(self.root / METRICS, dict(metrics))
+
+    def metrics(self) -> dict[str, Any]:
+        return _read_json(self.root / METRICS) or {}
+
+    def outputs(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.root / OUTPUTS) as f:
+                return [json.loads(line) for line in f]
+        except FileNotFoundError:
+            return []
+
+    def keep_logs(self, dirs: Iterable[Path]) -> None:
+        """Copy the workers' logs of the run's folders in sessions."""
+        target = self.root / LOGS
+        target.mkdir(parents=True, exist_ok=True)
+        for d in dirs:
+            for log in sorted((d / "logs").glob("*.log")):
+                dest = target / f"worker-{log.stem}.log"
+                if not dest.exists() or dest.stat().st_size < log.stat().st_size:
+                    shutil.copyfile(log, dest)
+
+    def log(self, message: str) -> None:
+        (self.root / LOGS).mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        with open(self.root / LOGS / RUN_LOG, "a") as f:
+            f.write(f"{stamp} {message}\n")
+
+    def log_files(self) -> list[Path]:
+        logs = self.root / LOGS
+        run_log = logs / RUN_LOG
+        workers = sorted(p for p in logs.glob("*.log") if p.name != RUN_LOG)
+        return [p for p in [run_log, *workers] if p.is_file()]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.rename(tmp, path)

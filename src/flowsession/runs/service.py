@@ -1,0 +1,503 @@
+"""Batch runs: a flow over data (and/or a base run's results) on the flow's session.
+
+The control plane prepares a run -- data loaded, column mapping resolved into one inputs
+object per line, all before any line runs -- then hands it to the session's supervisor, which
+runs the lines on workers of its own and writes their results into the session's folder. The
+control plane collects those results into the run's own folder (``RunFiles``), and when the
+supervisor is done it runs the aggregation nodes and writes the outputs and metrics.
+
+Nothing here needs the submitting process to stay: any later ``advance`` (``run show``, the
+sweep, the server) picks the run up. A run whose session went away is submitted again, and
+only the lines without a stored result run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowsession.access.connections import ConnectionService
+from flowsession.backends.compute import procs
+from flowsession.backends.compute.base import SessionHandle
+from flowsession.config import Settings
+from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
+from flowsession.flows.flowfile import FlowDefinition, load_flow
+from flowsession.runs import records as R
+from flowsession.runs.data import load_data
+from flowsession.runs.files import RunFiles
+from flowsession.runs.flexinputs import flow_inputs
+from flowsession.runs.mapping import BaseRun, resolve_inputs
+from flowsession.runs.records import Run, RunRecords
+from flowsession.runs.spec import RunSpec, check_name
+from flowsession.sessions.service import SessionService, StartOptions
+from flowsession.store import Store
+
+POLL_S = 0.25
+SUPERVISOR_ENDED = ("completed", "canceled", "failed")
+
+
+class RunService:
+    def __init__(self, settings: Settings, store: Store, *, sessions: SessionService,
+                 connections: ConnectionService, clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.clock = settings, store, clock
+        self.sessions, self.connections = sessions, connections
+        self.backend = sessions.backend
+        self.records = RunRecords(store, clock)
+        self._files: dict[str, RunFiles] = {}
+
+    @classmethod
+    def open(cls, settings: Settings | None = None,
+             sessions: SessionService | None = None) -> RunService:
+        sessions = sessions or SessionService.open(settings)
+        return cls(sessions.settings, sessions.store, sessions=sessions,
+                   connections=ConnectionService(sessions.settings, sessions.store))
+
+    def files(self, name: str) -> RunFiles:
+        if name not in self._files:
+            self._files[name] = RunFiles(self.settings.runs_dir / name)
+        return self._files[name]
+
+    # --- creating --------------------------------------------------------------------------
+
+    async def create(self, spec: RunSpec, *, user: str) -> Run:
+        """Check everything, store the run's inputs, and submit it to the flow's session
+        (started from ``resources`` when none runs). Returns once the run is going."""
+        resumed: Run | None = None
+        if spec.resume_from:
+            resumed = self.records.get(spec.resume_from, owner=user)
+            if resumed.status not in R.ENDED:
+                raise Conflict(f"run {resumed.name} is {resumed.status}: only an ended run can "
+                               "be resumed", hint=f"wait for it, or cancel it: flowsession run "
+                               f"cancel {resumed.name}", details={"run": resumed.name})
+            spec = _merge(spec, resumed)
+        if not spec.flow:
+            raise InvalidInput("a run needs a flow", hint="give --flow FOLDER (or flow: in "
+                               "run.yml)", details={"field": "flow"})
+        flow = load_flow(spec.flow)
+        variant = _check_variant(flow, spec)
+        node_override = _node_override(flow, spec)
+        needed = _connection_names(flow, spec, node_override)
+        self.connections.for_executor(needed & self._connection_names(user), owner=user)
+        name = check_name(spec.name) if spec.name else _generated_name(flow)
+        lines: dict[int, dict[str, Any]] = {}
+        if resumed is None:
+            data = load_data(spec.data, skip_malformed=spec.skip_malformed) if spec.data else None
+            base = self._base_run(spec.run, user) if spec.run else None
+            lines = resolve_inputs(flow_inputs(flow), spec.column_mapping, data, base)
+        stored = {k: v for k, v in spec.model_dump().items() if k != "environment_variables"}
+        stored["environment_variables"] = sorted(spec.environment_variables)
+        stored["variant_node"] = variant
+        self.records.create(
+            name=name, owner=user, flow=str(flow.folder), spec=stored, total=0,
+            display_name=spec.display_name or name, description=spec.description,
+            tags=spec.tags, operator=procs.identity())
+        files = self.files(name)
+        try:
+            if resumed is not None:
+                total = self._resume_files(resumed, files)
+            else:
+                total = files.write_inputs(lines)
+            self._keep_env(name, spec.environment_variables
+                           or (self._env(resumed.name) if resumed else {}))
+            self.records.set(name, total=total)
+            files.log(f"run {name} created by {user}: {total} line(s) of flow {flow.folder}"
+                      + (f", resuming {resumed.name}" if resumed else ""))
+            return await self._submit(self.records.get(name), spec=spec)
+        except FlowSessionError as exc:
+            self._fail(name, exc.message)
+            raise
+        except BaseException as exc:
+            self._fail(name, f"the run could not start: {exc}")
+            raise
+
+    def _connection_names(self, user: str) -> set[str]:
+        return {c.name for c in self.connections.list(user)}
+
+    def _base_run(self, name: str, user: str) -> BaseRun:
+        try:
+            base = self.records.get(name, owner=user)
+        except NotFound:
+            raise NotFound(f"base run {name!r} does not exist",
+                           hint="give the name of one of your runs (flowsession run list)",
+                           details={"run": name}) from None
+        if base.status != R.COMPLETED:
+            raise Conflict(f"base run {name!r} is {base.status}, not Completed",
+                           hint="wait for it to complete, or pick a completed run",
+                           details={"run": name, "status": base.status})
+        files = self.files(name)
+        inputs = {files.line_number(p): row for p, row in enumerate(files.iter_inputs())}
+        outputs = {row.pop("line_number"): row for row in files.outputs()}
+        out_cols = list(dict.fromkeys(k for row in outputs.values() for k in row))
+        in_cols = list(dict.fromkeys(k for row in inputs.values() for k in row))
+        return BaseRun(name=name, inputs=inputs, outputs=outputs, output_columns=out_cols,
+                       input_columns=in_cols)
+
+    def _resume_files(self, old: Run, files: RunFiles) -> int:
+        """The old run's inputs and its completed lines; the rest will run."""
+        src = self.files(old.name).root
+        files.root.mkdir(parents=True, exist_ok=True)
+        for name in ("line_numbers.json", "inputs.jsonl"):  # inputs last: it marks completion
+            if (src / name).exists():
+                shutil.copyfile(src / name, files.root / name)
+        ok = (raw for raw in self.files(old.name).raw_records() if b'"ok":true' in raw)
+        files.adopt(ok)
+        return files.positions()
+
+    # --- the secret part of a run: environment variables, kept encrypted ------------------
+
+    def _keep_env(self, name: str, env: dict[str, str]) -> None:
+        if not env:
+            return
+        from flowsession.access.secrets import cipher
+
+        token = cipher(self.settings).encrypt(json.dumps(env).encode())
+        path = self.files(name).root / "env.enc"
+        path.write_bytes(token)
+        path.chmod(0o600)
+
+    def _env(self, name: str) -> dict[str, str]:
+        path = self.files(name).root / "env.enc"
+        if not path.exists():
+            return {}
+        from flowsession.access.secrets import cipher
+
+        return json.loads(cipher(self.settings).decrypt(path.read_bytes()))
+
+    # --- submitting ------------------------------------------------------------------------
+
+    async def _submit(self, run: Run, *, spec: RunSpec | None = None) -> Run:
+        """Send the run (its lines without a stored result) to the flow's session."""
+        spec = spec or _spec_of(run)
+        files = self.files(run.name)
+        session = await self.sessions.ready(run.flow, user=run.owner,
+                                            options=_start_options(spec))
+        handle = session.session_handle
+        compute = self.sessions.computes.get(session.compute_id, user=run.owner)
+        workers = spec.workers or max(1, math.ceil(compute.vcpu))
+        run_dir = self.backend.run_dir(handle, run.name)
+        if not (run_dir / "inputs.jsonl").exists():
+            shutil.copyfile(files.inputs_path, run_dir / ".inputs.tmp")
+            (run_dir / ".inputs.tmp").rename(run_dir / "inputs.jsonl")
+        stored = files.stored()
+        todo = [p for p in range(run.total) if p not in stored]
+        work = self._work(run, spec, run_dir, session.flow)
+        work.update(workers=workers, lines=todo)
+        status = await self.backend.submit_run(handle, run.name, work)
+        first = run.started_at is None
+        self.records.set(run.name, status=R.RUNNING, session_id=session.id,
+                         started_at=run.started_at or self.clock(), expect=R.ACTIVE)
+        files.log(f"{'submitted' if first else 'resubmitted'} to session {session.id}: "
+                  f"{len(todo)} line(s) to run on {workers} worker(s)"
+                  + ("" if first else f", {len(stored)} already stored"))
+        if status.get("state") == "failed":
+            return await self.advance(run.name)
+        return self.records.get(run.name)
+
+    def _work(self, run: Run, spec: RunSpec, run_dir: Path, flow: str) -> dict[str, Any]:
+        """What the supervisor needs besides the lines (secrets only in memory, never
+        stored)."""
+        flow_def = load_flow(flow)
+        variant = run.spec.get("variant_node")
+        flow_path = None
+        if variant:
+            flow_path = _variant_copy(flow_def, variant, run_dir / "flow")
+        node_override = _node_override(flow_def, spec)
+        needed = _connection_names(flow_def, spec, node_override) & self._connection_names(
+            run.owner)
+        return {"flow": str(flow_path) if flow_path else None,
+                "line_timeout": spec.line_timeout if spec.line_timeout is not None else 600.0,
+                "env": self._env(run.name), "init": spec.init,
+                "connections": self.connections.for_executor(needed, owner=run.owner),
+                "node_override": node_override}
+
+    # --- following a run -------------------------------------------------------------------
+
+    async def advance(self, name: str, *, user: str | None = None) -> Run:
+        """Bring the run's record up to date: collect new results, resubmit a run whose
+        session went away, finish a run whose lines are all done."""
+        run = self.records.get(name, owner=user)
+        if run.status in R.ENDED:
+            return run
+        files = self.files(name)
+        if run.status == R.PREPARING:
+            if procs.identity_alive(run.operator) and run.operator != procs.identity():
+                return run  # its creator is still preparing it
+            if not files.has_inputs() or run.total == 0 and not files.has_inputs():
+                return self._fail(name, "the control plane stopped while preparing the run")
+            return await self._submit(run)
+        handle = self._handle(run)
+        status = await self.backend.run_status(handle, name) if handle else None
+        files.collect(self.backend.run_dirs(name))
+        run = self._update_counts(run)
+        if run.status == R.CANCELING:
+            if status is None or status.get("state") in SUPERVISOR_ENDED:
+                return await self._finish(run, R.CANCELED)
+            return run
+        if status is None:  # the session is gone or restarted: go on where it stopped
+            if run.completed + run.failed >= run.total:
+                return await self._finish(run, R.COMPLETED)
+            files.log("the session running this run went away: resubmitting the lines "
+                      "without a stored result")
+            try:
+                return await self._submit(run)
+            except FlowSessionError as exc:
+                return self._fail(name, f"the run could not be resubmitted: {exc.message}")
+        state = status.get("state")
+        if state == "failed":
+            return await self._finish(run, R.FAILED, error=status.get("error"))
+        if state == "canceled":
+            return await self._finish(run, R.CANCELED)
+        if state == "completed":
+            if run.completed + run.failed < run.total:  # resubmitted lines still to go
+                return await self._submit(run)
+            return await self._finish(run, R.COMPLETED)
+        return run
+
+    def _handle(self, run: Run) -> SessionHandle | None:
+        """The supervisor of the session the run was sent to, while it has one."""
+        if not run.session_id:
+            return None
+        try:
+            session = self.sessions.records.get(run.session_id)
+        except NotFound:
+            return None
+        return session.session_handle if session.handle else None
+
+    def _update_counts(self, run: Run) -> Run:
+        ok, failed, errors = self.files(run.name).counts()
+        if (ok, failed, errors) != (run.completed, run.failed, run.errors):
+            self.records.set(run.name, completed=ok, failed=failed, errors=errors)
+            run = self.records.get(run.name)
+        return run
+
+    async def _finish(self, run: Run, status: str, *, error: str | None = None) -> Run:
+        files = self.files(run.name)
+        dirs = self.backend.run_dirs(run.name)
+        files.collect(dirs)
+        run = self._update_counts(run)
+        files.keep_logs(dirs)
+        files.write_outputs()
+        if status == R.COMPLETED and run.completed:
+            try:
+                agg = await self._aggregate(run)
+            except FlowSessionError as exc:
+                agg = {"aggregated": False, "error": exc.message, "metrics": {}}
+            if agg.get("metrics"):
+                files.write_metrics(agg["metrics"])
+            if agg.get("error"):
+                status, error = R.FAILED, f"the aggregation failed: {agg['error']}"
+        files.log(f"run {status.lower()}: {run.summary()}" + (f"; {error}" if error else ""))
+        self.records.set(run.name, status=status, error=error, ended_at=self.clock(),
+                         expect=R.ACTIVE)
+        for d in self.backend.run_dirs(run.name):
+            shutil.rmtree(d, ignore_errors=True)
+        return self.records.get(run.name)
+
+    async def _aggregate(self, run: Run) -> dict[str, Any]:
+        """The aggregation nodes over every completed line, on the flow's session."""
+        flow = load_flow(run.flow)
+        if flow.kind != "dag" or not any(n.get("aggregation") for n in flow.nodes):
+            return {}
+        spec = _spec_of(run)
+        session = await self.sessions.ready(run.flow, user=run.owner,
+                                            options=_start_options(spec))
+        handle = session.session_handle
+        run_dir = self.backend.run_dir(handle, run.name)
+        if not (run_dir / "inputs.jsonl").exists():
+            shutil.copyfile(self.files(run.name).inputs_path, run_dir / "inputs.jsonl")
+        with open(run_dir / "all.records", "wb") as out:
+            for raw in self.files(run.name).raw_records():
+                out.write(raw + b"\n")
+        work = self._work(run, spec, run_dir, session.flow)
+        return await self.backend.aggregate_run(handle, run.name, work, "all.records")
+
+    def _fail(self, name: str, error: str) -> Run:
+        self.records.set(name, status=R.FAILED, error=error, ended_at=self.clock(),
+                         expect=R.ACTIVE)
+        self.files(name).log(f"run failed: {error}")
+        return self.records.get(name)
+
+    async def wait(self, name: str, *, user: str,
+                   on_progress: Callable[[Run], None] | None = None,
+                   timeout: float | None = None) -> Run:
+        """Advance the run until it ends, calling ``on_progress`` on every step."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = await self.advance(name, user=user)
+            if on_progress is not None:
+                on_progress(run)
+            if run.status in R.ENDED:
+                return run
+            if deadline is not None and time.monotonic() > deadline:
+                return run
+            await asyncio.sleep(POLL_S)
+
+    async def cancel(self, name: str, *, user: str) -> Run:
+        run = self.records.get(name, owner=user)
+        if run.status in R.ENDED:
+            raise Conflict(f"run {name} is {run.status}: there is nothing to cancel",
+                           details={"status": run.status})
+        if run.status == R.PREPARING:
+            self.records.set(name, status=R.CANCELED, ended_at=self.clock(), expect=R.ACTIVE)
+            return self.records.get(name)
+        self.records.set(name, status=R.CANCELING, expect=R.ACTIVE)
+        self.files(name).log(f"cancel requested by {user}")
+        handle = self._handle(run)
+        if handle is not None:
+            await self.backend.cancel_run(handle, name)
+        return await self.advance(name)
+
+    async def advance_all(self) -> None:
+        """For the sweep: every active run moves on (errors are the run's, not the sweep's)."""
+        for run in self.records.list(owner=None, statuses=R.ACTIVE):
+            try:
+                await self.advance(run.name)
+            except FlowSessionError:
+                pass
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def get(self, name: str, *, user: str) -> Run:
+        return self.records.get(name, owner=user)
+
+    def list(self, *, user: str, limit: int | None = None) -> list[Run]:
+        return self.records.list(owner=user, limit=limit)
+
+    def details(self, name: str, *, user: str) -> list[dict[str, Any]]:
+        """Per line: its number, inputs, outputs (or error), status and duration."""
+        run = self.records.get(name, owner=user)
+        files = self.files(run.name)
+        records = files.records()
+        rows = []
+        for pos, inputs in enumerate(files.iter_inputs()):
+            rec = records.get(pos)
+            status = "NotStarted" if rec is None else ("Completed" if rec.get("ok")
+                                                       else "Failed")
+            rows.append({"line_number": files.line_number(pos), "status": status,
+                         "inputs": inputs, "outputs": (rec or {}).get("output"),
+                         "error": (rec or {}).get("error"), "duration": (rec or {}).get("d")})
+        return rows
+
+    def metrics(self, name: str, *, user: str) -> dict[str, Any]:
+        run = self.records.get(name, owner=user)
+        return self.files(run.name).metrics()
+
+    def outputs(self, name: str, *, user: str) -> list[dict[str, Any]]:
+        run = self.records.get(name, owner=user)
+        return self.files(run.name).outputs()
+
+    def log_files(self, name: str, *, user: str) -> list[Path]:
+        run = self.records.get(name, owner=user)
+        files = self.files(run.name)
+        if run.status not in R.ENDED:  # the workers' logs are still in the session
+            files.keep_logs(self.backend.run_dirs(run.name))
+        return files.log_files()
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _generated_name(flow: FlowDefinition) -> str:
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    base = "".join(c if c.isalnum() or c in "_-" else "_" for c in flow.folder.name)
+    return f"{base}_{stamp}_{uuid.uuid4().hex[:6]}"
+
+
+def _spec_of(run: Run) -> RunSpec:
+    """The stored spec (environment variables are kept apart, encrypted)."""
+    fields = RunSpec.model_fields
+    return RunSpec.model_validate({k: v for k, v in run.spec.items()
+                                   if k in fields and k != "environment_variables"})
+
+
+def _merge(spec: RunSpec, old: Run) -> RunSpec:
+    """``--resume-from``: the old run's settings, with what this submission sets on top."""
+    base = {k: v for k, v in _spec_of(old).model_dump(exclude_defaults=True).items()
+            if k not in ("name", "resume_from", "display_name")}
+    given = spec.model_dump(exclude_unset=True)
+    merged = {**base, **given, "resume_from": old.name}
+    merged.setdefault("flow", old.flow)
+    return RunSpec.model_validate(merged).model_copy(
+        update={"environment_variables": spec.environment_variables})
+
+
+def _start_options(spec: RunSpec) -> StartOptions:
+    res = spec.resources or {}
+    if res.get("compute"):
+        return StartOptions(compute_type="instance", instance=str(res["compute"]))
+    return StartOptions(vm_size=res.get("instance_type") or None, identity=spec.identity)
+
+
+def _check_variant(flow: FlowDefinition, spec: RunSpec) -> str | None:
+    parts = spec.variant_parts()
+    if parts is None:
+        return None
+    node, variant = parts
+    variants = (flow.raw.get("node_variants") or {}).get(node)
+    if not variants:
+        with_variants = sorted((flow.raw.get("node_variants") or {}))
+        raise InvalidInput(f"variant {spec.variant}: node {node!r} of {flow.file} has no "
+                           "variants", hint=("nodes with variants: " + ", ".join(with_variants))
+                           if with_variants else "this flow defines no node_variants",
+                           details={"field": "variant", "node": node})
+    known = sorted((variants.get("variants") or {}))
+    if variant not in known:
+        raise InvalidInput(f"variant {spec.variant}: node {node!r} has no variant {variant!r}",
+                           hint=f"its variants: {', '.join(known)}",
+                           details={"field": "variant", "node": node})
+    return f"{node}.{variant}"
+
+
+def _variant_copy(flow: FlowDefinition, variant: str, target: Path) -> Path:
+    """The flow with ``node.variant`` made the default variant of its node."""
+    node, name = variant.split(".", 1)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(flow.folder, target, symlinks=False)
+    data = yaml.safe_load(flow.file.read_text())
+    data["node_variants"][node]["default_variant_id"] = name
+    (target / flow.file.name).write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
+def _node_override(flow: FlowDefinition, spec: RunSpec) -> dict[str, str]:
+    """``connections: {node: {connection: NAME, deployment_name: x}}`` -> promptflow's node
+    overrides (``node.connection``), each node checked to exist."""
+    names = {n.get("name") for n in flow.nodes}
+    out = {}
+    for node, fields in spec.connections.items():
+        if node not in names:
+            raise InvalidInput(f"connections: {flow.file} has no node {node!r}",
+                               hint=f"its nodes: {', '.join(sorted(n for n in names if n))}",
+                               details={"field": "connections", "node": node})
+        for key, value in fields.items():
+            out[f"{node}.{key}"] = value
+    return out
+
+
+def _connection_names(flow: FlowDefinition, spec: RunSpec,
+                      node_override: dict[str, str]) -> set[str]:
+    """Every name the flow might use as a connection: llm nodes' ``connection``, string
+    inputs of nodes (a tool's connection parameter is given by name), overrides, init."""
+    names: set[str] = set()
+    nodes = list(flow.nodes)
+    for variants in (flow.raw.get("node_variants") or {}).values():
+        for v in (variants.get("variants") or {}).values():
+            nodes.append(v.get("node") or {})
+    for node in nodes:
+        if isinstance(node.get("connection"), str):
+            names.add(node["connection"])
+        for value in (node.get("inputs") or {}).values():
+            if isinstance(value, str) and not value.startswith("${"):
+                names.add(value)
+    names.update(v for v in node_override.values() if isinstance(v, str))
+    names.update(v for v in spec.init.values() if isinstance(v, str))
+    return names

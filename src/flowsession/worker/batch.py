@@ -1,0 +1,284 @@
+"""Batch runs inside the supervisor: the lines of a run spread over workers of its own, in
+chunks. Stdlib only (the workers are ``flowsession.worker.batchworker``).
+
+A run's workers are separate from the session's test workers, so ``flow test`` keeps answering
+during a run, and a run can use a variant of the flow, connections and environment variables
+that the test workers never see. The results are files in the run's folder (one per worker);
+the supervisor keeps only counts, so a run of a million lines costs it a few messages a second.
+
+Lines already in the folder's results files are not run again, so a run submitted again (by a
+control plane that restarted) goes on where it stopped. A worker that dies mid-chunk has the
+rest of its chunk run again by a new worker; the line it was running is blamed, and a line
+whose worker died ``MAX_ATTEMPTS`` times is stored as failed rather than tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowsession.worker import batchworker as bw
+from flowsession.worker import workers as wk
+from flowsession.worker.channel import Channel
+from flowsession.worker.protocol import encode, flow_file
+
+log = logging.getLogger("flowsession.supervisor")
+
+LOADING, RUNNING, COMPLETED, CANCELED, FAILED = (
+    "loading", "running", "completed", "canceled", "failed")
+ENDED = (COMPLETED, CANCELED, FAILED)
+MAX_ATTEMPTS = 3  # a line whose worker dies this many times is stored as failed
+CHUNK_SECONDS = 0.25  # a chunk's target duration: progress and balance vs. message count
+MAX_CHUNK = 512
+BACKSTOP_S = 30.0  # beyond chunk lines x line timeout, a silent worker is killed
+
+
+@dataclass(eq=False)
+class BatchWorker:
+    worker: wk.Worker
+    chunk: list[int] = field(default_factory=list)
+    chunk_started: float = 0.0
+    loaded: bool = False
+
+
+class Batch:
+    """One run in the supervisor. ``spawn(serve)`` forks a worker (``workers.spawn``)."""
+
+    def __init__(self, spec: dict[str, Any], spawn: Callable[..., wk.Worker],
+                 on_end: Callable[[Batch], None]):
+        self.id = str(spec["id"])
+        self.dir = Path(spec["dir"])
+        flow = Path(spec["flow"]).resolve()
+        self.flow_file = flow_file(flow)
+        if self.flow_file is None:
+            raise ValueError(f"no flow.dag.yaml or flow.flex.yaml in {flow}")
+        self.spec = {**spec, "flow": str(flow), "flow_file": str(self.flow_file)}
+        self.n_workers = max(1, int(spec.get("workers") or 1))
+        self.line_timeout = float(spec.get("line_timeout") or 0)
+        self._spawn_worker, self._on_end = spawn, on_end
+        lines = (self.dir / bw.INPUTS_FILE).read_bytes().count(b"\n")
+        wanted = spec.get("lines")
+        positions = range(lines) if wanted is None else sorted(set(map(int, wanted)))
+        stored = bw.stored_positions(self.dir)
+        self.pending: deque[int] = deque(p for p in positions if p not in stored)
+        self.total = len(positions)
+        self.skipped = self.total - len(self.pending)  # stored before this submission
+        self.done = self.failed = 0
+        self.errors: list[list[Any]] = []
+        self.state = LOADING
+        self.error: str | None = None
+        self.aggregation: bool | None = None
+        self.started_at, self.ended_at = time.time(), None
+        self.workers: list[BatchWorker] = []
+        self.attempts: dict[int, int] = {}
+        self.restarts = 0
+        self.line_seconds: float | None = None  # moving average, for chunk sizes
+        self.pending_aggregate: Any = None  # the aggregate request waiting for its answer
+        self.agg_worker: BatchWorker | None = None
+        self._answer: Callable[[Any, dict], None] | None = None
+
+    # --- the supervisor calls these ------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.pending:
+            self._end(COMPLETED)
+            return
+        for _ in range(min(self.n_workers, len(self.pending))):
+            self._spawn()
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = (self.ended_at or time.time()) - self.started_at
+        return {"id": self.id, "state": self.state, "total": self.total,
+                "done": self.done + self.skipped, "ran": self.done, "failed": self.failed,
+                "skipped": self.skipped, "errors": self.errors, "error": self.error,
+                "workers": sum(1 for b in self.workers if b.worker.alive),
+                "restarts": self.restarts, "aggregation": self.aggregation,
+                "started_at": self.started_at, "ended_at": self.ended_at,
+                "lines_per_second": round(self.done / elapsed, 3) if elapsed > 0 else 0.0}
+
+    @property
+    def active(self) -> bool:
+        return self.state not in ENDED or self.pending_aggregate is not None
+
+    def owns(self, ch: Channel) -> BatchWorker | None:
+        return next((b for b in self.workers if b.worker.channel is ch), None)
+
+    def all_workers(self) -> list[wk.Worker]:
+        return [b.worker for b in self.workers]
+
+    def on_message(self, b: BatchWorker, msg: dict[str, Any]) -> None:
+        event = msg.get("event")
+        if event == "loaded":
+            b.loaded = True
+            self.aggregation = bool(msg.get("aggregation"))
+            if self.state == LOADING:
+                self.state = RUNNING
+                log.info("run %s: %d line(s) to run on %d worker(s)", self.id,
+                         len(self.pending), len(self.workers))
+            self._feed(b)
+        elif event == "load_failed":
+            error = f"the flow failed to load: {msg.get('error')}"
+            if b is self.agg_worker and self.pending_aggregate is not None:
+                req, self.pending_aggregate = self.pending_aggregate, None
+                self._reply(req, {"ok": True, "aggregated": False, "metrics": {},
+                                  "output": {}, "error": error})
+            else:
+                self.error = error
+                self._end(FAILED)
+        elif event == "chunk_done":
+            n, seconds = int(msg.get("done", 0)), float(msg.get("seconds", 0))
+            self._count(n, int(msg.get("failed", 0)), msg.get("errors") or [])
+            if n:
+                per_line = seconds / n
+                self.line_seconds = (per_line if self.line_seconds is None
+                                     else 0.7 * self.line_seconds + 0.3 * per_line)
+            b.chunk = []
+            self._feed(b)
+        elif event == "aggregated" and self.pending_aggregate is not None:
+            req, self.pending_aggregate = self.pending_aggregate, None
+            result = {k: v for k, v in msg.items() if k not in ("event", "ok")}
+            self._reply(req, {"ok": True, **result, "aggregated": bool(msg.get("ok"))})
+            b.worker.retired = True
+            b.worker.channel.close_after_flush()
+
+    def on_exit(self, b: BatchWorker, code: int | None) -> None:
+        """A worker of this run exited (``code`` None: killed by a signal)."""
+        chunk, b.chunk = b.chunk, []
+        if b is self.agg_worker:
+            self.workers.remove(b)
+            self.agg_worker = None
+            if self.pending_aggregate is not None:
+                req, self.pending_aggregate = self.pending_aggregate, None
+                self._reply(req, {"ok": True, "metrics": {}, "output": {}, "error":
+                                  f"the aggregation's worker {b.worker.exit}"})
+            return
+        if b.worker.retired or self.state in ENDED:
+            self.workers.remove(b)
+            return
+        self.workers.remove(b)
+        if not b.loaded:
+            if self.state != FAILED:
+                self.error = self.error or f"a worker {b.worker.exit} while loading the flow"
+                self._end(FAILED)
+            return
+        self.restarts += 1
+        if chunk:
+            self._recover(b, chunk, timed_out=code == bw.TIMEOUT_EXIT)
+        if self.pending and self.state == RUNNING:
+            self._spawn()
+        self._maybe_done()
+
+    def tick(self, now: float) -> None:
+        """Kill a worker silent for far longer than its chunk may take (a line stuck where the
+        worker's own timer cannot reach it)."""
+        if self.line_timeout <= 0:
+            return
+        for b in self.workers:
+            if b.chunk and b.worker.alive and not b.worker.retired:
+                limit = len(b.chunk) * self.line_timeout + BACKSTOP_S
+                if now - b.chunk_started > limit:
+                    log.warning("run %s: worker %d silent for %.0f s: killing it", self.id,
+                                b.worker.pid, now - b.chunk_started)
+                    b.worker.kill()
+
+    def cancel(self) -> None:
+        if self.state in ENDED:
+            return
+        self.pending.clear()
+        for b in self.workers:
+            b.worker.retired = True
+            b.worker.kill()
+        self._end(CANCELED)
+
+    def aggregate(self, req: Any, name: str, answer: Callable[[Any, dict], None]) -> None:
+        """Run the aggregation nodes over ``name`` (the records the control plane collected,
+        in the run's folder) on a fresh worker; ``answer(req, response)`` with the metrics."""
+        self._answer, self.pending_aggregate = answer, req
+        self.agg_worker = self._spawn()
+        self.agg_worker.worker.channel.send({"op": "aggregate", "file": name})  # after loading
+
+    # --- inside ----------------------------------------------------------------------------
+
+    def _spawn(self) -> BatchWorker:
+        spec = self.spec
+        w = self._spawn_worker(lambda sock, sup: bw.serve(sock, sup, spec))
+        b = BatchWorker(w)
+        self.workers.append(b)
+        return b
+
+    def _chunk_size(self) -> int:
+        left = len(self.pending)
+        fair = math.ceil(left / (2 * self.n_workers))  # the tail stays balanced
+        by_time = 4 if self.line_seconds is None else int(CHUNK_SECONDS / max(self.line_seconds,
+                                                                               1e-6))
+        return max(1, min(MAX_CHUNK, by_time, fair))
+
+    def _feed(self, b: BatchWorker) -> None:
+        if self.state != RUNNING or b.chunk or not b.worker.alive:
+            return
+        if not self.pending:
+            self._maybe_done()
+            return
+        n = self._chunk_size()
+        b.chunk = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
+        b.chunk_started = time.monotonic()
+        b.worker.channel.send({"op": "chunk", "lines": b.chunk})
+
+    def _count(self, done: int, failed: int, errors: list) -> None:
+        self.done += done
+        self.failed += failed
+        for e in errors:
+            if len(self.errors) < 10:
+                self.errors.append(e)
+
+    def _recover(self, b: BatchWorker, chunk: list[int], *, timed_out: bool) -> None:
+        """Count what the dead worker stored of its chunk; run the rest again."""
+        stored = {r["i"]: r for r in bw.read_records(bw.results_file(self.dir, b.worker.pid))}
+        mine = [p for p in chunk if p in stored]
+        bad = [p for p in mine if not stored[p].get("ok")]
+        self._count(len(mine), len(bad), [[p, stored[p].get("error")] for p in bad[:5]])
+        rest = [p for p in chunk if p not in stored]
+        if rest and not timed_out:  # it died running rest[0]
+            blamed = rest[0]
+            self.attempts[blamed] = self.attempts.get(blamed, 0) + 1
+            log.warning("run %s: worker %d %s running line %d (attempt %d of %d)", self.id,
+                        b.worker.pid, b.worker.exit, blamed, self.attempts[blamed],
+                        MAX_ATTEMPTS)
+            if self.attempts[blamed] >= MAX_ATTEMPTS:
+                message = (f"the worker running this line {b.worker.exit} "
+                           f"{MAX_ATTEMPTS} times")
+                with open(bw.results_file(self.dir, "supervisor"), "ab") as out:
+                    out.write(encode({"i": blamed, "ok": False, "error": message, "d": 0}))
+                self._count(1, 1, [[blamed, message]])
+                rest = rest[1:]
+        self.pending.extendleft(reversed(rest))
+
+    def _maybe_done(self) -> None:
+        if self.state == RUNNING and not self.pending and not any(b.chunk for b in self.workers):
+            self._end(COMPLETED)
+
+    def _end(self, state: str) -> None:
+        if self.state in ENDED:
+            return
+        self.state, self.ended_at = state, time.time()
+        log.info("run %s %s: %d line(s) ran, %d failed%s", self.id, state, self.done,
+                 self.failed, f": {self.error}" if self.error else "")
+        self._close_workers()
+        self._on_end(self)
+
+    def _close_workers(self) -> None:
+        """The run's workers exit when their channel closes (idle ones at once)."""
+        for b in self.workers:
+            if b is not self.agg_worker:
+                b.worker.retired = True
+                b.worker.channel.close_after_flush()
+
+    def _reply(self, req: Any, response: dict) -> None:
+        if self._answer is not None:
+            self._answer(req, response)

@@ -1,0 +1,254 @@
+"""A batch run's worker. Stdlib and promptflow only.
+
+Forked from the supervisor like the test workers (so promptflow is already imported), it loads
+the run's flow -- the session's folder, or a copy with a variant chosen -- with the run's
+connections, environment variables, node overrides and init arguments, then runs chunks of
+lines. Each line's result is one JSON record appended, with a single ``write``, to the worker's
+own file ``<run dir>/results.<pid>.jsonl``: a killed worker leaves at most a torn last line,
+which every reader ignores (it has no newline).
+
+Supervisor -> worker::
+
+    {"op": "chunk", "lines": [position, ...]}
+    {"op": "aggregate", "file": NAME}   # the aggregation nodes over NAME's records (in the run dir)
+
+Worker -> supervisor::
+
+    {"event": "loaded", "aggregation": bool} | {"event": "load_failed", "error": str}
+    {"event": "chunk_done", "done": n, "failed": k, "errors": [[position, message], ...],
+     "seconds": s}
+    {"event": "aggregated", "ok": bool, "metrics": {...}, "output": {...}, "error": str | null}
+
+A record::
+
+    {"i": position, "ok": true, "output": {...}, "agg": {...} (flows with aggregation), "d": s}
+    {"i": position, "ok": false, "error": str, "d": s}
+
+``<run dir>/inputs.jsonl`` holds one JSON object of inputs per line; a line's position is its
+line number in that file (0-based). A line over the run's line timeout gets a failed record
+("timed out"), then the worker exits with ``TIMEOUT_EXIT``: whatever the line left running dies
+with it, and the supervisor starts a fresh worker for the rest of the chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from flowsession.worker.protocol import encode
+from flowsession.worker.workers import message_of, plain, prepare_child
+
+log = logging.getLogger("flowsession.worker")
+
+TIMEOUT_EXIT = 75  # a worker's exit code after a line ran over its timeout
+INPUTS_FILE = "inputs.jsonl"
+RESULTS_GLOB = "results.*.jsonl"
+
+
+def results_file(run_dir: Path, owner: int | str) -> Path:
+    return run_dir / f"results.{owner}.jsonl"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete records of one results file (a torn last line is ignored)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for raw in data.split(b"\n")[:-1]:  # the last piece has no newline: torn or empty
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("i"), int):
+            out.append(rec)
+    return out
+
+
+def stored_positions(run_dir: Path) -> set[int]:
+    """Positions with a record in any results file of the run's folder."""
+    done: set[int] = set()
+    for path in run_dir.glob(RESULTS_GLOB):
+        done.update(rec["i"] for rec in read_records(path))
+    return done
+
+
+class _Runner:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any]):
+        self.sock = sock
+        self.spec = spec
+        self.run_id = str(spec["id"])
+        self.dir = Path(spec["dir"])
+        self.timeout = float(spec.get("line_timeout") or 0)
+        self.out = os.open(results_file(self.dir, os.getpid()),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._lines: list[bytes] | None = None
+        self.current: int | None = None  # the position running now (for the timeout)
+        self.current_started = 0.0
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall(encode(obj))
+
+    def load(self) -> bool:
+        from promptflow.executor import FlowExecutor
+
+        os.environ.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
+        flow_dir = Path(self.spec["flow"])
+        started = time.monotonic()
+        try:
+            self.executor = FlowExecutor.create(
+                Path(self.spec["flow_file"]), dict(self.spec.get("connections") or {}),
+                working_dir=flow_dir, raise_ex=False,
+                node_override=self.spec.get("node_override") or None,
+                init_kwargs=self.spec.get("init") or None)
+        except Exception as exc:  # noqa: BLE001 - the flow's code, yaml, init, connections
+            log.exception("run %s: the flow failed to load", self.run_id)
+            self.send({"event": "load_failed", "error": message_of(exc)})
+            return False
+        flow = getattr(self.executor, "_flow", None)
+        self.aggregation = bool(getattr(self.executor, "has_aggregation_node", False))
+        self.declared = set(getattr(flow, "outputs", None) or ())
+        log.info("run %s: worker %d loaded %s in %.3f s", self.run_id, os.getpid(), flow_dir,
+                 time.monotonic() - started)
+        self.send({"event": "loaded", "aggregation": self.aggregation})
+        return True
+
+    def lines(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = (self.dir / INPUTS_FILE).read_bytes().split(b"\n")
+        return self._lines
+
+    def serve(self) -> int:
+        if not self.load():
+            return 1
+        if self.timeout > 0:
+            signal.signal(signal.SIGALRM, self._timed_out)
+        for raw in self.sock.makefile("rb"):
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if msg.get("op") == "chunk":
+                self.chunk(msg.get("lines") or [])
+            elif msg.get("op") == "aggregate":
+                self.send({"event": "aggregated", **self.aggregate(str(msg.get("file")))})
+        return 0  # the supervisor closed the channel: the run is over
+
+    def chunk(self, positions: list[int]) -> None:
+        started, failed, errors = time.monotonic(), 0, []
+        for pos in positions:
+            record = self.run_line(pos)
+            if not record["ok"]:
+                failed += 1
+                if len(errors) < 5:
+                    errors.append([pos, record["error"]])
+        self.send({"event": "chunk_done", "done": len(positions), "failed": failed,
+                   "errors": errors, "seconds": round(time.monotonic() - started, 6)})
+
+    def run_line(self, pos: int) -> dict[str, Any]:
+        started = time.monotonic()
+        self.current, self.current_started = pos, started
+        if self.timeout > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        try:
+            record = self._execute(pos)
+        finally:
+            if self.timeout > 0:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.current = None
+        record["d"] = round(time.monotonic() - started, 6)
+        self._write(record)
+        return record
+
+    def _execute(self, pos: int) -> dict[str, Any]:
+        try:
+            inputs = json.loads(self.lines()[pos])
+        except (IndexError, ValueError) as exc:
+            return {"i": pos, "ok": False, "error": f"no inputs for line {pos}: {exc}"}
+        try:
+            result = self.executor.exec_line(inputs, index=pos, run_id=self.run_id)
+        except Exception as exc:  # noqa: BLE001 - refused inputs, whatever promptflow raises
+            return {"i": pos, "ok": False, "error": message_of(exc)}
+        run_info = result.run_info
+        status = str(getattr(run_info.status, "value", run_info.status))
+        if status != "Completed":
+            err = run_info.error or {}
+            return {"i": pos, "ok": False,
+                    "error": err.get("message") or f"the line ended with status {status}"}
+        output = dict(result.output or {})
+        if "line_number" not in self.declared and output.get("line_number") == pos:
+            output.pop("line_number", None)  # promptflow's bookkeeping, not a flow output
+        record: dict[str, Any] = {"i": pos, "ok": True,
+                                  "output": {k: plain(v) for k, v in output.items()}}
+        if self.aggregation:
+            record["agg"] = {k: plain(v) for k, v in (result.aggregation_inputs or {}).items()}
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        try:
+            data = encode(record)
+        except (ValueError, TypeError, RecursionError) as exc:  # e.g. a circular output
+            data = encode({"i": record["i"], "ok": False, "d": record.get("d", 0),
+                           "error": f"the line's output cannot be stored: {exc}"})
+        os.write(self.out, data)
+
+    def _timed_out(self, _signum: int, _frame: Any) -> None:
+        pos = self.current
+        if pos is None:
+            return
+        took = time.monotonic() - self.current_started
+        log.warning("run %s: line %d ran over its timeout of %g s", self.run_id, pos,
+                    self.timeout)
+        self._write({"i": pos, "ok": False, "d": round(took, 6),
+                     "error": f"the line timed out: it ran over the run's line timeout of "
+                              f"{self.timeout:g} s"})
+        logging.shutdown()
+        os._exit(TIMEOUT_EXIT)
+
+    def aggregate(self, name: str) -> dict[str, Any]:
+        """Run the aggregation nodes over the completed lines of ``name`` (records in
+        position order, as the control plane collected them)."""
+        if not self.aggregation:
+            return {"ok": True, "metrics": {}, "output": {}, "error": None}
+        try:
+            records = [r for r in read_records(self.dir / name) if r.get("ok")]
+            records.sort(key=lambda r: r["i"])
+            lines = self.lines()
+            line_inputs = [json.loads(lines[r["i"]]) for r in records]
+            line_aggs = [r.get("agg") or {} for r in records]
+            inputs = {k: [d.get(k) for d in line_inputs] for k in _keys(line_inputs)}
+            agg = {k: [d.get(k) for d in line_aggs] for k in _keys(line_aggs)}
+            result = self.executor.exec_aggregation(inputs, agg, run_id=self.run_id)
+        except Exception as exc:  # noqa: BLE001 - reported as the aggregation's failure
+            log.exception("run %s: aggregation failed", self.run_id)
+            return {"ok": False, "metrics": {}, "output": {}, "error": message_of(exc)}
+        failed = [f"{name}: {(info.error or {}).get('message') or info.status}"
+                  for name, info in (result.node_run_infos or {}).items()
+                  if str(getattr(info.status, "value", info.status)) != "Completed"]
+        return {"ok": not failed, "metrics": {k: plain(v) for k, v in result.metrics.items()},
+                "output": {k: plain(v) for k, v in (result.output or {}).items()},
+                "error": "; ".join(failed) or None}
+
+
+def _keys(dicts: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for d in dicts for k in d))
+
+
+def serve(sock: socket.socket, supervisor: int, spec: dict[str, Any]) -> int:
+    """A batch worker's life (``workers.spawn``'s ``serve``). Its stdout and stderr go to
+    ``<run dir>/logs/<pid>.log``."""
+    prepare_child(sock, supervisor)
+    logs = Path(spec["dir"]) / "logs"
+    logs.mkdir(exist_ok=True)
+    fd = os.open(logs / f"{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return _Runner(sock, spec).serve()

@@ -1,0 +1,6 @@
+from promptflow.core import tool
+
+
+@tool
+def upper(text: str) -> str:
+    return text.upper()

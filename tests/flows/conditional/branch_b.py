@@ -1,0 +1,6 @@
+from promptflow.core import tool
+
+
+@tool
+def reverse(text: str) -> str:
+    return text[::-1]

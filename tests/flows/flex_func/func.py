@@ -1,0 +1,2 @@
+def run(text: str) -> dict:
+    return {"out": text.upper()}
