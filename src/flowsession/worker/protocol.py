@@ -85,6 +85,30 @@ lines running on the old workers finish there first; answers once the new worker
     -> {"op": "shutdown", "reason": str}
     <- {"ok": true, "pid": int}
 
+Batch runs (``flowsession.worker.batch``)
+----------------------------------------
+A run has its own workers, loaded with the run's flow (``flow``: a copy with a variant chosen,
+default the session's), ``env``, ``connections`` (promptflow's dict form: in memory only),
+``init`` and ``node_override``. Its folder ``dir`` holds ``inputs.jsonl`` (one object per line;
+a line's position is its line number there); each worker appends records to
+``dir/results.<pid>.jsonl`` (``flowsession.worker.batchworker``). Positions already recorded
+there are not run again::
+
+    -> {"op": "run", "id": str, "dir": DIR, "flow": DIR (optional), "lines": [pos, ...] | null
+        (null: every line), "workers": n, "line_timeout": s, "env": {...},
+        "connections": {...}, "init": {...}, "node_override": {...}}
+    <- {"ok": true, "run": {"id", "state": "loading"|"running"|"completed"|"canceled"|"failed",
+        "total", "done", "ran", "failed", "skipped", "errors": [[pos, message], ...],
+        "error", "workers", "restarts", "aggregation", "started_at", "ended_at",
+        "lines_per_second"}}          (answers at once; a run already going answers its status)
+    -> {"op": "run_status", "id": str}      <- {"ok": true, "run": {...} | null}
+    -> {"op": "run_cancel", "id": str}      <- {"ok": true, "run": {...} | null}
+    -> {"op": "aggregate", <the run's fields>, "file": NAME}
+    <- {"ok": true, "aggregated": bool, "metrics": {...}, "output": {...}, "error": str|null}
+       (the aggregation nodes over the records in ``dir/NAME``; answers when done)
+
+A running run counts as activity (no idle exit; ``busy`` counts its working workers).
+
 Files in the state dir
 ----------------------
 - ``supervisor.log``: the supervisor's and the workers' stdout, stderr and logging.
