@@ -38,6 +38,11 @@ demo: setup
 	$(FS) session start examples/flows/hello
 	$(FS) flow test examples/flows/hello --inputs name=Ada
 	$(FS) flow test examples/flows/hello --inputs name=Grace
+	@echo "--- a batch run over examples/flows/hello/data.jsonl on the same session"
+	$(FS) run create --flow examples/flows/hello --data examples/flows/hello/data.jsonl \
+	  --column-mapping 'name=$${data.name}' --name hello-$$(date +%s) --stream --json \
+	  | $(VENV)/bin/python -c "import json,sys; r=json.load(sys.stdin); print(r['name'], r['status'], r['summary']); open('.last-run','w').write(r['name'])"
+	$(FS) run show-details $$(cat .last-run) && rm -f .last-run
 	$(FS) session events examples/flows/hello
 	$(FS) session stop examples/flows/hello
 
@@ -47,3 +52,4 @@ test: setup
 bench: setup
 	$(VENV)/bin/python bench/env_build.py
 	$(VENV)/bin/python bench/session_start.py
+	$(VENV)/bin/python bench/batch.py
