@@ -53,6 +53,7 @@ class RunService:
         self.backend = sessions.backend
         self.records = RunRecords(store, clock)
         self._files: dict[str, RunFiles] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # one advance of a run at a time (a server)
 
     @classmethod
     def open(cls, settings: Settings | None = None,
@@ -199,7 +200,7 @@ class RunService:
                   f"{len(todo)} line(s) to run on {workers} worker(s)"
                   + ("" if first else f", {len(stored)} already stored"))
         if status.get("state") == "failed":
-            return await self.advance(run.name)
+            return await self._advance(run.name)
         return self.records.get(run.name)
 
     def _work(self, run: Run, spec: RunSpec, run_dir: Path, flow: str) -> dict[str, Any]:
@@ -225,6 +226,14 @@ class RunService:
         """Bring the run's record up to date: collect new results, resubmit a run whose
         session went away, finish a run whose lines are all done."""
         run = self.records.get(name, owner=user)
+        if run.status in R.ENDED:
+            return run
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            return await self._advance(name)
+
+    async def _advance(self, name: str) -> Run:
+        run = self.records.get(name)
         if run.status in R.ENDED:
             return run
         files = self.files(name)

@@ -217,3 +217,99 @@ connections = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+# --- access: users, tokens, roles, identities, audit (the server) --------------------------
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("display_name", String(400), nullable=False, default=""),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# API tokens: "fs_<id>_<secret>"; only a SHA-256 of the secret is kept.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("user", String(200), nullable=False, index=True),
+    Column("label", String(200), nullable=False, default=""),
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+)
+
+# Roles are sets of scopes; the built-in ones (Owner, Data Scientist, Reader) are rows too.
+roles = Table(
+    "roles",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("builtin", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)
+
+role_assignments = Table(
+    "role_assignments",
+    metadata,
+    Column("user", String(200), primary_key=True),
+    Column("role", String(200), primary_key=True),
+    Column("assigned_by", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# Managed identities: workspace-level credentials (feed secrets live in feed_secrets under the
+# identity's name; the connections it may use are listed here).
+identities = Table(
+    "identities",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("connections", Text, nullable=False, default="[]"),  # JSON list of names
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(200), nullable=False),  # "POST /api/sessions/{flow}/stop"
+    Column("resource", String(1000), nullable=False, default=""),
+    Column("status", Integer, nullable=False),  # the HTTP status answered
+    Column("result", String(40), nullable=False),  # ok | denied | not_found | error code
+    Column("detail", Text, nullable=False, default=""),
+)
+
+# Long operations (image builds, starts, installs, runs): polled by id, streamed by SSE.
+operations = Table(
+    "operations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("kind", String(100), nullable=False),
+    Column("resource", String(1000), nullable=False, default=""),
+    Column("owner", String(200), nullable=False, index=True),
+    Column("status", String(20), nullable=False),  # running | succeeded | failed
+    Column("result", Text, nullable=True),  # JSON
+    Column("error", Text, nullable=True),  # JSON: the error's to_dict()
+    Column("server", String(100), nullable=False, default=""),  # "pid:start" running it
+    Column("created_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=True),
+)
+
+# Flows registered on the server by name (uploaded into the home, or a path on the server).
+flows = Table(
+    "flows",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("path", String(1000), nullable=False),
+    Column("uploaded", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)

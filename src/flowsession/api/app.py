@@ -1,0 +1,160 @@
+"""The FastAPI application: ``create_app(settings)``; ``flowsession server`` serves it.
+
+Every route needs a token (``Authorization: Bearer fs_...``). Errors are one JSON shape,
+``{"error": {"code", "message", "hint", ...}}``, with the status of the error's class. Every
+change and every refusal goes to the audit log. The server also runs the reconciler and the
+idle culler (``Sweeper.sweep``) and moves runs along (``RunService.advance_all``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flowsession import __version__
+from flowsession.access.accounts import OWNER
+from flowsession.api.context import Services, audit
+from flowsession.api.operations import Operations
+from flowsession.config import Settings
+from flowsession.errors import FlowSessionError
+from flowsession.flows.registry import FlowRegistry
+
+log = logging.getLogger("flowsession.server")
+SWEEP_EVERY_S = 10.0
+RUNS_EVERY_S = 1.0
+
+
+def bootstrap_admin(svc: Services, token_file: Path | None) -> str | None:
+    """On a server with no users: the first user (the one running it) as Owner, with a token
+    written to ``token_file`` (mode 0600). Returns the token when one was made."""
+    accounts = svc.accounts
+    accounts.ensure_builtin_roles()
+    if accounts.list_users():
+        return None
+    user = svc.settings.user
+    accounts.create_user(user, display_name="administrator")
+    accounts.assign(user, OWNER, by="bootstrap")
+    token, _ = accounts.issue_token(user, label="bootstrap")
+    if token_file is not None:
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.touch(mode=0o600)
+        token_file.chmod(0o600)
+        token_file.write_text(token + "\n")
+    return token
+
+
+def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
+    settings = settings or Settings.from_env()
+    svc = Services.open(settings)
+    svc.accounts.ensure_builtin_roles()
+    svc.extra["flows"] = FlowRegistry(settings, svc.store)
+    ops = Operations(svc.store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        recovered = ops.recover()
+        if recovered:
+            log.warning("%d operation(s) of a previous server marked failed", recovered)
+        tasks = [asyncio.create_task(_loop(svc))] if background else []
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await ops.shutdown()
+
+    app = FastAPI(title="flowsession", version=__version__, lifespan=lifespan,
+                  description="Self-hosted compute sessions for prompt flow.")
+    app.state.services = svc
+    app.state.operations = ops
+
+    @app.exception_handler(FlowSessionError)
+    async def _flowsession_error(request: Request, exc: FlowSessionError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"field '{where}': {first.get('msg')}"
+        if first.get("type") == "json_invalid":
+            where, message = "body", f"the request body is not valid JSON: {first.get('msg')}"
+        return JSONResponse({"error": {
+            "code": "invalid_input", "message": message,
+            "hint": "fix the request (see /docs)", "field": where,
+            "errors": [{"field": ".".join(str(p) for p in e.get("loc", ())),
+                        "message": e.get("msg")} for e in errors]}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail), "hint": ""}},
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected failure on %s %s", request.method, request.url.path,
+                  exc_info=exc)
+        return JSONResponse({"error": {"code": "error", "message": "unexpected failure",
+                                       "hint": "the server log has the details"}},
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _audit(request: Request, call_next):
+        response = await call_next(request)
+        status = response.status_code
+        if request.method != "GET" or status in (401, 403):
+            who = getattr(request.state, "principal", None)
+            if who is None:  # refused before authentication ran (a malformed body, say)
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() == "bearer":
+                    who = svc.accounts.authenticate(token.strip())
+            route = request.scope.get("route")
+            action = f"{request.method} {getattr(route, 'path', request.url.path)}"
+            result = ("ok" if status < 400 else "denied" if status in (401, 403)
+                      else "not_found" if status == 404 else f"error {status}")
+            try:
+                audit(svc, actor=who.user if who else "anonymous", action=action,
+                      resource=request.url.path, status=status, result=result)
+            except Exception:  # noqa: BLE001 - the audit must never turn a success into a 500
+                log.exception("audit write failed")
+        return response
+
+    from flowsession.api.routers import access, computes, flows, operations, runs
+
+    for module in (flows, runs, computes, access, operations):
+        app.include_router(module.router, prefix="/api")
+
+    @app.get("/api/health", tags=["server"])
+    async def health() -> dict:
+        """Unauthenticated: is the server up."""
+        return {"ok": True, "version": __version__}
+
+    return app
+
+
+async def _loop(svc: Services) -> None:
+    """The reconciler and idle culler every SWEEP_EVERY_S; runs moved along every second."""
+    last_sweep = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            if loop.time() - last_sweep >= SWEEP_EVERY_S:
+                last_sweep = loop.time()
+                await svc.sessions.sweeper.sweep()
+            await svc.runs.advance_all()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the loop must go on; the log says what broke
+            log.exception("background sweep failed")
+        await asyncio.sleep(RUNS_EVERY_S)

@@ -1,0 +1,131 @@
+"""Long operations: an image build, a session start or install, a run. The request returns at
+once with an operation id; the work goes on in the server, its progress is kept in memory for
+server-sent events, and its outcome in the ``operations`` table. A server that restarts marks
+the operations its predecessor left running as failed, with the reason: none hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from flowsession.backends.compute import procs
+from flowsession.errors import FlowSessionError, NotFound
+from flowsession.store import Store
+from flowsession.store.tables import operations
+
+log = logging.getLogger("flowsession.server")
+Emit = Callable[[dict[str, Any]], None]
+RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
+
+
+class Operations:
+    def __init__(self, store: Store):
+        self.store = store
+        self.server = procs.identity()
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.changed: dict[str, asyncio.Event] = {}
+
+    def recover(self) -> int:
+        """Operations left running by a server that is gone: failed, saying why."""
+        with self.store.engine.begin() as conn:
+            rows = conn.execute(select(operations.c.id, operations.c.server)
+                                .where(operations.c.status == RUNNING)).all()
+            dead = [r.id for r in rows if r.server != self.server
+                    and not procs.identity_alive(r.server)]
+            for op_id in dead:
+                conn.execute(update(operations).where(operations.c.id == op_id).values(
+                    status=FAILED, ended_at=time.time(), error=json.dumps({
+                        "code": "interrupted", "message": "the server restarted while this "
+                        "operation ran", "hint": "look at the resource's state and try again"})))
+        return len(dead)
+
+    def start(self, kind: str, resource: str, owner: str,
+              work: Callable[[Emit], Awaitable[Any]]) -> dict[str, Any]:
+        op_id = f"op-{uuid.uuid4().hex[:12]}"
+        with self.store.engine.begin() as conn:
+            conn.execute(insert(operations).values(
+                id=op_id, kind=kind, resource=resource, owner=owner, status=RUNNING,
+                server=self.server, created_at=time.time()))
+        self.events[op_id] = []
+        self.changed[op_id] = asyncio.Event()
+
+        def emit(event: dict[str, Any]) -> None:
+            self.events[op_id].append({"at": time.time(), **event})
+            self.changed[op_id].set()
+
+        async def run() -> None:
+            emit({"event": "started", "kind": kind, "resource": resource})
+            try:
+                result = await work(emit)
+            except FlowSessionError as exc:
+                self._end(op_id, FAILED, error=exc.to_dict())
+                emit({"event": "failed", "error": exc.to_dict()})
+            except Exception as exc:  # a bug: the log has it, the caller a reason
+                log.exception("operation %s (%s %s) crashed", op_id, kind, resource)
+                err = {"code": "error", "message": f"unexpected failure: {type(exc).__name__}",
+                       "hint": "the server log has the details"}
+                self._end(op_id, FAILED, error=err)
+                emit({"event": "failed", "error": err})
+            else:
+                self._end(op_id, SUCCEEDED, result=result)
+                emit({"event": "succeeded", "result": result})
+            finally:
+                self.tasks.pop(op_id, None)
+
+        self.tasks[op_id] = asyncio.get_running_loop().create_task(run())
+        return self.get(op_id)
+
+    def _end(self, op_id: str, status: str, *, result: Any = None,
+             error: dict | None = None) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(update(operations).where(operations.c.id == op_id).values(
+                status=status, ended_at=time.time(),
+                result=json.dumps(result, default=str) if result is not None else None,
+                error=json.dumps(error) if error else None))
+
+    def get(self, op_id: str, *, owner: str | None = None) -> dict[str, Any]:
+        with self.store.engine.connect() as conn:
+            r = conn.execute(select(operations).where(operations.c.id == op_id)).first()
+        if r is None or (owner is not None and r.owner != owner):
+            raise NotFound(f"operation {op_id} does not exist", details={"operation": op_id})
+        d = dict(r._mapping)
+        d.pop("server")
+        d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["error"] = json.loads(d["error"]) if d["error"] else None
+        return d
+
+    async def stream(self, op_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The operation's events as they come; ends with its outcome."""
+        sent = 0
+        while True:
+            events = self.events.get(op_id)
+            if events is None:  # another server's, or from before a restart: the outcome
+                op = self.get(op_id)
+                yield {"event": op["status"], "result": op["result"], "error": op["error"]}
+                return
+            while sent < len(events):
+                yield events[sent]
+                sent += 1
+                if events[sent - 1].get("event") in (SUCCEEDED, FAILED):
+                    return
+            changed = self.changed[op_id]
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=15)
+            except asyncio.TimeoutError:
+                yield {"event": "heartbeat"}
+
+    async def shutdown(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for op_id in list(self.tasks):
+            self._end(op_id, FAILED, error={"code": "interrupted", "message":
+                                            "the server stopped while this operation ran"})

@@ -1,0 +1,240 @@
+"""Flows on the server, their files (Save only) and their session (one flow, one session)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowsession.access.accounts import Principal
+from flowsession.api.context import Forbidden, Services, owner_for, require, services
+from flowsession.config import parse_duration
+from flowsession.errors import NotFound
+from flowsession.flows.registry import FlowRegistry, RegisteredFlow
+from flowsession.sessions.service import StartOptions
+
+router = APIRouter(tags=["flows and sessions"])
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FlowIn(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    path: str | None = Field(default=None, description="a folder on the server's machine")
+    files: dict[str, str] | None = Field(default=None, description="relative path -> text")
+
+
+class FileIn(Strict):
+    content: str
+
+
+class StartIn(Strict):
+    compute_type: str | None = Field(default=None, pattern="^(serverless|instance)$")
+    vm_size: str | None = None
+    instance: str | None = None
+    idle_time: str | None = Field(default=None, description="e.g. 30m, 2h")
+    identity: str | None = None
+    image: str | None = None
+
+
+class UpdateIn(Strict):
+    idle_time: str | None = None
+    vm_size: str | None = None
+    instance: str | None = None
+    identity: str | None = None
+
+
+class TestIn(Strict):
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = Field(default=600, gt=0, le=86400)
+
+
+def registry(svc: Services) -> FlowRegistry:
+    return svc.extra["flows"]
+
+
+def flow_of(svc: Services, who: Principal, name: str) -> tuple[RegisteredFlow, str]:
+    """The flow and the user to act as (its owner); someone else's flow is NotFound."""
+    flow = registry(svc).get(name)
+    return flow, owner_for(who, flow.owner, f"flow {name!r}")
+
+
+def _flow_dict(flow: RegisteredFlow) -> dict:
+    return dataclasses.asdict(flow)
+
+
+def _check_identity(who: Principal, identity: str | None) -> None:
+    if identity and not who.can_use_identity(identity):
+        raise Forbidden(f"you may not use identity {identity!r}",
+                        hint="ask an Owner for identities:use:" + identity,
+                        details={"scope": f"identities:use:{identity}"})
+
+
+@router.get("/flows")
+def list_flows(who: Principal = Depends(require("flows:read")),
+               svc: Services = Depends(services)) -> list[dict]:
+    owner = None if who.manages_all else who.user
+    return [_flow_dict(f) for f in registry(svc).list(owner=owner)]
+
+
+@router.post("/flows", status_code=201)
+def register_flow(body: FlowIn, who: Principal = Depends(require("flows:write")),
+                  svc: Services = Depends(services)) -> dict:
+    if body.path is not None and not who.manages_all:
+        raise Forbidden("registering a folder of the server's machine needs all:manage",
+                        hint="upload the flow's files instead", details={"scope": "all:manage"})
+    return _flow_dict(registry(svc).register(body.name, owner=who.user, path=body.path,
+                                             files=body.files))
+
+
+@router.get("/flows/{name}")
+def get_flow(name: str, who: Principal = Depends(require("flows:read")),
+             svc: Services = Depends(services)) -> dict:
+    flow, _ = flow_of(svc, who, name)
+    return {**_flow_dict(flow), "files": registry(svc).files(name)}
+
+
+@router.delete("/flows/{name}")
+async def delete_flow(name: str, who: Principal = Depends(require("flows:write")),
+                      svc: Services = Depends(services)) -> dict:
+    flow, owner = flow_of(svc, who, name)
+    try:
+        await svc.sessions.stop(flow.path, user=owner, reason="flow unregistered")
+    except NotFound:
+        pass
+    registry(svc).unregister(name)
+    return {"name": name, "deleted": True}
+
+
+@router.get("/flows/{name}/files/{path:path}")
+def read_file(name: str, path: str, who: Principal = Depends(require("flows:read")),
+              svc: Services = Depends(services)) -> dict:
+    flow_of(svc, who, name)
+    return {"path": path, "content": registry(svc).read(name, path)}
+
+
+@router.put("/flows/{name}/files/{path:path}")
+def write_file(name: str, path: str, body: FileIn,
+               who: Principal = Depends(require("flows:write")),
+               svc: Services = Depends(services)) -> dict:
+    """Save only: a changed requirements.txt takes effect with POST .../session/install."""
+    flow_of(svc, who, name)
+    registry(svc).write(name, path, body.content)
+    return {"path": path, "saved": True}
+
+
+# --- the flow's session --------------------------------------------------------------------
+
+@router.get("/sessions")
+async def list_sessions(all: bool = False, who: Principal = Depends(require("sessions:read")),
+                        svc: Services = Depends(services)) -> list[dict]:
+    owner = None if who.manages_all else who.user
+    return [s.to_dict() for s in await svc.sessions.list(user=owner, include_stopped=all)]
+
+
+@router.get("/flows/{name}/session")
+async def get_session(name: str, who: Principal = Depends(require("sessions:read")),
+                      svc: Services = Depends(services)) -> dict:
+    flow, owner = flow_of(svc, who, name)
+    return (await svc.sessions.show(flow.path, user=owner)).to_dict()
+
+
+@router.post("/flows/{name}/session", status_code=202)
+async def start_session(name: str, request: Request, body: StartIn | None = None,
+                        who: Principal = Depends(require("sessions:write")),
+                        svc: Services = Depends(services)) -> dict:
+    """Start the flow's session (default settings, or the advanced ones given): returns an
+    operation to poll (GET /api/operations/{id}) or stream (.../events)."""
+    body = body or StartIn()
+    flow, owner = flow_of(svc, who, name)
+    _check_identity(who, body.identity)
+    if body.instance:
+        svc.sessions.computes.get(body.instance, user=owner)  # another's instance: 404 now
+    options = StartOptions(
+        compute_type=body.compute_type, vm_size=body.vm_size, instance=body.instance,
+        idle_timeout_s=parse_duration(body.idle_time, name="idle_time") if body.idle_time
+        else None, identity=body.identity, image=body.image)
+
+    async def work(emit) -> dict:
+        emit({"event": "progress", "message": "starting the session"})
+        session = await svc.sessions.start(flow.path, user=owner, options=options)
+        return session.to_dict()
+
+    return request.app.state.operations.start("session.start", name, who.user, work)
+
+
+@router.post("/flows/{name}/session/install", status_code=202)
+async def install(name: str, request: Request,
+                  who: Principal = Depends(require("sessions:write")),
+                  svc: Services = Depends(services)) -> dict:
+    """Save and install: the flow's requirements into a new environment, switched to only
+    when it works."""
+    flow, owner = flow_of(svc, who, name)
+    await svc.sessions.show(flow.path, user=owner)  # no session: 404 now, not in the op
+
+    async def work(emit) -> dict:
+        emit({"event": "progress", "message": "installing the flow's requirements"})
+        return (await svc.sessions.install(flow.path, user=owner)).to_dict()
+
+    return request.app.state.operations.start("session.install", name, who.user, work)
+
+
+@router.post("/flows/{name}/session/reset", status_code=202)
+async def reset(name: str, request: Request, who: Principal = Depends(require("sessions:write")),
+                svc: Services = Depends(services)) -> dict:
+    flow, owner = flow_of(svc, who, name)
+    await svc.sessions.show(flow.path, user=owner)
+
+    async def work(emit) -> dict:
+        return (await svc.sessions.reset(flow.path, user=owner, reason=f"reset by {who.user}")
+                ).to_dict()
+
+    return request.app.state.operations.start("session.reset", name, who.user, work)
+
+
+@router.post("/flows/{name}/session/stop")
+async def stop(name: str, who: Principal = Depends(require("sessions:write")),
+               svc: Services = Depends(services)) -> dict:
+    flow, owner = flow_of(svc, who, name)
+    return (await svc.sessions.stop(flow.path, user=owner, reason=f"stopped by {who.user}")
+            ).to_dict()
+
+
+@router.patch("/flows/{name}/session")
+async def update(name: str, body: UpdateIn, who: Principal = Depends(require("sessions:write")),
+                 svc: Services = Depends(services)) -> dict:
+    flow, owner = flow_of(svc, who, name)
+    _check_identity(who, body.identity)
+    session = await svc.sessions.update(
+        flow.path, user=owner, vm_size=body.vm_size, instance=body.instance,
+        identity=body.identity,
+        idle_timeout_s=parse_duration(body.idle_time, name="idle_time") if body.idle_time
+        else None)
+    return session.to_dict()
+
+
+@router.get("/flows/{name}/session/events")
+def events(name: str, who: Principal = Depends(require("sessions:read")),
+           svc: Services = Depends(services)) -> list[dict]:
+    flow, owner = flow_of(svc, who, name)
+    return [dataclasses.asdict(e) for e in svc.sessions.events(flow.path, user=owner)]
+
+
+@router.get("/flows/{name}/session/packages")
+def packages(name: str, who: Principal = Depends(require("sessions:read")),
+             svc: Services = Depends(services)) -> list[dict]:
+    flow, owner = flow_of(svc, who, name)
+    return [dataclasses.asdict(p) for p in svc.sessions.packages(flow.path, user=owner)]
+
+
+@router.post("/flows/{name}/test")
+async def test(name: str, body: TestIn, who: Principal = Depends(require("sessions:write")),
+               svc: Services = Depends(services)) -> dict:
+    """One line on the flow's session (started with default settings if none runs)."""
+    flow, owner = flow_of(svc, who, name)
+    return {"outputs": await svc.sessions.test(flow.path, body.inputs, user=owner,
+                                               timeout=body.timeout)}

@@ -1,0 +1,189 @@
+"""Runs: submitted with prompt flow's Run fields, followed by polling or server-sent events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowsession.access.accounts import Principal
+from flowsession.api.context import Forbidden, Services, owner_for, require, services
+from flowsession.api.routers.flows import flow_of
+from flowsession.errors import InvalidInput, NotFound
+from flowsession.runs.records import ENDED, Run
+from flowsession.runs.spec import spec_from_dict
+
+router = APIRouter(tags=["runs"])
+
+
+class RunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    flow: str = Field(description="a registered flow's name")
+    data: str | None = Field(default=None, description="a data file in the flow's folder "
+                             "(relative), or an absolute path on the server (all:manage)")
+    data_lines: list[dict[str, Any]] | None = Field(default=None, description="the data inline")
+    column_mapping: dict[str, Any] = Field(default_factory=dict)
+    run: str | None = None
+    variant: str | None = None
+    environment_variables: dict[str, str] = Field(default_factory=dict)
+    connections: dict[str, dict[str, str]] = Field(default_factory=dict)
+    init: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict)
+    identity: str | None = None
+    name: str | None = None
+    display_name: str | None = None
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    workers: int | None = Field(default=None, ge=1, le=256)
+    line_timeout: float | None = Field(default=None, ge=0)
+    skip_malformed: bool = False
+    resume_from: str | None = None
+
+
+def run_of(svc: Services, who: Principal, name: str) -> Run:
+    run = svc.runs.records.find(name)
+    if run is None:
+        raise NotFound(f"run {name!r} does not exist", details={"run": name})
+    owner_for(who, run.owner, f"run {name!r}")
+    return run
+
+
+def _run_dict(run: Run) -> dict:
+    d = run.to_dict()
+    d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
+    return d
+
+
+@router.post("/runs", status_code=202)
+async def create_run(body: RunIn, request: Request,
+                     who: Principal = Depends(require("runs:write")),
+                     svc: Services = Depends(services)) -> dict:
+    """Submit a run; it goes on in the flow's session. Returns the run and an operation that
+    ends with the run (stream it: GET /api/operations/{id}/events)."""
+    flow, owner = flow_of(svc, who, body.flow)
+    if owner != who.user:
+        raise Forbidden("runs are submitted by the flow's owner", details={"flow": body.flow})
+    if body.identity and not who.can_use_identity(body.identity):
+        raise Forbidden(f"you may not use identity {body.identity!r}",
+                        details={"scope": f"identities:use:{body.identity}"})
+    if body.resources.get("compute"):
+        svc.sessions.computes.get(str(body.resources["compute"]), user=owner)
+    fields = body.model_dump(exclude={"data_lines", "flow", "data"}, exclude_defaults=True)
+    fields["flow"] = flow.path
+    if body.data_lines is not None and body.data is not None:
+        raise InvalidInput("give data or data_lines, not both", details={"field": "data"})
+    if body.data_lines is not None:
+        inline = svc.settings.home / "run-data" / f"{uuid.uuid4().hex}.jsonl"
+        inline.parent.mkdir(parents=True, exist_ok=True)
+        inline.write_text("".join(json.dumps(r) + "\n" for r in body.data_lines))
+        fields["data"] = str(inline)
+    elif body.data is not None:
+        path = Path(body.data)
+        if path.is_absolute():
+            if not who.manages_all:
+                raise Forbidden("a data path on the server needs all:manage",
+                                hint="send data_lines, or a file of the flow's folder",
+                                details={"scope": "all:manage"})
+        else:
+            if ".." in path.parts:
+                raise InvalidInput("data must stay inside the flow's folder",
+                                   details={"field": "data"})
+            path = Path(flow.path) / path
+        fields["data"] = str(path)
+    spec, warnings = spec_from_dict(fields, source="the run")
+    run = await svc.runs.create(spec, user=owner)
+
+    async def work(emit) -> dict:
+        def progress(r: Run) -> None:
+            emit({"event": "progress", "status": r.status, "total": r.total,
+                  "completed": r.completed, "failed": r.failed})
+
+        return _run_dict(await svc.runs.wait(run.name, user=owner, on_progress=progress))
+
+    op = request.app.state.operations.start("run", run.name, who.user, work)
+    return {"run": _run_dict(run), "operation": op, "warnings": warnings}
+
+
+@router.get("/runs")
+def list_runs(max_results: int = Query(50, ge=1, le=10000),
+              who: Principal = Depends(require("runs:read")),
+              svc: Services = Depends(services)) -> list[dict]:
+    owner = None if who.manages_all else who.user
+    return [_run_dict(r) for r in svc.runs.records.list(owner=owner, limit=max_results)]
+
+
+@router.get("/runs/{name}")
+async def get_run(name: str, who: Principal = Depends(require("runs:read")),
+                  svc: Services = Depends(services)) -> dict:
+    run = run_of(svc, who, name)
+    if run.status not in ENDED:
+        run = await svc.runs.advance(name)
+    return _run_dict(run)
+
+
+@router.get("/runs/{name}/details")
+def details(name: str, who: Principal = Depends(require("runs:read")),
+            svc: Services = Depends(services)) -> list[dict]:
+    run = run_of(svc, who, name)
+    return svc.runs.details(name, user=run.owner)
+
+
+@router.get("/runs/{name}/outputs")
+def outputs(name: str, who: Principal = Depends(require("runs:read")),
+            svc: Services = Depends(services)) -> list[dict]:
+    run = run_of(svc, who, name)
+    return svc.runs.outputs(name, user=run.owner)
+
+
+@router.get("/runs/{name}/metrics")
+def metrics(name: str, who: Principal = Depends(require("runs:read")),
+            svc: Services = Depends(services)) -> dict:
+    run = run_of(svc, who, name)
+    return svc.runs.metrics(name, user=run.owner)
+
+
+@router.get("/runs/{name}/logs", response_class=PlainTextResponse)
+def logs(name: str, who: Principal = Depends(require("runs:read")),
+         svc: Services = Depends(services)) -> str:
+    run = run_of(svc, who, name)
+    parts = []
+    for path in svc.runs.log_files(name, user=run.owner):
+        parts.append(f"--- {path.name} ---\n{path.read_text(errors='replace')}")
+    return "\n".join(parts)
+
+
+@router.post("/runs/{name}/cancel")
+async def cancel(name: str, who: Principal = Depends(require("runs:write")),
+                 svc: Services = Depends(services)) -> dict:
+    run = run_of(svc, who, name)
+    return _run_dict(await svc.runs.cancel(name, user=run.owner))
+
+
+@router.get("/runs/{name}/events")
+async def run_events(name: str, who: Principal = Depends(require("runs:read")),
+                     svc: Services = Depends(services)) -> StreamingResponse:
+    """Server-sent events: the run's progress until it ends."""
+    run_of(svc, who, name)
+
+    async def gen():
+        import asyncio
+
+        last = None
+        while True:
+            run = await svc.runs.advance(name)
+            now = (run.status, run.completed, run.failed)
+            if now != last:
+                last = now
+                yield f"data: {json.dumps(_run_dict(run), default=str)}\n\n"
+            if run.status in ENDED:
+                yield "event: end\ndata: {}\n\n"
+                return
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(gen(), media_type="text/event-stream")

@@ -1,0 +1,148 @@
+"""Flows registered on a server by name: uploaded (kept under ``<home>/flows/<name>/``) or a
+folder already on the server's machine. The only writer of the ``flows`` table.
+
+Writing a file is prompt flow's "Save": it changes the flow's folder, never a running session
+(a changed ``requirements.txt`` takes effect with "Save and install"; other files at the next
+line, as on the flow page)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from flowsession.config import Settings
+from flowsession.errors import Conflict, InvalidInput, NotFound
+from flowsession.flows.flowfile import load_flow
+from flowsession.store import Store
+from flowsession.store.tables import flows
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+MAX_FILE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RegisteredFlow:
+    name: str
+    owner: str
+    path: str
+    uploaded: bool
+    created_at: float
+
+
+class FlowRegistry:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+
+    @property
+    def root(self) -> Path:
+        return self.settings.home / "flows"
+
+    def register(self, name: str, *, owner: str, path: str | None = None,
+                 files: dict[str, str] | None = None) -> RegisteredFlow:
+        """``path``: a folder on this machine; ``files``: relative path -> text (uploaded)."""
+        if not _NAME.match(name):
+            raise InvalidInput(f"flow name {name!r} is not valid",
+                               hint="letters, digits, '_', '-' and '.'",
+                               details={"field": "name"})
+        if (path is None) == (files is None):
+            raise InvalidInput("register a flow with either a path on the server or its files",
+                               details={"field": "path"})
+        uploaded = files is not None
+        if uploaded:
+            folder = self.root / name
+            if folder.exists():
+                raise Conflict(f"flow {name!r} exists", details={"flow": name})
+            tmp = self.root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            for rel, text in files.items():
+                target = _inside(tmp, rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            try:
+                load_flow(tmp)  # a bad flow is refused before it is registered
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            os.rename(tmp, folder)
+        else:
+            folder = load_flow(path).folder
+        try:
+            with self.store.engine.begin() as conn:
+                conn.execute(insert(flows).values(name=name, owner=owner, path=str(folder),
+                                                  uploaded=uploaded, created_at=time.time()))
+        except IntegrityError:
+            if uploaded:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise Conflict(f"flow {name!r} exists", details={"flow": name}) from None
+        return self.get(name)
+
+    def get(self, name: str, *, owner: str | None = None) -> RegisteredFlow:
+        with self.store.engine.connect() as conn:
+            r = conn.execute(select(flows).where(flows.c.name == name)).first()
+        if r is None or (owner is not None and r.owner != owner):
+            raise NotFound(f"flow {name!r} does not exist",
+                           hint="list the flows: GET /api/flows", details={"flow": name})
+        return RegisteredFlow(**r._mapping)
+
+    def by_path(self, path: str) -> RegisteredFlow | None:
+        with self.store.engine.connect() as conn:
+            r = conn.execute(select(flows).where(flows.c.path == path)).first()
+        return RegisteredFlow(**r._mapping) if r else None
+
+    def list(self, *, owner: str | None) -> list[RegisteredFlow]:
+        q = select(flows).order_by(flows.c.name)
+        if owner is not None:
+            q = q.where(flows.c.owner == owner)
+        with self.store.engine.connect() as conn:
+            return [RegisteredFlow(**r._mapping) for r in conn.execute(q)]
+
+    def files(self, name: str) -> list[str]:
+        folder = Path(self.get(name).path)
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                      if p.is_file() and "__pycache__" not in p.parts
+                      and not p.name.startswith("."))
+
+    def read(self, name: str, rel: str) -> str:
+        target = _inside(Path(self.get(name).path), rel)
+        try:
+            return target.read_text()
+        except FileNotFoundError:
+            raise NotFound(f"flow {name!r} has no file {rel!r}",
+                           details={"flow": name, "file": rel}) from None
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{rel} is not a text file", details={"file": rel}) from None
+
+    def write(self, name: str, rel: str, text: str) -> None:
+        """Save only: the file changes; a running session is not touched."""
+        if len(text.encode()) > MAX_FILE:
+            raise InvalidInput(f"{rel} is larger than {MAX_FILE // (1024 * 1024)} MB",
+                               details={"file": rel})
+        target = _inside(Path(self.get(name).path), rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.rename(tmp, target)
+
+    def unregister(self, name: str) -> None:
+        flow = self.get(name)
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(flows).where(flows.c.name == name))
+        if flow.uploaded:
+            shutil.rmtree(flow.path, ignore_errors=True)
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or any(part.startswith(".") for part in
+                                                            p.parts):
+        raise InvalidInput(f"file path {rel!r} is not allowed",
+                           hint="a relative path inside the flow's folder, without '..'",
+                           details={"file": rel})
+    return folder / p
