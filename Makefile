@@ -20,11 +20,13 @@ $(VENV)/.setup-done: pyproject.toml uv.lock
 	  || echo "note: bubblewrap is not installed: sessions will run without a sandbox"
 	@touch $@
 
-# The product's main job. Until the server exists: build the default image, then an end-to-end
-# demo on examples/flows/hello (its environment and packages, a session, test lines, events).
+# The product's main job: the server (REST API at http://127.0.0.1:8765, docs at /docs) with the
+# example flows registered; it prints its URL and the administrator's token. `make demo` is an
+# end-to-end tour of the CLI on examples/flows/hello.
 run: setup
 	$(FS) image build
-	$(MAKE) --no-print-directory demo
+	$(FS) server --register examples/flows/hello --register examples/flows/shared-reqs \
+	  --register examples/flows/flex-echo
 
 demo: setup
 	$(FS) image list

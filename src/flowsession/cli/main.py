@@ -7,7 +7,16 @@ import logging
 import typer
 
 from flowsession import __version__
-from flowsession.cli import computes, connections, environments, feeds, images, runs, sessions
+from flowsession.cli import (
+    computes,
+    connections,
+    environments,
+    feeds,
+    images,
+    runs,
+    server,
+    sessions,
+)
 
 app = typer.Typer(
     name="flowsession",
@@ -25,6 +34,8 @@ app.add_typer(computes.app, name="compute", help="Computes: serverless and insta
 app.add_typer(connections.app, name="connection", help="prompt flow connections (OpenAI, "
               "Azure OpenAI, custom); secrets encrypted.")
 app.add_typer(runs.app, name="run", help="Batch runs: a flow over data on its session.")
+app.add_typer(server.app, name="server", help="Serve the REST API (and run the culler and "
+              "the reconciler).")
 app.add_typer(sessions.flow_app, name="flow", help="Flows: test a line on the flow's session.")
 
 
