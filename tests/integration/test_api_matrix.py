@@ -74,6 +74,28 @@ ROUTES = [
     ("GET", "/api/runs/{run}/logs", "runs:read", True),
     ("POST", "/api/runs/{run}/cancel", "runs:write", True),
     ("GET", "/api/runs/{run}/events", "runs:read", True),
+    ("GET", "/api/images", "images:read", False),
+    ("POST", "/api/images", "images:write", False),
+    ("GET", "/api/images/{image}", "images:read", False),
+    ("POST", "/api/images/{image}/build", "images:write", False),
+    ("GET", "/api/environments", "environments:read", False),
+    ("GET", "/api/environments/{env}", "environments:read", False),
+    ("GET", "/api/environments/{env}/packages", "environments:read", False),
+    ("DELETE", "/api/environments/{env}", "environments:write", False),
+    ("GET", "/api/flows/{flow}/environment", "environments:read", True),
+    ("GET", "/api/flows/{flow}/environment/packages", "environments:read", True),
+    ("POST", "/api/flows/{flow}/environment/build", "environments:write", True),
+    ("GET", "/api/connections", "connections:read", False),
+    ("POST", "/api/connections", "connections:write", False),
+    ("GET", "/api/connections/{conn}", "connections:read", True),
+    ("DELETE", "/api/connections/{conn}", "connections:write", True),
+    ("GET", "/api/identities", "identities:read", False),
+    ("POST", "/api/identities", "identities:write", False),
+    ("GET", "/api/identities/{identity}", "identities:read", False),
+    ("DELETE", "/api/identities/{identity}", "identities:write", False),
+    ("PUT", "/api/identities/{identity}/connections", "identities:write", False),
+    ("PUT", "/api/identities/{identity}/feeds/{host}", "identities:write", False),
+    ("DELETE", "/api/identities/{identity}/feeds/{host}", "identities:write", False),
     ("GET", "/api/operations/{op}", None, True),
     ("GET", "/api/operations/{op}/events", None, True),
 ]
@@ -109,6 +131,15 @@ class World:
         self.run, self.op = r.json()["run"]["name"], r.json()["operation"]["id"]
         self.wait_op(self.op, "alice")
         self.token_id = self.client.get("/api/tokens", headers=self.h("alice")).json()[0]["id"]
+        r = self.post("alice", "/api/connections", {"name": "aconn", "type": "custom",
+                                                    "configs": {"k": "v"},
+                                                    "secrets": {"s": "hush-123"}})
+        assert r.status_code == 201, r.text
+        r = self.post("owner", "/api/identities", {"name": "team-id"})
+        assert r.status_code == 201, r.text
+        r = self.client.get("/api/flows/af/environment", headers=self.h("alice"))
+        assert r.status_code == 200, r.text
+        self.env_id = r.json()["env_id"]
 
     def h(self, who: str | None) -> dict:
         return {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
@@ -132,7 +163,9 @@ class World:
 
     def path(self, template: str) -> str:
         return template.format(user="bob", token_id=self.token_id, role="Reader", flow="af",
-                               file="echo.py", compute="abox", run=self.run, op=self.op)
+                               file="echo.py", compute="abox", run=self.run, op=self.op,
+                               image="flowsession/runtime:1", env=self.env_id, conn="aconn",
+                               identity="team-id", host="pkgs.example.com")
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +250,13 @@ def _body(method: str, template: str) -> dict | None:
         ("PATCH", "/api/flows/{flow}/session"): {"idle_time": "2h"},
         ("POST", "/api/runs"): {"flow": "af", "data": "data.jsonl"},
         ("POST", "/api/tokens"): {"label": "x"},
+        ("POST", "/api/images"): {"name": "zimg", "base": "flowsession/runtime",
+                                  "requirements": ""},
+        ("POST", "/api/flows/{flow}/environment/build"): {},
+        ("POST", "/api/connections"): {"name": "zc", "type": "custom", "configs": {"a": "b"}},
+        ("POST", "/api/identities"): {"name": "zid"},
+        ("PUT", "/api/identities/{identity}/connections"): {"connections": []},
+        ("PUT", "/api/identities/{identity}/feeds/{host}"): {"secret": "t0ken"},
     }.get((method, template))
 
 

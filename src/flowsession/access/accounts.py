@@ -59,7 +59,7 @@ BUILTIN_ROLES = {
     OWNER: ("everything, including role assignment", ["*"]),
     DATA_SCIENTIST: ("use images, start and manage your own computes and sessions, submit runs",
                      ["images:read", "environments:*", "computes:*", "sessions:*", "runs:*",
-                      "flows:*", "connections:read", "identities:read"]),
+                      "flows:*", "connections:*", "identities:read"]),
     READER: ("read", ["images:read", "environments:read", "computes:read", "sessions:read",
                       "runs:read", "flows:read", "connections:read", "identities:read"]),
 }

@@ -4,7 +4,12 @@
 A connection is read from prompt flow's connection YAML. Its configs are stored as JSON text;
 its secrets as one Fernet token (of a JSON object) made with the same key as the feed secrets
 (``access.secrets.cipher``), so the database alone reveals no secret. Secrets are decrypted
-only to hand to a flow's executor (``for_executor``); everything shown to people masks them.
+only to hand to a flow's executor (``for_executor``, ``for_executor_as``); everything shown to
+people masks them.
+
+Connection names are unique across owners. A run gets its owner's connections, and, when its
+session runs as a managed identity, the connections that identity gives access to, whoever owns
+them (``usable_names`` / ``for_executor_as``; ``access.identities`` keeps the lists).
 """
 
 from __future__ import annotations
@@ -142,15 +147,18 @@ class ConnectionService:
             data = {**data, "name": name}
         return self._create(data, owner=owner, source=str(file), text=text)
 
-    def create(self, data: Mapping[str, Any], *, owner: str, source: str = ""
-               ) -> tuple[Connection, bool]:
+    def create(self, data: Mapping[str, Any], *, owner: str, source: str = "",
+               allow_env: bool = True) -> tuple[Connection, bool]:
         """Create (or update) a connection from its YAML's content; ``source`` names the file
-        in errors. Returns (connection, created)."""
-        return self._create(data, owner=owner, source=source, text=None)
+        in errors. Returns (connection, created).
 
-    def _create(self, data: Any, *, owner: str, source: str, text: str | None
-                ) -> tuple[Connection, bool]:
-        spec = _Parser(source, text).parse(data)
+        ``allow_env=False`` refuses ``${env:VAR}`` values: over the API they would read the
+        server's environment, not the caller's."""
+        return self._create(data, owner=owner, source=source, text=None, allow_env=allow_env)
+
+    def _create(self, data: Any, *, owner: str, source: str, text: str | None,
+                allow_env: bool = True) -> tuple[Connection, bool]:
+        spec = _Parser(source, text, allow_env=allow_env).parse(data)
         now = time.time()
         for attempt in range(2):  # a second time if another process inserted the name first
             try:
@@ -185,14 +193,25 @@ class ConnectionService:
 
     # --- reading --------------------------------------------------------------------------
 
-    def list(self, owner: str) -> list[Connection]:
+    def list(self, owner: str | None) -> list[Connection]:
+        """``owner``'s connections; every owner's with None."""
+        q = select(connections).order_by(connections.c.name)
+        if owner is not None:
+            q = q.where(connections.c.owner == owner)
         with self.store.engine.connect() as c:
-            rows = c.execute(select(connections).where(connections.c.owner == owner)
-                             .order_by(connections.c.name)).all()
+            rows = c.execute(q).all()
         return [self._connection(r) for r in rows]
 
     def get(self, name: str, *, owner: str) -> Connection:
         return self._connection(self._row(name, owner))
+
+    def find(self, name: str) -> Connection:
+        """The connection of that name, whoever owns it (names are unique across owners)."""
+        with self.store.engine.connect() as c:
+            row = c.execute(select(connections).where(connections.c.name == name)).first()
+        if row is None:
+            raise _not_found([name])
+        return self._connection(row)
 
     def delete(self, name: str, *, owner: str) -> None:
         with self.store.engine.begin() as c:
@@ -205,12 +224,38 @@ class ConnectionService:
     def for_executor(self, names: Iterable[str], *, owner: str) -> dict[str, dict]:
         """The named connections, decrypted, in promptflow's executor format (what
         ``DictConnectionProvider`` takes). Any missing (or another owner's) is an error."""
+        return self._executor_format(names, owner=owner, shared=frozenset())
+
+    def usable_names(self, owner: str, *, identity: str | None = None) -> set[str]:
+        """The connection names a run of ``owner`` on a session of ``identity`` may use: the
+        owner's own, plus those a managed identity gives access to (and that exist)."""
+        q = select(connections.c.name).where(_usable(owner, self._shared(identity)))
+        with self.store.engine.connect() as c:
+            return set(c.execute(q).scalars())
+
+    def for_executor_as(self, names: Iterable[str], *, owner: str,
+                        identity: str | None = None) -> dict[str, dict]:
+        """``for_executor`` for a run of ``owner`` on a session whose identity is
+        ``identity``: a name resolves to the owner's connection, or (managed identity) to the
+        connection of that name the identity gives access to, whoever owns it. ``None`` or
+        ``"user"`` is the user's own identity: exactly ``for_executor``. A name that resolves
+        to neither is an error (NotFound), as in ``for_executor``; intersect the candidates
+        with ``usable_names`` first to drop names that are not connections."""
+        return self._executor_format(names, owner=owner, shared=self._shared(identity))
+
+    def _shared(self, identity: str | None) -> frozenset[str]:
+        from flowsession.access.identities import allowed_connections
+
+        return allowed_connections(self.store, identity)
+
+    def _executor_format(self, names: Iterable[str], *, owner: str,
+                         shared: frozenset[str]) -> dict[str, dict]:
         wanted = sorted(set(names))
         if not wanted:
             return {}
         with self.store.engine.connect() as c:
             rows = {r.name: r for r in c.execute(select(connections).where(
-                connections.c.name.in_(wanted), connections.c.owner == owner))}
+                connections.c.name.in_(wanted), _usable(owner, shared)))}
         if missing := [n for n in wanted if n not in rows]:
             raise _not_found(missing)
         out = {}
@@ -256,6 +301,12 @@ class ConnectionService:
             ) from None
 
 
+def _usable(owner: str, shared: frozenset[str]):
+    """The rows a run of ``owner`` may use: its own, and those shared through an identity."""
+    own = connections.c.owner == owner
+    return own | connections.c.name.in_(sorted(shared)) if shared else own
+
+
 def _not_found(names: list[str]) -> NotFound:
     if len(names) == 1:
         return NotFound(f"connection '{names[0]}' does not exist",
@@ -296,8 +347,8 @@ class _Spec:
 
 
 class _Parser:
-    def __init__(self, source: str, text: str | None):
-        self.source, self.text = source, text
+    def __init__(self, source: str, text: str | None, *, allow_env: bool = True):
+        self.source, self.text, self.allow_env = source, text, allow_env
 
     def error(self, field: str | None, message: str, *, hint: str = "",
               missing: bool = False) -> InvalidInput:
@@ -419,6 +470,9 @@ class _Parser:
         if not m:
             return value
         var = m.group(1)
+        if not self.allow_env:
+            raise self.error(field, f"${{env:{var}}} would read the server's environment",
+                             hint="send the value itself")
         if var not in os.environ:
             raise self.error(field, f"the environment variable {var} is not set",
                              hint=f"set {var} before running the command, or write the value")

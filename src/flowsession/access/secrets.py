@@ -103,6 +103,24 @@ class FeedSecrets:
         return [{"identity": r.identity, "host": r.host, "secret": mask(self._decrypt(r.ciphertext)),
                  "created_at": r.created_at} for r in rows]
 
+    def hosts(self, *, identity: str | None = None) -> dict[str, list[str]]:
+        """identity -> the hosts it holds a secret for (nothing is decrypted)."""
+        q = select(feed_secrets.c.identity, feed_secrets.c.host).order_by(
+            feed_secrets.c.identity, feed_secrets.c.host)
+        if identity is not None:
+            q = q.where(feed_secrets.c.identity == identity)
+        out: dict[str, list[str]] = {}
+        with self.store.engine.connect() as c:
+            for r in c.execute(q):
+                out.setdefault(r.identity, []).append(r.host)
+        return out
+
+    def delete_all(self, *, identity: str) -> int:
+        """Forget every secret of ``identity`` (a managed identity being deleted)."""
+        with self.store.engine.begin() as c:
+            return c.execute(delete(feed_secrets).where(
+                feed_secrets.c.identity == identity)).rowcount
+
     def credentials_for(self, feeds: Iterable[Feed], *, identity: str = USER_IDENTITY
                         ) -> dict[str, str]:
         """host -> secret for each feed whose URL holds ``{private}`` (only those)."""

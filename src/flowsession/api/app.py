@@ -130,9 +130,20 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                 log.exception("audit write failed")
         return response
 
-    from flowsession.api.routers import access, computes, flows, operations, runs
+    from flowsession.api.routers import (
+        access,
+        computes,
+        connections,
+        environments,
+        flows,
+        identities,
+        images,
+        operations,
+        runs,
+    )
 
-    for module in (flows, runs, computes, access, operations):
+    for module in (flows, runs, computes, access, operations, images, environments,
+                   connections, identities):
         app.include_router(module.router, prefix="/api")
 
     @app.get("/api/health", tags=["server"])

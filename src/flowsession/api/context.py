@@ -12,6 +12,7 @@ from sqlalchemy import insert, select
 
 from flowsession.access.accounts import Accounts, Principal
 from flowsession.access.connections import ConnectionService
+from flowsession.access.identities import IdentityService
 from flowsession.config import Settings
 from flowsession.errors import FlowSessionError, NotFound
 from flowsession.runs.service import RunService
@@ -49,6 +50,12 @@ class Services:
     def store(self):
         return self.sessions.store
 
+    @property
+    def identities(self) -> IdentityService:
+        if "identities" not in self.extra:
+            self.extra["identities"] = IdentityService(self.settings, self.store)
+        return self.extra["identities"]
+
 
 def services(request: Request) -> Services:
     return request.app.state.services
@@ -77,6 +84,19 @@ def require(scope: str):
         return who
 
     return check
+
+
+def check_identity(svc: Services, who: Principal, identity: str | None) -> None:
+    """May ``who`` act as ``identity`` (a session's or a build's)? 403 without
+    ``identities:use:NAME``; then a managed identity that does not exist is 404. None or
+    ``user`` (the caller's own) always may."""
+    if not identity:
+        return
+    if not who.can_use_identity(identity):
+        raise Forbidden(f"you may not use identity {identity!r}",
+                        hint="ask an Owner for identities:use:" + identity,
+                        details={"scope": f"identities:use:{identity}"})
+    svc.identities.check_usable(identity)
 
 
 def owner_for(who: Principal, owner: str, what: str) -> str:

@@ -71,6 +71,10 @@ class EnvironmentCache:
                            hint="list environments with: flowsession env list")
         return env
 
+    def find(self, env_id: str) -> Environment | None:
+        """The environment's record, or None (never built, or forgotten)."""
+        return self._find(env_id)
+
     def list(self) -> list[Environment]:
         refs = (select(environment_refs.c.env_id, func.count().label("refs"))
                 .group_by(environment_refs.c.env_id).subquery())

@@ -91,14 +91,18 @@ def parse_requirements(
     display: str | None = None,
     allow_local: bool = False,
     image_versions: dict[str, str] | None = None,
+    allow_includes: bool = True,
 ) -> FlowRequirements:
-    """Parse ``path``. ``image_versions`` (name -> version) makes refusals say what the image has."""
+    """Parse ``path``. ``image_versions`` (name -> version) makes refusals say what the image has.
+    ``allow_includes=False`` refuses ``-r``/``-c`` (text sent over the API must not read other
+    files of the server)."""
     display = display or path.name
     reqs: list[str] = []
     cons: list[str] = []
     feeds: list[Feed] = []
     dropped: list[str] = []
-    _read(path, display, allow_local, image_versions or {}, reqs, cons, feeds, dropped, depth=0)
+    _read(path, display, allow_local, image_versions or {}, reqs, cons, feeds, dropped, depth=0,
+          allow_includes=allow_includes)
     return FlowRequirements(
         source=display,
         requirements=tuple(reqs),
@@ -110,7 +114,8 @@ def parse_requirements(
     )
 
 
-def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped, *, depth):
+def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped, *, depth,
+          allow_includes=True):
     if depth > 10:
         raise RequirementsError(f"{display}: -r/-c includes nest too deeply (a cycle?)",
                                 hint="remove the include that leads back to an earlier file")
@@ -128,7 +133,7 @@ def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped
         where = f"{display}, line {lineno}"
         if line.startswith("-"):
             _option(line, where, path, display, allow_local, image_versions,
-                    reqs, cons, feeds, dropped, depth)
+                    reqs, cons, feeds, dropped, depth, allow_includes)
             continue
         if _is_local(line) and not allow_local:
             raise RequirementsError(
@@ -162,7 +167,7 @@ def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped
 
 
 def _option(line, where, path, display, allow_local, image_versions, reqs, cons, feeds, dropped,
-            depth):
+            depth, allow_includes=True):
     head, _, rest = line.partition(" ")
     if head.startswith("--") and "=" in head:  # --index-url=URL
         head, _, value = head.partition("=")
@@ -184,6 +189,9 @@ def _option(line, where, path, display, allow_local, image_versions, reqs, cons,
         feeds.append(Feed(url=args[0].rstrip("/"), primary=opt != "--extra-index-url"))
         return
     if opt in ("-r", "--requirement", "-c", "--constraint"):
+        if not allow_includes:
+            raise RequirementsError(f"{where}: '{opt}' includes another file, which is not "
+                                    "allowed here", hint="list the packages themselves")
         inc = (path.parent / args[0]).resolve()
         inc_display = f"{args[0]} (included from {display})"
         into = reqs if opt in ("-r", "--requirement") else cons

@@ -87,8 +87,15 @@ class EnvironmentService:
         return await self.cache.ensure(prepared.spec, holder=holder, credentials=credentials)
 
     async def create_image(self, name: str, *, base: str, requirements: Path,
-                           description: str = "", identity: str = USER_IDENTITY):
-        """A custom image, its ``{private}`` feeds filled from ``identity``'s secrets."""
+                           description: str = "", identity: str = USER_IDENTITY,
+                           confined: bool = False):
+        """A custom image, its ``{private}`` feeds filled from ``identity``'s secrets.
+
+        ``confined``: the requirements may name only index packages (no local files, no
+        ``-r``/``-c`` includes): for text sent by someone who may not read the server's files."""
+        if confined:
+            parse_requirements(requirements, display="requirements", allow_local=False,
+                               allow_includes=False)
         feeds = (parse_requirements(requirements, allow_local=True).feeds
                  if requirements.is_file() else ())
         credentials = self.secrets.credentials_for(feeds, identity=identity)

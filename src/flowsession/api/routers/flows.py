@@ -9,7 +9,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
-from flowsession.api.context import Forbidden, Services, owner_for, require, services
+from flowsession.api.context import (
+    Forbidden,
+    Services,
+    check_identity,
+    owner_for,
+    require,
+    services,
+)
 from flowsession.config import parse_duration
 from flowsession.errors import NotFound
 from flowsession.flows.registry import FlowRegistry, RegisteredFlow
@@ -65,13 +72,6 @@ def flow_of(svc: Services, who: Principal, name: str) -> tuple[RegisteredFlow, s
 
 def _flow_dict(flow: RegisteredFlow) -> dict:
     return dataclasses.asdict(flow)
-
-
-def _check_identity(who: Principal, identity: str | None) -> None:
-    if identity and not who.can_use_identity(identity):
-        raise Forbidden(f"you may not use identity {identity!r}",
-                        hint="ask an Owner for identities:use:" + identity,
-                        details={"scope": f"identities:use:{identity}"})
 
 
 @router.get("/flows")
@@ -151,7 +151,7 @@ async def start_session(name: str, request: Request, body: StartIn | None = None
     operation to poll (GET /api/operations/{id}) or stream (.../events)."""
     body = body or StartIn()
     flow, owner = flow_of(svc, who, name)
-    _check_identity(who, body.identity)
+    check_identity(svc, who, body.identity)
     if body.instance:
         svc.sessions.computes.get(body.instance, user=owner)  # another's instance: 404 now
     options = StartOptions(
@@ -208,7 +208,7 @@ async def stop(name: str, who: Principal = Depends(require("sessions:write")),
 async def update(name: str, body: UpdateIn, who: Principal = Depends(require("sessions:write")),
                  svc: Services = Depends(services)) -> dict:
     flow, owner = flow_of(svc, who, name)
-    _check_identity(who, body.identity)
+    check_identity(svc, who, body.identity)
     session = await svc.sessions.update(
         flow.path, user=owner, vm_size=body.vm_size, instance=body.instance,
         identity=body.identity,

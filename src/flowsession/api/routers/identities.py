@@ -1,0 +1,116 @@
+"""Managed identities: named, workspace-level credentials a session can run as.
+
+An identity holds package-feed secrets per host (they fill ``{private}`` feeds when the
+session's environment, or a custom image, is built) and the names of connections it gives
+access to (a run on a session of the identity gets them, whoever owns them). Using one needs
+``identities:use:NAME``. Answers name the feed hosts, never a secret; a secret arrives in a
+request body only, and is neither echoed nor logged.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowsession.access.accounts import Principal
+from flowsession.access.identities import Identity
+from flowsession.api.context import Services, owner_for, require, services
+from flowsession.errors import Conflict
+from flowsession.sessions.records import ACTIVE_STATES
+
+router = APIRouter(tags=["identities"])
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdentityIn(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=4000)
+    connections: list[str] = Field(default_factory=list, description="connection names it "
+                                   "gives access to (yours, or any with all:manage)")
+
+
+class ConnectionsIn(Strict):
+    connections: list[str]
+
+
+class FeedSecretIn(Strict):
+    secret: str = Field(min_length=1, max_length=8192, description="'user:token' or a token")
+
+
+def _dict(who: Principal, identity: Identity) -> dict:
+    return {**identity.to_dict(), "usable": who.can_use_identity(identity.name)}
+
+
+def _check_connections(svc: Services, who: Principal, names: list[str]) -> None:
+    """You may give access only to connections you could see yourself: yours, or any if you
+    manage everything (someone else's is 404, as everywhere)."""
+    for name in names:
+        owner_for(who, svc.connections.find(name).owner, f"connection '{name}'")
+
+
+@router.get("/identities")
+def list_identities(who: Principal = Depends(require("identities:read")),
+                    svc: Services = Depends(services)) -> list[dict]:
+    """Every managed identity, its connections and feed hosts, and whether you may use it."""
+    return [_dict(who, i) for i in svc.identities.list()]
+
+
+@router.get("/identities/{name}")
+def get_identity(name: str, who: Principal = Depends(require("identities:read")),
+                 svc: Services = Depends(services)) -> dict:
+    return _dict(who, svc.identities.get(name))
+
+
+@router.post("/identities", status_code=201)
+def create_identity(body: IdentityIn, who: Principal = Depends(require("identities:write")),
+                    svc: Services = Depends(services)) -> dict:
+    _check_connections(svc, who, body.connections)
+    return _dict(who, svc.identities.create(body.name, by=who.user,
+                                            description=body.description,
+                                            connections=body.connections))
+
+
+@router.delete("/identities/{name}")
+def delete_identity(name: str, who: Principal = Depends(require("identities:write")),
+                    svc: Services = Depends(services)) -> dict:
+    """The identity and its feed secrets; refused (409) while a session runs as it."""
+    svc.identities.get(name)
+    using = [s.id for s in svc.sessions.records.list(owner=None, states=ACTIVE_STATES)
+             if s.identity == name]
+    if using:
+        raise Conflict(f"identity {name!r} is used by {len(using)} active session(s)",
+                       hint="stop them first", details={"sessions": using})
+    svc.identities.delete(name)
+    return {"name": name, "deleted": True}
+
+
+@router.put("/identities/{name}/connections")
+def set_connections(name: str, body: ConnectionsIn,
+                    who: Principal = Depends(require("identities:write")),
+                    svc: Services = Depends(services)) -> dict:
+    """Replace the connections the identity gives access to."""
+    svc.identities.get(name)
+    _check_connections(svc, who, body.connections)
+    return _dict(who, svc.identities.set_connections(name, body.connections))
+
+
+@router.put("/identities/{name}/feeds/{host}")
+def set_feed_secret(name: str, host: str, body: FeedSecretIn,
+                    who: Principal = Depends(require("identities:write")),
+                    svc: Services = Depends(services)) -> dict:
+    """Store (or replace) the secret that fills ``{private}`` in feeds on ``host``."""
+    identity = svc.identities.set_feed_secret(name, host, body.secret)
+    return {"identity": name, "host": host.strip().lower(), "stored": True,
+            "feed_hosts": list(identity.feed_hosts)}
+
+
+@router.delete("/identities/{name}/feeds/{host}")
+def delete_feed_secret(name: str, host: str,
+                       who: Principal = Depends(require("identities:write")),
+                       svc: Services = Depends(services)) -> dict:
+    identity = svc.identities.delete_feed_secret(name, host)
+    return {"identity": name, "host": host.strip().lower(), "deleted": True,
+            "feed_hosts": list(identity.feed_hosts)}
