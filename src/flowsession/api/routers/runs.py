@@ -12,7 +12,14 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
-from flowsession.api.context import Forbidden, Services, owner_for, require, services
+from flowsession.api.context import (
+    Forbidden,
+    Services,
+    check_identity,
+    owner_for,
+    require,
+    services,
+)
 from flowsession.api.routers.flows import flow_of
 from flowsession.errors import InvalidInput, NotFound
 from flowsession.runs.records import ENDED, Run
@@ -69,9 +76,7 @@ async def create_run(body: RunIn, request: Request,
     flow, owner = flow_of(svc, who, body.flow)
     if owner != who.user:
         raise Forbidden("runs are submitted by the flow's owner", details={"flow": body.flow})
-    if body.identity and not who.can_use_identity(body.identity):
-        raise Forbidden(f"you may not use identity {body.identity!r}",
-                        details={"scope": f"identities:use:{body.identity}"})
+    check_identity(svc, who, body.identity)
     if body.resources.get("compute"):
         svc.sessions.computes.get(str(body.resources["compute"]), user=owner)
     fields = body.model_dump(exclude={"data_lines", "flow", "data"}, exclude_defaults=True)
