@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        recovered = ops.recover()
+        recovered = ops.recover({"run": lambda name: _follow_run(svc, name)})
         if recovered:
             log.warning("%d operation(s) of a previous server marked failed", recovered)
         tasks = [asyncio.create_task(_loop(svc))] if background else []
@@ -152,6 +152,16 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         return {"ok": True, "version": __version__}
 
     return app
+
+
+def _follow_run(svc: Services, name: str):
+    """A run's operation, picked up again by a new server: the run went on in its session."""
+    async def work(emit) -> dict:
+        emit({"event": "progress", "message": "the server restarted: following the run again"})
+        owner = svc.runs.records.get(name).owner
+        return (await svc.runs.wait(name, user=owner)).to_dict()
+
+    return work
 
 
 async def _loop(svc: Services) -> None:

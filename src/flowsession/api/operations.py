@@ -33,18 +33,28 @@ class Operations:
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.changed: dict[str, asyncio.Event] = {}
 
-    def recover(self) -> int:
-        """Operations left running by a server that is gone: failed, saying why."""
+    def recover(self, followers: dict[str, Callable[[str], Callable[[Emit], Awaitable[Any]]]]
+                | None = None) -> int:
+        """Operations left running by a server that is gone. Those whose work goes on without
+        the server (``followers``: kind -> resource -> work, e.g. a run, which its session
+        executes) are followed again to their end; the rest are failed, saying why."""
+        followers = followers or {}
         with self.store.engine.begin() as conn:
-            rows = conn.execute(select(operations.c.id, operations.c.server)
-                                .where(operations.c.status == RUNNING)).all()
-            dead = [r.id for r in rows if r.server != self.server
+            rows = conn.execute(select(operations).where(operations.c.status == RUNNING)).all()
+            dead = [r for r in rows if r.server != self.server
                     and not procs.identity_alive(r.server)]
-            for op_id in dead:
-                conn.execute(update(operations).where(operations.c.id == op_id).values(
+            for r in dead:
+                if r.kind in followers:
+                    conn.execute(update(operations).where(operations.c.id == r.id)
+                                 .values(server=self.server))
+                    continue
+                conn.execute(update(operations).where(operations.c.id == r.id).values(
                     status=FAILED, ended_at=time.time(), error=json.dumps({
                         "code": "interrupted", "message": "the server restarted while this "
                         "operation ran", "hint": "look at the resource's state and try again"})))
+        for r in dead:
+            if r.kind in followers:
+                self._follow(r.id, r.kind, r.resource, followers[r.kind](r.resource))
         return len(dead)
 
     def start(self, kind: str, resource: str, owner: str,
@@ -54,6 +64,11 @@ class Operations:
             conn.execute(insert(operations).values(
                 id=op_id, kind=kind, resource=resource, owner=owner, status=RUNNING,
                 server=self.server, created_at=time.time()))
+        self._follow(op_id, kind, resource, work)
+        return self.get(op_id)
+
+    def _follow(self, op_id: str, kind: str, resource: str,
+                work: Callable[[Emit], Awaitable[Any]]) -> None:
         self.events[op_id] = []
         self.changed[op_id] = asyncio.Event()
 
@@ -81,7 +96,6 @@ class Operations:
                 self.tasks.pop(op_id, None)
 
         self.tasks[op_id] = asyncio.get_running_loop().create_task(run())
-        return self.get(op_id)
 
     def _end(self, op_id: str, status: str, *, result: Any = None,
              error: dict | None = None) -> None:
