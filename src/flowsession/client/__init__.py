@@ -1,32 +1,120 @@
 """The Python SDK: ``flowsession.Client``, in prompt flow's words (``pf.run``, ``get_details``,
 ``get_metrics``, ``stream``) plus sessions.
 
-Today the client runs the services in-process against the local store (the CLI's control
-plane); the same methods will speak to a flowsession server by URL and token.
+One client, two transports behind the same methods:
+
+* a server (``flowsession server``), by URL and token: ``Client(url=..., token=...)``, or
+  ``FLOWSESSION_URL`` + ``FLOWSESSION_TOKEN``, or ``FLOWSESSION_HOME/client.json`` (written by
+  the server on its first start);
+* otherwise in-process, the services called directly against the local store (the CLI's
+  control plane), as ``Client(settings)`` always does.
+
+Over HTTP a flow is a registered name (``register_flow``), or a local folder, uploaded on first
+use under its folder name; a local data file is read here and sent inline.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from flowsession.config import Settings
+from flowsession.errors import InvalidInput
 from flowsession.runs.records import Run
 from flowsession.runs.spec import RunSpec, spec_from_dict
 
+__all__ = ["AuthenticationError", "Client", "PermissionDenied", "ServerUnreachable",
+           "server_config"]
+
+
+def __getattr__(name: str):
+    if name in ("AuthenticationError", "PermissionDenied", "ServerUnreachable"):
+        from flowsession.client import http
+
+        return getattr(http, name)
+    raise AttributeError(name)
+
+
+def server_config(url: str | None = None, token: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """The server to speak to and the token: the arguments, else ``FLOWSESSION_URL`` /
+    ``FLOWSESSION_TOKEN``, else ``FLOWSESSION_HOME/client.json``; ``(None, None)``: none."""
+    env = os.environ if environ is None else environ
+    url = url or env.get("FLOWSESSION_URL") or None
+    token = token or env.get("FLOWSESSION_TOKEN") or None
+    saved: dict[str, Any] = {}
+    path = Settings.from_env(dict(env)).home / "client.json"
+    if (url is None or token is None) and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"{path} cannot be read: {exc}",
+                               hint="fix or delete it (flowsession server writes it)",
+                               details={"file": str(path)}) from None
+    if url is None:
+        url = saved.get("url")
+        token = token or saved.get("token")
+    elif token is None and saved.get("url", "").rstrip("/") == url.rstrip("/"):
+        token = saved.get("token")
+    return url, token
+
 
 class Client:
-    """``Client()`` uses the local flowsession home (``FLOWSESSION_HOME``) as the CLI does."""
+    """``Client()`` speaks to the configured server (see ``server_config``), or else uses the
+    local flowsession home (``FLOWSESSION_HOME``) as the CLI does. ``Client(settings)`` is
+    always in-process; ``Client(url=..., token=...)`` always a server."""
 
-    def __init__(self, settings: Settings | None = None, *, user: str | None = None):
-        from flowsession.runs.service import RunService
+    def __init__(self, settings: Settings | None = None, *, user: str | None = None,
+                 url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        url, token = (url, token) if settings is not None and url is None else \
+            server_config(url, token)
+        if url:
+            from flowsession.client.http import HttpTransport
 
-        self.settings = settings or Settings.from_env()
-        self.user = user or self.settings.user
-        self._runs = RunService.open(self.settings)
-        self._sessions = self._runs.sessions
+            if not token:
+                raise InvalidInput(f"no token for the flowsession server at {url}",
+                                   hint="pass token=, or set FLOWSESSION_TOKEN (an Owner "
+                                        "issues them: POST /api/users, /api/tokens)")
+            if user is not None:
+                raise InvalidInput("user= is for the in-process client: on a server, the "
+                                   "token says who you are")
+            self._t = HttpTransport(url, token, timeout=timeout)
+            self.settings = None
+            self.url: str | None = self._t.url
+            self._user = None
+        else:
+            from flowsession.client.local import LocalTransport
+
+            self._t = LocalTransport(settings, user=user)
+            self.settings = self._t.settings
+            self.url = None
+            self._user = self._t.user
+
+    @property
+    def transport(self) -> str:
+        """``"http"`` or ``"local"``."""
+        return self._t.kind
+
+    @property
+    def user(self) -> str:
+        if self._user is None:
+            self._user = self._t.me()["user"]
+        return self._user
+
+    def close(self) -> None:
+        self._t.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(url={self.url!r})" if self.url else f"Client(home={self.settings.home})"
 
     # --- runs ------------------------------------------------------------------------------
 
@@ -43,11 +131,16 @@ class Client:
             resume_from: str | Run | None = None, wait: bool = True,
             on_progress: Callable[[Run], None] | None = None, **extra: Any) -> Run:
         """Create a run (prompt flow's ``pf.run``) and, unless ``wait=False``, wait for it to
-        end. Unknown keyword arguments are refused, naming them."""
+        end. Unknown keyword arguments are refused, naming them.
+
+        ``flow``: a flow folder, or (on a server, or registered locally) a flow's name.
+        ``data``: a local data file (.jsonl, .json, .csv, .tsv); on a server, a path that is
+        not a local file names a file of the flow's folder there."""
         if extra:
             raise TypeError(f"run() got unexpected argument(s): {', '.join(sorted(extra))}")
         fields: dict[str, Any] = {
-            "flow": _path(flow), "data": _path(data), "column_mapping": column_mapping,
+            "flow": self._t.flow_arg(flow), "data": self._t.data_arg(data),
+            "column_mapping": column_mapping,
             "run": _name(run), "variant": variant, "resources": resources,
             "identity": identity, "environment_variables": environment_variables,
             "connections": connections, "name": name, "display_name": display_name,
@@ -60,63 +153,88 @@ class Client:
 
     def submit(self, spec: RunSpec, *, wait: bool = True,
                on_progress: Callable[[Run], None] | None = None) -> Run:
-        created = asyncio.run(self._runs.create(spec, user=self.user))
-        if not wait:
-            return created
-        return self.stream(created.name, on_progress=on_progress)
+        return self._t.submit(spec, wait=wait, on_progress=on_progress)
 
     def stream(self, run: str | Run, *, on_progress: Callable[[Run], None] | None = None,
                timeout: float | None = None) -> Run:
-        """Wait for the run to end, calling ``on_progress(run)`` as lines complete."""
-        return asyncio.run(self._runs.wait(_name(run), user=self.user,
-                                           on_progress=on_progress, timeout=timeout))
+        """Wait for the run to end (or ``timeout`` seconds: the run as it is then), calling
+        ``on_progress(run)`` as lines complete."""
+        return self._t.stream(_name(run), on_progress=on_progress, timeout=timeout)
 
     def get_run(self, run: str | Run) -> Run:
-        return asyncio.run(self._runs.advance(_name(run), user=self.user))
+        return self._t.get_run(_name(run))
 
     def list_runs(self, max_results: int | None = 50) -> list[Run]:
-        asyncio.run(self._runs.advance_all())
-        return self._runs.list(user=self.user, limit=max_results)
+        return self._t.list_runs(max_results)
 
     def get_details(self, run: str | Run, *, all_results: bool = True,
                     max_results: int = 100) -> list[dict[str, Any]]:
         """Per line: ``line_number``, ``status``, ``inputs``, ``outputs``, ``error``."""
-        rows = self._runs.details(_name(run), user=self.user)
+        rows = self._t.get_details(_name(run))
         return rows if all_results else rows[:max_results]
 
     def get_outputs(self, run: str | Run) -> list[dict[str, Any]]:
         """The completed lines' outputs (``outputs.jsonl``), each with its ``line_number``."""
-        return self._runs.outputs(_name(run), user=self.user)
+        return self._t.get_outputs(_name(run))
 
     def get_metrics(self, run: str | Run) -> dict[str, Any]:
-        return self._runs.metrics(_name(run), user=self.user)
+        return self._t.get_metrics(_name(run))
 
     def cancel(self, run: str | Run) -> Run:
-        return asyncio.run(self._runs.cancel(_name(run), user=self.user))
+        return self._t.cancel(_name(run))
 
     # --- sessions --------------------------------------------------------------------------
 
     def test(self, flow: str | Path, inputs: Mapping[str, Any] | None = None,
              *, timeout: float = 600) -> dict[str, Any]:
         """One line on the flow's session (started if none runs): its outputs."""
-        return asyncio.run(self._sessions.test(_path(flow), dict(inputs or {}), user=self.user,
-                                               timeout=timeout))
+        return self._t.test(flow, dict(inputs or {}), timeout)
 
     def start_session(self, flow: str | Path, **options: Any):
-        from flowsession.sessions.service import StartOptions
-
-        return asyncio.run(self._sessions.start(_path(flow), user=self.user,
-                                                options=StartOptions(**options)))
+        """Start the flow's session; options: compute_type, vm_size, instance,
+        idle_timeout_s (or idle_time='30m'), identity, image."""
+        return self._t.start_session(flow, options)
 
     def get_session(self, flow: str | Path):
-        return asyncio.run(self._sessions.show(_path(flow), user=self.user))
+        return self._t.get_session(flow)
 
     def stop_session(self, flow: str | Path):
-        return asyncio.run(self._sessions.stop(_path(flow), user=self.user))
+        return self._t.stop_session(flow)
 
+    def install(self, flow: str | Path):
+        """Save and install: the flow's requirements into a new environment for its running
+        session, switched to only when it works. Returns the session."""
+        return self._t.install(flow)
 
-def _path(p: str | Path | None) -> str | None:
-    return None if p is None else str(Path(p).expanduser().resolve())
+    # --- flows -----------------------------------------------------------------------------
+
+    def register_flow(self, name: str, path: str | Path, *,
+                      on_server: bool = False) -> dict[str, Any]:
+        """Register the flow folder ``path`` as ``name``: uploaded (its text files), or with
+        ``on_server=True`` a folder of the server's machine (needs all:manage)."""
+        return self._t.register_flow(name, path, on_server=on_server)
+
+    def read_flow_file(self, flow: str | Path, path: str) -> str:
+        return self._t.read_flow_file(flow, path)
+
+    def write_flow_file(self, flow: str | Path, path: str, content: str) -> None:
+        """Save only: a running session is not touched (``install`` applies a changed
+        requirements.txt; other files take effect at the next line)."""
+        self._t.write_flow_file(flow, path, content)
+
+    # --- computes and who am I -------------------------------------------------------------
+
+    def list_computes(self) -> list[dict[str, Any]]:
+        return self._t.list_computes()
+
+    def create_compute(self, name: str, *, size: str | None = None,
+                       idle_shutdown: str | None = None) -> dict[str, Any]:
+        """A compute instance of yours (``size``: a VM size; ``idle_shutdown``: e.g. '2h')."""
+        return self._t.create_compute(name, size=size, idle_shutdown=idle_shutdown)
+
+    def me(self) -> dict[str, Any]:
+        """``user``, ``roles``, ``scopes``."""
+        return self._t.me()
 
 
 def _name(run: str | Run | None) -> str | None:

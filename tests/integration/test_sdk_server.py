@@ -1,0 +1,261 @@
+"""The SDK against a real server: ``flowsession server`` started as a subprocess on a free port
+of 127.0.0.1, its administrator's token read from ``client.json``, and ``flowsession.Client``
+speaking HTTP to it. What is asserted is what an SDK user sees: uploaded flows, test lines,
+runs and their outputs, details and metrics, errors as their classes, other users' runs
+hidden, a wrong token refused. The server is stopped at the end, its sessions first, and no
+session process may be left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers.flows import make_flow
+
+from flowsession.backends.compute import procs
+from flowsession.client import AuthenticationError, Client, PermissionDenied
+from flowsession.config import Settings
+from flowsession.errors import Conflict, InvalidInput, NotFound, Unsatisfiable
+from flowsession.runs.records import COMPLETED, Run
+
+REPO = Path(__file__).resolve().parents[2]
+FLOWS = REPO / "tests" / "flows"
+EXE = REPO / ".venv" / "bin" / "flowsession"
+ADMIN = "ada"
+pytestmark = pytest.mark.timeout(600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, images: Path, index_url: str | None):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.parent / "server.log"
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("FLOWSESSION_URL", "FLOWSESSION_TOKEN")}
+        env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(images),
+                   FLOWSESSION_STANDBY_POOL="0", FLOWSESSION_USER=ADMIN)
+        if index_url:
+            env["FLOWSESSION_INDEX_URL"] = index_url
+        self.env = env
+        home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(EXE), "server", "--port", str(self.port), "--log-level", "warning"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        self.token = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        config = self.home / "client.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n"
+                                   + self.log.read_text()[-3000:])
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200 \
+                        and config.exists():
+                    saved = json.loads(config.read_text())
+                    assert saved["url"] == self.url and saved["user"] == ADMIN
+                    assert config.stat().st_mode & 0o077 == 0  # the token file is private
+                    return saved["token"]
+            time.sleep(0.1)
+        raise RuntimeError("the server did not come up:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        """Its sessions first (through the API), then the server itself."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception), Client(url=self.url, token=self.token) as c:
+                for flow in c._t.request("GET", "/api/flows"):
+                    with contextlib.suppress(NotFound):
+                        c.stop_session(flow["name"])
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, images_dir, index):
+    home = tmp_path_factory.mktemp("sdk-server") / "home"
+    srv = Server(home, images_dir, index.url)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        runtime = Settings(home=home).runtime_dir
+        leftovers = procs.with_argument_under(str(runtime))
+        for pid in leftovers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if leftovers:
+            pytest.fail(f"session processes left running after the server stopped: "
+                        f"{sorted(leftovers)}\n" + srv.log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    with Client(url=server.url, token=server.token) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def echo_run(admin) -> Run:
+    seen: list[Run] = []
+    run = admin.run(flow=FLOWS / "echo", data=FLOWS / "echo" / "data.jsonl",
+                    column_mapping={"text": "${data.text}"}, on_progress=seen.append)
+    assert seen and seen[-1] == run
+    return run
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_client_json_and_environment_choose_the_server(server, monkeypatch):
+    monkeypatch.delenv("FLOWSESSION_URL", raising=False)
+    monkeypatch.delenv("FLOWSESSION_TOKEN", raising=False)
+    monkeypatch.setenv("FLOWSESSION_HOME", str(server.home))
+    with Client() as c:  # FLOWSESSION_HOME/client.json
+        assert c.transport == "http" and c.url == server.url
+        assert c.me() == {"user": ADMIN, "roles": ["Owner"], "scopes": ["*"]}
+        assert c.user == ADMIN
+    monkeypatch.setenv("FLOWSESSION_HOME", str(server.home.parent / "elsewhere"))
+    monkeypatch.setenv("FLOWSESSION_URL", server.url)
+    monkeypatch.setenv("FLOWSESSION_TOKEN", server.token)
+    with Client() as c:
+        assert c.transport == "http" and c.me()["user"] == ADMIN
+    monkeypatch.delenv("FLOWSESSION_URL")
+    monkeypatch.delenv("FLOWSESSION_TOKEN")
+    assert Client().transport == "local"  # no server configured: in-process, as before
+
+
+def test_a_local_folder_is_uploaded_then_tested(admin):
+    assert admin.test(FLOWS / "echo", {"text": "hi there"}) == {"out": "hi there"}
+    flow = admin._t.request("GET", "/api/flows/echo")
+    assert flow["owner"] == ADMIN and flow["uploaded"]
+    assert flow["files"] == ["data.jsonl", "echo.py", "flow.dag.yaml"]
+    # by its registered name now, and the folder again: reused, not uploaded twice
+    assert admin.test("echo", {"text": "Grüße"}) == {"out": "Grüße"}
+    assert admin.test(str(FLOWS / "echo"), {"text": ""}) == {"out": ""}
+    session = admin.get_session("echo")
+    assert session.state == "RUNNING" and session.owner == ADMIN and session.pid
+    assert admin.read_flow_file("echo", "echo.py") == (FLOWS / "echo" / "echo.py").read_text()
+
+
+def test_run_over_a_local_data_file(admin, echo_run):
+    run = echo_run
+    assert isinstance(run, Run) and run.status == COMPLETED, run.error
+    assert (run.total, run.completed, run.failed) == (4, 4, 0)
+    expected = [json.loads(line)["text"] for line in
+                (FLOWS / "echo" / "data.jsonl").read_text().splitlines()]
+    assert [row["out"] for row in admin.get_outputs(run)] == expected
+    assert [row["line_number"] for row in admin.get_outputs(run.name)] == [0, 1, 2, 3]
+    details = admin.get_details(run)
+    assert [d["status"] for d in details] == ["Completed"] * 4
+    assert [d["inputs"]["text"] for d in details] == expected
+    assert [d["outputs"]["out"] for d in details] == expected
+    assert len(admin.get_details(run, all_results=False, max_results=2)) == 2
+    again = admin.get_run(run.name)
+    assert again.name == run.name and again.status == COMPLETED and again.summary() == \
+        "4 of 4 line(s) completed"
+    assert run.name in [r.name for r in admin.list_runs()]
+
+
+def test_run_by_name_with_the_servers_data_file_and_stream(admin, echo_run):
+    created = admin.run(flow="echo", data="data.jsonl", name="echo-by-name", wait=False,
+                        tags={"via": "sdk"})
+    assert created.name == "echo-by-name" and created.tags == {"via": "sdk"}
+    run = admin.stream(created)
+    assert run.status == COMPLETED and run.completed == 4
+    assert admin.get_outputs(run)[1]["out"] == "prompt flow"
+
+
+def test_metrics_of_an_aggregation(admin):
+    run = admin.run(flow=FLOWS / "aggregate", data=FLOWS / "aggregate" / "data.jsonl")
+    assert run.status == COMPLETED, run.error
+    assert admin.get_metrics(run) == {"accuracy": 0.75}
+    assert [d["outputs"]["grade"] for d in admin.get_details(run)] == \
+        ["correct", "correct", "wrong", "correct"]
+
+
+def test_errors_come_back_as_their_classes(admin, echo_run):
+    with pytest.raises(NotFound) as e:
+        admin.get_run("no-such-run")
+    assert "no-such-run" in str(e.value)
+    with pytest.raises(NotFound):
+        admin.get_metrics("no-such-run")
+    with pytest.raises(InvalidInput) as e:
+        admin.run(flow="echo", data=FLOWS / "echo" / "data.jsonl",
+                  column_mapping={"text": "${data.nope}"})
+    assert "'nope'" in str(e.value) and e.value.column == "nope" and e.value.hint
+    with pytest.raises(Conflict):  # an ended run has nothing to cancel
+        admin.cancel(echo_run)
+    with pytest.raises(NotFound):
+        admin.get_session("no-such-flow")
+    with pytest.raises(InvalidInput):  # a path that is no folder, nor a name
+        admin.test(FLOWS / "no-such-folder", {})
+
+
+def test_another_user_cannot_see_my_run(server, admin, echo_run):
+    answer = admin._t.request("POST", "/api/users",
+                              json={"name": "bob", "roles": ["Data Scientist"]})
+    with Client(url=server.url, token=answer["token"]) as bob:
+        assert bob.me()["user"] == "bob"
+        with pytest.raises(NotFound):
+            bob.get_run(echo_run.name)
+        with pytest.raises(NotFound):
+            bob.get_details(echo_run.name)
+        with pytest.raises(NotFound):
+            bob.get_session("echo")
+        assert echo_run.name not in [r.name for r in bob.list_runs()]
+    answer = admin._t.request("POST", "/api/users", json={"name": "rita", "roles": ["Reader"]})
+    with Client(url=server.url, token=answer["token"]) as rita:
+        with pytest.raises(PermissionDenied) as e:
+            rita.create_compute("mine")
+        assert e.value.scope == "computes:write"
+
+
+def test_save_and_install_through_the_server(admin, tmp_path):
+    flow = make_flow(tmp_path, "tiny", "tinyalpha==1.0\n")
+    (flow / "echo.py").write_text(
+        "import tinyalpha\nfrom promptflow.core import tool\n\n\n@tool\n"
+        "def echo(x: str) -> str:\n    return f'{x} with tinyalpha {tinyalpha.__version__}'\n")
+    session = admin.start_session(flow, idle_time="30m")
+    assert session.state == "RUNNING" and session.idle_timeout_s == 1800
+    assert session.compute_id in [c["id"] for c in admin.list_computes()]
+    assert admin.test("tiny", {"x": "a"}) == {"y": "a with tinyalpha 1.0"}
+    admin.write_flow_file("tiny", "requirements.txt", "tinyalpha==1.0\ntinybeta\ntinygamma\n")
+    with pytest.raises(Unsatisfiable) as e:  # an operation's failure, as its class
+        admin.install("tiny")
+    assert "tinygamma" in str(e.value)
+    admin.write_flow_file("tiny", "requirements.txt", "tinyalpha==2.0\n")
+    assert admin.read_flow_file("tiny", "requirements.txt") == "tinyalpha==2.0\n"
+    assert admin.test("tiny", {"x": "b"}) == {"y": "b with tinyalpha 1.0"}  # Save only
+    installed = admin.install("tiny")
+    assert installed.id == session.id and installed.env_id != session.env_id
+    assert admin.test("tiny", {"x": "c"}) == {"y": "c with tinyalpha 2.0"}
+    assert admin.stop_session("tiny").state == "STOPPED"
+
+
+def test_a_wrong_token_is_an_authentication_error(server):
+    for token in ("fs_000000000000_" + "x" * 43, "not-a-token"):
+        with Client(url=server.url, token=token) as c, pytest.raises(AuthenticationError) as e:
+            c.get_run("anything")
+        assert str(e.value) == "authentication failed: check your token" and e.value.hint
