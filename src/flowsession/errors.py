@@ -30,10 +30,13 @@ class FlowSessionError(Exception):
     def from_dict(cls, data: dict[str, Any]) -> FlowSessionError:
         """Rebuild an error from ``to_dict()`` (a stored failure, or an API response)."""
         data = dict(data)
-        klass = cls.by_code(data.pop("code", "error"))
+        code = data.pop("code", "error")
+        klass = cls.by_code(code)
         err = klass.__new__(klass)  # subclasses' constructors differ; the fields do not
         FlowSessionError.__init__(err, data.pop("message", ""), hint=data.pop("hint", ""),
                                   details=data)
+        if klass.code != code:
+            err.code = code  # a code without a class of its own (e.g. "interrupted") is kept
         for key, value in data.items():
             setattr(err, key, value)
         return err
@@ -106,6 +109,20 @@ class ImageExists(InvalidInput):
 
 class ContainerImageUnsupported(InvalidInput):
     code = "container_image_unsupported"
+
+
+class Unauthorized(FlowSessionError):
+    """No valid token (the API says no more than that)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(FlowSessionError):
+    """A valid token whose roles do not grant the scope (``scope`` names it)."""
+
+    code = "forbidden"
+    status = 403
 
 
 class NotFound(FlowSessionError):

@@ -367,3 +367,18 @@ def test_an_operation_on_a_session_in_the_wrong_state_is_409_saying_the_state(wo
     assert r.status_code in (404, 409), r.text
     if r.status_code == 409:
         assert "STOPPED" in r.json()["error"]["message"]
+
+
+def test_flow_names_are_per_user_so_a_name_tells_nothing(world):
+    """bob may call his flow 'af' too: no 409 reveals alice's; each sees their own."""
+    w = world
+    files = {"flow.dag.yaml": (FLOWS / "echo" / "flow.dag.yaml").read_text(),
+             "echo.py": (FLOWS / "echo" / "echo.py").read_text()}
+    assert w.post("bob", "/api/flows", {"name": "af", "files": files}).status_code == 201
+    assert w.client.get("/api/flows/af", headers=w.h("bob")).json()["owner"] == "bob"
+    assert w.client.get("/api/flows/af", headers=w.h("alice")).json()["owner"] == "alice"
+    r = w.client.get("/api/flows/alice:af", headers=w.h("bob"))
+    assert r.status_code == 404
+    assert w.client.get("/api/flows/bob:af", headers=w.h("owner")).json()["owner"] == "bob"
+    assert w.client.delete("/api/flows/af", headers=w.h("bob")).status_code == 200
+    assert w.client.get("/api/flows/af", headers=w.h("alice")).status_code == 200

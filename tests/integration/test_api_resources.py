@@ -109,8 +109,9 @@ def error(r, status: int) -> dict:
 
 
 def audit_actions(owner: Api, actor: str) -> list[tuple[str, str]]:
+    """(method and route without the /api prefix, result) of the actor's audit entries."""
     entries = owner.get(f"/api/audit?limit=500&actor={actor}").json()
-    return [(e["action"], e["result"]) for e in entries]
+    return [(e["action"].replace(" /api/", " /", 1), e["result"]) for e in entries]
 
 
 # --- tokens and scopes -----------------------------------------------------------------------

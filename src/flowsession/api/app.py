@@ -119,8 +119,10 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                 scheme, _, token = request.headers.get("authorization", "").partition(" ")
                 if scheme.lower() == "bearer":
                     who = svc.accounts.authenticate(token.strip())
-            route = request.scope.get("route")
-            action = f"{request.method} {getattr(route, 'path', request.url.path)}"
+            route = getattr(request.scope.get("route"), "path", request.url.path)
+            if not route.startswith("/api"):
+                route = "/api" + route
+            action = f"{request.method} {route}"
             result = ("ok" if status < 400 else "denied" if status in (401, 403)
                       else "not_found" if status == 404 else f"error {status}")
             try:

@@ -14,20 +14,10 @@ from flowsession.access.accounts import Accounts, Principal
 from flowsession.access.connections import ConnectionService
 from flowsession.access.identities import IdentityService
 from flowsession.config import Settings
-from flowsession.errors import FlowSessionError, NotFound
+from flowsession.errors import Forbidden, NotFound, Unauthorized
 from flowsession.runs.service import RunService
 from flowsession.sessions.service import SessionService
 from flowsession.store.tables import audit_log
-
-
-class Unauthorized(FlowSessionError):
-    code = "unauthorized"
-    status = 401
-
-
-class Forbidden(FlowSessionError):
-    code = "forbidden"
-    status = 403
 
 
 @dataclass

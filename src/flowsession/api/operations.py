@@ -23,6 +23,7 @@ from flowsession.store.tables import operations
 log = logging.getLogger("flowsession.server")
 Emit = Callable[[dict[str, Any]], None]
 RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
+KEEP_EVENTS_S = 300.0
 
 
 class Operations:
@@ -94,8 +95,14 @@ class Operations:
                 emit({"event": "succeeded", "result": result})
             finally:
                 self.tasks.pop(op_id, None)
+                asyncio.get_running_loop().call_later(KEEP_EVENTS_S, self._forget, op_id)
 
         self.tasks[op_id] = asyncio.get_running_loop().create_task(run())
+
+    def _forget(self, op_id: str) -> None:
+        """An ended operation's events are dropped after a while; its outcome stays."""
+        self.events.pop(op_id, None)
+        self.changed.pop(op_id, None)
 
     def _end(self, op_id: str, status: str, *, result: Any = None,
              error: dict | None = None) -> None:

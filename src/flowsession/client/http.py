@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from flowsession.errors import FlowSessionError, InvalidInput
+from flowsession.errors import FlowSessionError, Forbidden, InvalidInput, Unauthorized
 from flowsession.runs.records import ENDED, Run
 from flowsession.runs.spec import RunSpec
 from flowsession.sessions.records import Session
@@ -33,18 +33,8 @@ _SKIP_DIRS = {"__pycache__", "node_modules", ".git", ".venv", "venv", ".promptfl
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
 
 
-class AuthenticationError(FlowSessionError):
-    """The server refused the token (401)."""
-
-    code = "unauthorized"
-    status = 401
-
-
-class PermissionDenied(FlowSessionError):
-    """The token's roles do not grant what was asked (403)."""
-
-    code = "forbidden"
-    status = 403
+AuthenticationError = Unauthorized  # the server refused the token (401)
+PermissionDenied = Forbidden  # the token's roles do not grant what was asked (403)
 
 
 class ServerUnreachable(FlowSessionError):

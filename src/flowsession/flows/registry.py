@@ -56,10 +56,11 @@ class FlowRegistry:
                                details={"field": "path"})
         uploaded = files is not None
         if uploaded:
-            folder = self.root / name
+            folder = self.root / owner / name
             if folder.exists():
-                raise Conflict(f"flow {name!r} exists", details={"flow": name})
-            tmp = self.root / f".{name}.tmp"
+                raise Conflict(f"you have a flow named {name!r}", details={"flow": name})
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = folder.parent / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             for rel, text in files.items():
                 target = _inside(tmp, rel)
@@ -80,16 +81,24 @@ class FlowRegistry:
         except IntegrityError:
             if uploaded:
                 shutil.rmtree(folder, ignore_errors=True)
-            raise Conflict(f"flow {name!r} exists", details={"flow": name}) from None
-        return self.get(name)
+            raise Conflict(f"you have a flow named {name!r}", details={"flow": name}) from None
+        return self.get(name, owner=owner)
 
-    def get(self, name: str, *, owner: str | None = None) -> RegisteredFlow:
+    def get(self, name: str, *, owner: str) -> RegisteredFlow:
+        """``owner``'s flow ``name``; names are per owner."""
         with self.store.engine.connect() as conn:
-            r = conn.execute(select(flows).where(flows.c.name == name)).first()
-        if r is None or (owner is not None and r.owner != owner):
+            r = conn.execute(select(flows).where((flows.c.name == name)
+                                                 & (flows.c.owner == owner))).first()
+        if r is None:
             raise NotFound(f"flow {name!r} does not exist",
                            hint="list the flows: GET /api/flows", details={"flow": name})
         return RegisteredFlow(**r._mapping)
+
+    def named(self, name: str) -> list[RegisteredFlow]:
+        """Every owner's flow of that name (for those who manage everything)."""
+        with self.store.engine.connect() as conn:
+            return [RegisteredFlow(**r._mapping)
+                    for r in conn.execute(select(flows).where(flows.c.name == name))]
 
     def by_path(self, path: str) -> RegisteredFlow | None:
         with self.store.engine.connect() as conn:
@@ -103,14 +112,15 @@ class FlowRegistry:
         with self.store.engine.connect() as conn:
             return [RegisteredFlow(**r._mapping) for r in conn.execute(q)]
 
-    def files(self, name: str) -> list[str]:
-        folder = Path(self.get(name).path)
+    def files(self, flow: RegisteredFlow) -> list[str]:
+        folder = Path(flow.path)
         return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                       if p.is_file() and "__pycache__" not in p.parts
                       and not p.name.startswith("."))
 
-    def read(self, name: str, rel: str) -> str:
-        target = _inside(Path(self.get(name).path), rel)
+    def read(self, flow: RegisteredFlow, rel: str) -> str:
+        name = flow.name
+        target = _inside(Path(flow.path), rel)
         try:
             return target.read_text()
         except FileNotFoundError:
@@ -119,21 +129,21 @@ class FlowRegistry:
         except UnicodeDecodeError:
             raise InvalidInput(f"{rel} is not a text file", details={"file": rel}) from None
 
-    def write(self, name: str, rel: str, text: str) -> None:
+    def write(self, flow: RegisteredFlow, rel: str, text: str) -> None:
         """Save only: the file changes; a running session is not touched."""
         if len(text.encode()) > MAX_FILE:
             raise InvalidInput(f"{rel} is larger than {MAX_FILE // (1024 * 1024)} MB",
                                details={"file": rel})
-        target = _inside(Path(self.get(name).path), rel)
+        target = _inside(Path(flow.path), rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(text)
         os.rename(tmp, target)
 
-    def unregister(self, name: str) -> None:
-        flow = self.get(name)
+    def unregister(self, flow: RegisteredFlow) -> None:
         with self.store.engine.begin() as conn:
-            conn.execute(delete(flows).where(flows.c.name == name))
+            conn.execute(delete(flows).where((flows.c.name == flow.name)
+                                             & (flows.c.owner == flow.owner)))
         if flow.uploaded:
             shutil.rmtree(flow.path, ignore_errors=True)
 

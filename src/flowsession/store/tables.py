@@ -303,12 +303,13 @@ operations = Table(
     Column("ended_at", Float, nullable=True),
 )
 
-# Flows registered on the server by name (uploaded into the home, or a path on the server).
+# Flows registered on the server by name, per owner (uploaded into the home, or a path on the
+# server's machine).
 flows = Table(
     "flows",
     metadata,
+    Column("owner", String(200), primary_key=True),
     Column("name", String(200), primary_key=True),
-    Column("owner", String(200), nullable=False),
     Column("path", String(1000), nullable=False),
     Column("uploaded", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),

@@ -13,13 +13,13 @@ from flowsession.api.context import (
     Forbidden,
     Services,
     check_identity,
-    owner_for,
     require,
     services,
 )
 from flowsession.config import parse_duration
 from flowsession.errors import NotFound
 from flowsession.flows.registry import FlowRegistry, RegisteredFlow
+from flowsession.sessions.records import ACTIVE_STATES
 from flowsession.sessions.service import StartOptions
 
 router = APIRouter(tags=["flows and sessions"])
@@ -65,9 +65,25 @@ def registry(svc: Services) -> FlowRegistry:
 
 
 def flow_of(svc: Services, who: Principal, name: str) -> tuple[RegisteredFlow, str]:
-    """The flow and the user to act as (its owner); someone else's flow is NotFound."""
-    flow = registry(svc).get(name)
-    return flow, owner_for(who, flow.owner, f"flow {name!r}")
+    """The flow and the user to act as (its owner). Names are per owner: ``name`` is yours;
+    those who manage everything may also name another's flow (``owner:name``, or just the name
+    when only one user has it). Anyone else's flow is NotFound, as if it did not exist."""
+    owner, sep, short = name.rpartition(":")
+    if sep and owner != who.user and not who.manages_all:
+        raise NotFound(f"flow {name!r} does not exist", details={"flow": name})
+    if sep:
+        return registry(svc).get(short, owner=owner), owner
+    try:
+        return registry(svc).get(name, owner=who.user), who.user
+    except NotFound:
+        if not who.manages_all:
+            raise
+    found = registry(svc).named(name)
+    if len(found) != 1:
+        raise NotFound(f"flow {name!r} does not exist" + (
+            " as yours; several users have one by that name: write OWNER:NAME" if found
+            else ""), details={"flow": name})
+    return found[0], found[0].owner
 
 
 def _flow_dict(flow: RegisteredFlow) -> dict:
@@ -95,7 +111,7 @@ def register_flow(body: FlowIn, who: Principal = Depends(require("flows:write"))
 def get_flow(name: str, who: Principal = Depends(require("flows:read")),
              svc: Services = Depends(services)) -> dict:
     flow, _ = flow_of(svc, who, name)
-    return {**_flow_dict(flow), "files": registry(svc).files(name)}
+    return {**_flow_dict(flow), "files": registry(svc).files(flow)}
 
 
 @router.delete("/flows/{name}")
@@ -106,15 +122,15 @@ async def delete_flow(name: str, who: Principal = Depends(require("flows:write")
         await svc.sessions.stop(flow.path, user=owner, reason="flow unregistered")
     except NotFound:
         pass
-    registry(svc).unregister(name)
+    registry(svc).unregister(flow)
     return {"name": name, "deleted": True}
 
 
 @router.get("/flows/{name}/files/{path:path}")
 def read_file(name: str, path: str, who: Principal = Depends(require("flows:read")),
               svc: Services = Depends(services)) -> dict:
-    flow_of(svc, who, name)
-    return {"path": path, "content": registry(svc).read(name, path)}
+    flow, _ = flow_of(svc, who, name)
+    return {"path": path, "content": registry(svc).read(flow, path)}
 
 
 @router.put("/flows/{name}/files/{path:path}")
@@ -122,8 +138,8 @@ def write_file(name: str, path: str, body: FileIn,
                who: Principal = Depends(require("flows:write")),
                svc: Services = Depends(services)) -> dict:
     """Save only: a changed requirements.txt takes effect with POST .../session/install."""
-    flow_of(svc, who, name)
-    registry(svc).write(name, path, body.content)
+    flow, _ = flow_of(svc, who, name)
+    registry(svc).write(flow, path, body.content)
     return {"path": path, "saved": True}
 
 
@@ -132,8 +148,10 @@ def write_file(name: str, path: str, body: FileIn,
 @router.get("/sessions")
 async def list_sessions(all: bool = False, who: Principal = Depends(require("sessions:read")),
                         svc: Services = Depends(services)) -> list[dict]:
+    """The server's sweep keeps these current (no sweep per request)."""
     owner = None if who.manages_all else who.user
-    return [s.to_dict() for s in await svc.sessions.list(user=owner, include_stopped=all)]
+    states = None if all else ACTIVE_STATES
+    return [s.to_dict() for s in svc.sessions.records.list(owner=owner, states=states)]
 
 
 @router.get("/flows/{name}/session")

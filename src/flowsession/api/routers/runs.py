@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-import uuid
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,19 @@ from flowsession.api.context import (
     services,
 )
 from flowsession.api.routers.flows import flow_of
-from flowsession.errors import InvalidInput, NotFound
+from flowsession.errors import FlowSessionError, InvalidInput, NotFound
 from flowsession.runs.records import ENDED, Run
 from flowsession.runs.spec import spec_from_dict
 
 router = APIRouter(tags=["runs"])
+HEARTBEAT_S = 15.0
 
 
 class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    flow: str = Field(description="a registered flow's name")
+    flow: str | None = Field(default=None, description="a registered flow's name (optional "
+                             "with resume_from)")
     data: str | None = Field(default=None, description="a data file in the flow's folder "
                              "(relative), or an absolute path on the server (all:manage)")
     data_lines: list[dict[str, Any]] | None = Field(default=None, description="the data inline")
@@ -51,6 +55,17 @@ class RunIn(BaseModel):
     line_timeout: float | None = Field(default=None, ge=0)
     skip_malformed: bool = False
     resume_from: str | None = None
+    runtime: str | None = Field(default=None, description="prompt flow's field: not used (a "
+                                "run goes to its flow's session)")
+
+
+INLINE = "data_lines.jsonl"
+
+
+def _scratch(svc: Services) -> Path:
+    path = svc.settings.home / "run-data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def run_of(svc: Services, who: Principal, name: str) -> Run:
@@ -73,9 +88,19 @@ async def create_run(body: RunIn, request: Request,
                      svc: Services = Depends(services)) -> dict:
     """Submit a run; it goes on in the flow's session. Returns the run and an operation that
     ends with the run (stream it: GET /api/operations/{id}/events)."""
-    flow, owner = flow_of(svc, who, body.flow)
+    flow_name = body.flow
+    if flow_name is None:
+        if not body.resume_from:
+            raise InvalidInput("a run needs a flow", details={"field": "flow"})
+        base = run_of(svc, who, body.resume_from)
+        found = svc.extra["flows"].by_path(base.flow)
+        if found is None or found.owner != base.owner:
+            raise NotFound(f"the flow of run {base.name!r} is no longer registered",
+                           details={"field": "flow"})
+        flow_name = f"{found.owner}:{found.name}"
+    flow, owner = flow_of(svc, who, flow_name)
     if owner != who.user:
-        raise Forbidden("runs are submitted by the flow's owner", details={"flow": body.flow})
+        raise Forbidden("runs are submitted by the flow's owner", details={"flow": flow_name})
     check_identity(svc, who, body.identity)
     if body.resources.get("compute"):
         svc.sessions.computes.get(str(body.resources["compute"]), user=owner)
@@ -83,9 +108,9 @@ async def create_run(body: RunIn, request: Request,
     fields["flow"] = flow.path
     if body.data_lines is not None and body.data is not None:
         raise InvalidInput("give data or data_lines, not both", details={"field": "data"})
+    inline: Path | None = None
     if body.data_lines is not None:
-        inline = svc.settings.home / "run-data" / f"{uuid.uuid4().hex}.jsonl"
-        inline.parent.mkdir(parents=True, exist_ok=True)
+        inline = Path(tempfile.mkdtemp(prefix="run-data-", dir=_scratch(svc))) / INLINE
         inline.write_text("".join(json.dumps(r) + "\n" for r in body.data_lines))
         fields["data"] = str(inline)
     elif body.data is not None:
@@ -101,13 +126,29 @@ async def create_run(body: RunIn, request: Request,
                                    details={"field": "data"})
             path = Path(flow.path) / path
         fields["data"] = str(path)
-    spec, warnings = spec_from_dict(fields, source="the run")
-    run = await svc.runs.create(spec, user=owner)
+    try:
+        spec, warnings = spec_from_dict(fields, source="the run")
+        run = await svc.runs.create(spec, user=owner)
+    except FlowSessionError as exc:
+        if inline is not None:  # the client sent the lines: no server path in the error
+            exc.message = exc.message.replace(str(inline), "data_lines")
+            exc.details = {k: (INLINE if v == str(inline) else v)
+                           for k, v in exc.details.items()}
+        raise
+    finally:
+        if inline is not None:  # the run keeps its own copy of the inputs
+            shutil.rmtree(inline.parent, ignore_errors=True)
 
     async def work(emit) -> dict:
+        last: tuple | None = None
+
         def progress(r: Run) -> None:
-            emit({"event": "progress", "status": r.status, "total": r.total,
-                  "completed": r.completed, "failed": r.failed})
+            nonlocal last
+            now = (r.status, r.total, r.completed, r.failed)
+            if now != last:  # only changes: a long line does not flood the stream
+                last = now
+                emit({"event": "progress", "status": r.status, "total": r.total,
+                      "completed": r.completed, "failed": r.failed})
 
         return _run_dict(await svc.runs.wait(run.name, user=owner, on_progress=progress))
 
@@ -179,13 +220,16 @@ async def run_events(name: str, who: Principal = Depends(require("runs:read")),
     async def gen():
         import asyncio
 
-        last = None
+        last, said = None, time.monotonic()
         while True:
             run = await svc.runs.advance(name)
             now = (run.status, run.completed, run.failed)
             if now != last:
-                last = now
+                last, said = now, time.monotonic()
                 yield f"data: {json.dumps(_run_dict(run), default=str)}\n\n"
+            elif time.monotonic() - said > HEARTBEAT_S:  # keeps proxies and clients patient
+                said = time.monotonic()
+                yield ": heartbeat\n\n"
             if run.status in ENDED:
                 yield "event: end\ndata: {}\n\n"
                 return

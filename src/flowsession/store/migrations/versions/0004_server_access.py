@@ -48,7 +48,7 @@ def upgrade() -> None:
     sa.Column('path', sa.String(length=1000), nullable=False),
     sa.Column('uploaded', sa.Boolean(), nullable=False),
     sa.Column('created_at', sa.Float(), nullable=False),
-    sa.PrimaryKeyConstraint('name')
+    sa.PrimaryKeyConstraint('owner', 'name')
     )
     op.create_table('identities',
     sa.Column('name', sa.String(length=200), nullable=False),
