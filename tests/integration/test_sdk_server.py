@@ -11,14 +11,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from helpers.flows import make_flow
+from helpers.server import ADMIN, Server
 
 from flowsession.backends.compute import procs
 from flowsession.client import AuthenticationError, Client, PermissionDenied
@@ -28,68 +25,7 @@ from flowsession.runs.records import COMPLETED, Run
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS = REPO / "tests" / "flows"
-EXE = REPO / ".venv" / "bin" / "flowsession"
-ADMIN = "ada"
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, home: Path, images: Path, index_url: str | None):
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home.parent / "server.log"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("FLOWSESSION_URL", "FLOWSESSION_TOKEN")}
-        env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(images),
-                   FLOWSESSION_STANDBY_POOL="0", FLOWSESSION_USER=ADMIN)
-        if index_url:
-            env["FLOWSESSION_INDEX_URL"] = index_url
-        self.env = env
-        home.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(EXE), "server", "--port", str(self.port), "--log-level", "warning"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        self.token = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        config = self.home / "client.json"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n"
-                                   + self.log.read_text()[-3000:])
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200 \
-                        and config.exists():
-                    saved = json.loads(config.read_text())
-                    assert saved["url"] == self.url and saved["user"] == ADMIN
-                    assert config.stat().st_mode & 0o077 == 0  # the token file is private
-                    return saved["token"]
-            time.sleep(0.1)
-        raise RuntimeError("the server did not come up:\n" + self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        """Its sessions first (through the API), then the server itself."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(Exception), Client(url=self.url, token=self.token) as c:
-                for flow in c._t.request("GET", "/api/flows"):
-                    with contextlib.suppress(NotFound):
-                        c.stop_session(flow["name"])
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
