@@ -5,11 +5,13 @@ the summary, the errors; and, for the faults, that nothing is lost or stored twi
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from helpers.flows import run
 from helpers.openai_server import OpenAIServer
 
+from flowsession.backends.compute import procs
 from flowsession.backends.compute.local import LocalBackend
 from flowsession.computes.service import ComputeService
 from flowsession.environments.service import EnvironmentService
@@ -242,7 +245,7 @@ def supervisor_pid(rs: RunService, session_id: str) -> int:
     return top[0]
 
 
-# --- 1. data, mapping, order ---------------------------------------------------------------------
+# --- data, mapping, order ---------------------------------------------------------------------
 
 
 def test_an_echo_run_gives_every_line_its_output_in_order(rs, tmp_path):
@@ -291,11 +294,34 @@ def test_column_mapping_a_literal_and_csv_data(rs, tmp_path):
     assert outs(rs, from_csv.name) == [{"line_number": 0, "out": "a, with comma"},
                                        {"line_number": 1, "out": "plain"},
                                        {"line_number": 2, "out": "multi\nline"}]
-    # four runs of one flow: one session
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps([{"text": "from json"}, {"text": "two"}]))
+    from_json = go(rs, flow=str(flow), data=str(js))
+    assert [o["out"] for o in outs(rs, from_json.name)] == ["from json", "two"]
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "b.jsonl", [{"text": "b1"}])
+    write_jsonl(folder / "a.jsonl", [{"text": "a1"}, {"text": "a2"}])
+    from_folder = go(rs, flow=str(flow), data=str(folder))
+    assert outs(rs, from_folder.name) == [{"line_number": 0, "out": "a1"},
+                                          {"line_number": 1, "out": "a2"},
+                                          {"line_number": 2, "out": "b1"}]
+    # six runs of one flow: one session
     assert len({r.session_id for r in rs.list(user=USER)}) == 1
 
 
-# --- 2 + 4. evaluation runs over a base run; metrics -------------------------------------------
+def test_a_few_thousand_lines_keep_their_order_and_each_is_stored_once(rs, tmp_path):
+    flow = flow_copy(tmp_path, "echo")
+    n = 3000
+    data = write_jsonl(tmp_path / "big.jsonl", [{"text": f"line {i}"} for i in range(n)])
+    done = go(rs, flow=str(flow), data=str(data))
+    assert (done.status, done.total, done.completed) == (R.COMPLETED, n, n)
+    assert outs(rs, done.name) == [{"line_number": i, "out": f"line {i}"} for i in range(n)]
+    assert sorted(stored_positions(rs, done.name)) == list(range(n))
+
+
+# --- evaluation runs over a base run; metrics -------------------------------------------
 
 
 def test_an_evaluation_run_joins_the_base_run_by_line_number_and_logs_metrics(rs, tmp_path):
@@ -339,7 +365,7 @@ def test_an_evaluation_drops_the_lines_that_failed_in_the_base_run(rs, tmp_path)
     assert rs.metrics(ev.name, user=USER) == {"accuracy": 1.0}
 
 
-# --- 3. failed lines; resume ----------------------------------------------------------------------
+# --- failed lines; resume ----------------------------------------------------------------------
 
 
 def test_failed_lines_do_not_fail_the_run_and_resume_reruns_only_them(rs, tmp_path):
@@ -385,7 +411,20 @@ def test_failed_lines_do_not_fail_the_run_and_resume_reruns_only_them(rs, tmp_pa
     assert rs.get(first.name, user=USER).failed == 2
 
 
-# --- 5. variants --------------------------------------------------------------------------------
+def test_a_failing_aggregation_fails_the_run_and_keeps_the_line_outputs(rs, tmp_path):
+    agg = flow_copy(tmp_path, "aggregate")
+    (agg / "accuracy.py").write_text(
+        "from typing import List\n\nfrom promptflow.core import tool\n\n\n@tool\n"
+        "def accuracy(grades: List[str]) -> float:\n"
+        "    raise RuntimeError('no metrics today')\n")
+    r = go(rs, flow=str(agg), data=str(agg / "data.jsonl"))
+    assert r.status == R.FAILED
+    assert r.error.startswith("the aggregation failed: ") and "no metrics today" in r.error
+    assert [o["grade"] for o in outs(rs, r.name)] == ["correct", "correct", "wrong", "correct"]
+    assert rs.metrics(r.name, user=USER) == {}
+
+
+# --- variants --------------------------------------------------------------------------------
 
 
 def test_a_variant_run_and_an_unknown_variant(rs, tmp_path):
@@ -415,7 +454,7 @@ def test_a_variant_run_and_an_unknown_variant(rs, tmp_path):
     assert "default_variant_id: variant_0" in (flow / "flow.dag.yaml").read_text()
 
 
-# --- 6. flex flows, generators, conditional nodes -------------------------------------------------
+# --- flex flows, generators, conditional nodes -------------------------------------------------
 
 
 def test_flex_function_generator_and_conditional_flows(rs, tmp_path):
@@ -452,14 +491,15 @@ def test_a_flex_class_flow_gets_its_init_arguments(rs, tmp_path):
 
 def test_a_flex_class_flow_without_its_init_fails_with_the_reason(rs, tmp_path):
     fc = flow_copy(tmp_path, "flex_class")
-    with pytest.raises(FlowSessionError) as exc:
+    try:  # refused at once, or failed when its workers load the flow: either way, why
         go(rs, flow=str(fc), data=str(fc / "data.jsonl"))
-    assert "prefix" in exc.value.message
+    except FlowSessionError as exc:
+        assert "prefix" in exc.message
     [failed] = rs.list(user=USER)
     assert failed.status == R.FAILED and "prefix" in failed.error
 
 
-# --- 7 + 8. connections ---------------------------------------------------------------------------
+# --- connections ---------------------------------------------------------------------------
 
 
 class TwoKeyServer(OpenAIServer):
@@ -510,16 +550,28 @@ def test_an_llm_flow_uses_the_connection_and_its_key_is_stored_nowhere(rs, tmp_p
         assert files_containing(roots, key) == []
 
 
-def test_an_unknown_connection_override_is_refused_before_anything_runs(rs, tmp_path):
+def test_a_missing_connection_is_refused_before_anything_runs(rs, tmp_path):
     flow = flow_copy(tmp_path, "llm_chat")
+    data = str(flow / "data.jsonl")
+    with pytest.raises(NotFound) as missing:  # the llm node's own connection
+        run(rs.create(RunSpec(flow=str(flow), data=data), user=USER))
+    assert "open_ai_connection" in missing.value.message
+    rs.connections.create({"name": "open_ai_connection", "type": "open_ai",
+                           "api_key": KEY_A, "base_url": "http://127.0.0.1:9/v1"}, owner=USER)
     with pytest.raises(InvalidInput) as bad_node:
-        run(rs.create(RunSpec(flow=str(flow), data=str(flow / "data.jsonl"),
+        run(rs.create(RunSpec(flow=str(flow), data=data,
                               connections={"nosuch": {"connection": "x"}}), user=USER))
-    assert "nosuch" in bad_node.value.message
+    assert "nosuch" in bad_node.value.message and "chat" in bad_node.value.hint
     with pytest.raises(NotFound) as missing:
-        run(rs.create(RunSpec(flow=str(flow), data=str(flow / "data.jsonl"),
+        run(rs.create(RunSpec(flow=str(flow), data=data,
                               connections={"chat": {"connection": "missing_conn"}}), user=USER))
     assert "missing_conn" in missing.value.message
+    # another user's connection of that name is not theirs to use
+    rs.connections.create({"name": "graces", "type": "open_ai", "api_key": KEY_B},
+                          owner="grace")
+    with pytest.raises(NotFound):
+        run(rs.create(RunSpec(flow=str(flow), data=data,
+                              connections={"chat": {"connection": "graces"}}), user=USER))
     assert rs.list(user=USER) == [] and rs.sessions.records.list(owner=None) == []
 
 
@@ -537,7 +589,7 @@ def test_a_tool_with_a_custom_connection(rs, tmp_path, run_settings):
     assert files_containing([run_settings.home, run_settings.runtime_dir], secret) == []
 
 
-# --- 9. environment variables -----------------------------------------------------------------------
+# --- environment variables ---------------------------------------------------------------------
 
 
 def test_environment_variables_reach_the_tool_and_are_not_stored_in_clear(rs, tmp_path,
@@ -551,8 +603,6 @@ def test_environment_variables_reach_the_tool_and_are_not_stored_in_clear(rs, tm
     token = "tok-env-3c2b1a0f9e8d"
     data = write_jsonl(tmp_path / "names.jsonl", [{"text": "RUN_TOKEN"}, {"text": "NOT_SET"}])
     r = go(rs, flow=str(flow), data=str(data), environment_variables={"RUN_TOKEN": token})
-    import hashlib
-
     assert outs(rs, r.name) == [
         {"line_number": 0, "out": hashlib.sha256(token.encode()).hexdigest()},
         {"line_number": 1, "out": "unset"}]
@@ -563,7 +613,7 @@ def test_environment_variables_reach_the_tool_and_are_not_stored_in_clear(rs, tm
     assert run(rs.sessions.test(flow, {"text": "RUN_TOKEN"}, user=USER)) == {"out": "unset"}
 
 
-# --- 11. faults in the data and the mapping ----------------------------------------------------------
+# --- faults in the data and the mapping -------------------------------------------------------
 
 
 def test_bad_data_is_refused_naming_the_file_and_line(rs, tmp_path):
@@ -629,7 +679,7 @@ def test_a_run_named_twice_and_a_bad_name(rs, tmp_path):
         rs.get("mine", user="grace")
 
 
-# --- 12. a line that hangs ------------------------------------------------------------------------
+# --- a line that hangs ------------------------------------------------------------------------
 
 
 def test_a_line_over_its_timeout_fails_alone_and_quickly(rs, tmp_path):
@@ -653,7 +703,31 @@ def test_a_line_over_its_timeout_fails_alone_and_quickly(rs, tmp_path):
     assert sorted(stored_positions(rs, r.name)) == [0, 1, 2, 3, 4]
 
 
-# --- 13. a worker killed ------------------------------------------------------------------------------
+def test_a_line_that_kills_its_worker_fails_alone_after_three_tries(rs, tmp_path):
+    flow = flow_copy(tmp_path, "echo")
+    (flow / "echo.py").write_text(
+        "import os\nimport signal\n\nfrom promptflow.core import tool\n\n\n@tool\n"
+        "def echo(text: str) -> str:\n"
+        "    with open('executions.log', 'a') as f:\n"
+        "        f.write(text + '\\n')\n"
+        "    if text == 'die':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return text\n")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in
+                                              ["a", "die", "b", "c", "d", "e"]])
+    r = go(rs, flow=str(flow), data=str(data), workers=2)
+    assert r.status == R.COMPLETED and (r.completed, r.failed) == (5, 1)
+    [[line, message]] = r.errors
+    assert line == 1
+    assert message == ("the worker running this line was killed by SIGKILL (3 times): "
+                       "it is not tried again")
+    assert [o["out"] for o in outs(rs, r.name)] == ["a", "b", "c", "d", "e"]
+    assert sorted(stored_positions(rs, r.name)) == list(range(6))
+    ran = executions(rs, r.session_id)
+    assert ran.count("die") == 3 and all(ran.count(t) == 1 for t in "abcde"), ran
+
+
+# --- a worker killed --------------------------------------------------------------------------
 
 
 def test_a_batch_worker_killed_mid_run_loses_nothing_and_stores_nothing_twice(rs, tmp_path):
@@ -683,7 +757,7 @@ def test_a_batch_worker_killed_mid_run_loses_nothing_and_stores_nothing_twice(rs
     assert "run completed" in log
 
 
-# --- 14. the session killed ------------------------------------------------------------------------------
+# --- the session killed -----------------------------------------------------------------------
 
 
 def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp_path):
@@ -695,8 +769,6 @@ def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp
     old_slot = Path(rs.sessions.records.get(first_session).session_handle.slot)
     os.kill(supervisor_pid(rs, first_session), signal.SIGKILL)
     handle = rs.sessions.records.get(first_session).session_handle
-    from flowsession.backends.compute import procs
-
     wait_until(lambda: not procs.alive(handle.pid, handle.pid_start)
                and not procs.with_argument_under(str(old_slot)), 20,
                what="the session's processes to die")
@@ -707,7 +779,9 @@ def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp
 
     done = run(rs.wait(name, user=USER, timeout=120))
     assert done.status == R.COMPLETED, done.error
-    assert done.session_id != first_session
+    # the lost session was reset: a new supervisor in a new slot
+    new_slot = Path(rs.sessions.records.get(done.session_id).session_handle.slot)
+    assert new_slot != old_slot and not old_slot.exists()
     assert (done.total, done.completed, done.failed) == (16, 16, 0)
     assert sorted(stored_positions(rs, name)) == list(range(16))
     rows = outs(rs, name)
@@ -723,7 +797,20 @@ def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp
     assert "resubmit" in log
 
 
-# --- 15. cancel -----------------------------------------------------------------------------------------
+def test_a_session_reset_mid_run_does_not_stop_the_run(rs, tmp_path):
+    flow, data = slow_flow(tmp_path, 12, 0.4)
+    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2), user=USER))
+    wait_until(lambda: run(rs.advance(created.name, user=USER)).completed >= 3, 60,
+               what="three lines done")
+    run(rs.sessions.reset(flow, user=USER))
+    done = run(rs.wait(created.name, user=USER, timeout=120))
+    assert done.status == R.COMPLETED and (done.completed, done.failed) == (12, 0)
+    assert sorted(stored_positions(rs, created.name)) == list(range(12))
+    assert [o["out"].split("@")[0] for o in outs(rs, created.name)] == \
+        [f"l{i}" for i in range(12)]
+
+
+# --- cancel -----------------------------------------------------------------------------------
 
 
 def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(rs, tmp_path):
@@ -749,9 +836,13 @@ def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(
     details = rs.details(name, user=USER)
     assert sum(d["status"] == "Completed" for d in details) == canceled.completed
     assert "NotStarted" in {d["status"] for d in details}
-    # nothing more runs after the cancel
+    # nothing more runs after the cancel; the session itself goes on serving
+    ran = executions(rs, canceled.session_id)
     time.sleep(1.5)
-    assert run(rs.advance(name, user=USER)).completed == canceled.completed
+    assert executions(rs, canceled.session_id) == ran
+    assert rs.get(name, user=USER).completed == canceled.completed
+    assert run(rs.sessions.test(flow, {"text": "t", "seconds": "0"}, user=USER))["out"] \
+        .startswith("t@")
     with pytest.raises(Conflict):
         run(rs.cancel(name, user=USER))
 
@@ -763,3 +854,67 @@ def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(
     rest = go(rs, resume_from=name)
     assert rest.status == R.COMPLETED and rest.completed == 20
     assert sorted(stored_positions(rs, rest.name)) == list(range(20))
+
+
+# --- the control plane killed while preparing -----------------------------------------------------
+
+DIE_AFTER_INPUTS = """
+import asyncio, os, sys
+from dataclasses import replace
+from pathlib import Path
+from flowsession.config import Settings
+from flowsession.runs.files import RunFiles
+from flowsession.runs.service import RunService
+from flowsession.runs.spec import RunSpec
+
+write = RunFiles.write_inputs
+def write_then_die(self, lines):
+    if sys.argv[3] == "after":
+        write(self, lines)
+    os._exit(9)  # the control plane dies right before / after storing the run's inputs
+RunFiles.write_inputs = write_then_die
+settings = replace(Settings.from_env(), standby_pool_size=0, idle_timeout_s=600)
+svc = RunService.open(settings)
+asyncio.run(svc.create(RunSpec(flow=sys.argv[1], data=sys.argv[2], name="prepared",
+                               environment_variables={"RUN_TOKEN": "tok-prep"}), user="ada"))
+"""
+
+
+def test_a_run_whose_control_plane_died_while_preparing_runs_every_line(rs, tmp_path,
+                                                                        run_settings):
+    flow = flow_copy(tmp_path, "echo", "envflow")
+    (flow / "echo.py").write_text(
+        "import os\n\nfrom promptflow.core import tool\n\n\n@tool\n"
+        "def echo(text: str) -> str:\n    return text + ':' + os.environ.get('RUN_TOKEN', '-')\n")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}"} for i in range(5)])
+    env = {**os.environ, "FLOWSESSION_HOME": str(run_settings.home),
+           "FLOWSESSION_IMAGES_DIR": str(run_settings.images_dir),
+           "FLOWSESSION_INDEX_URL": run_settings.index_url}
+    died = subprocess.run([sys.executable, "-c", DIE_AFTER_INPUTS, str(flow), str(data),
+                           "after"], env=env, capture_output=True, text=True, timeout=120)
+    assert died.returncode == 9, died.stderr
+    assert rs.get("prepared", user=USER).status == R.PREPARING
+    done = run(rs.wait("prepared", user=USER, timeout=120))
+    assert done.status == R.COMPLETED, done.error
+    assert (done.total, done.completed) == (5, 5)
+    assert [o["out"] for o in outs(rs, "prepared")] == [f"t{i}:tok-prep" for i in range(5)]
+
+
+def test_a_run_whose_control_plane_died_before_its_inputs_were_stored_fails_clearly(
+        rs, tmp_path, run_settings):
+    flow = flow_copy(tmp_path, "echo")
+    env = {**os.environ, "FLOWSESSION_HOME": str(run_settings.home),
+           "FLOWSESSION_IMAGES_DIR": str(run_settings.images_dir),
+           "FLOWSESSION_INDEX_URL": run_settings.index_url}
+    died = subprocess.run([sys.executable, "-c", DIE_AFTER_INPUTS, str(flow),
+                           str(flow / "data.jsonl"), "before"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert died.returncode == 9, died.stderr
+    failed = run(rs.advance("prepared", user=USER))
+    assert failed.status == R.FAILED
+    assert failed.error == "the control plane stopped while preparing the run"
+    assert rs.details("prepared", user=USER) == [] and outs(rs, "prepared") == []
+    with pytest.raises(Conflict) as exc:
+        run(rs.create(RunSpec(resume_from="prepared"), user=USER))
+    assert "no lines to resume" in exc.value.message
+    assert [r.name for r in rs.list(user=USER)] == ["prepared"]

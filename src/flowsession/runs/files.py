@@ -81,7 +81,12 @@ class RunFiles:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
     def iter_inputs(self) -> Iterator[dict[str, Any]]:
-        with open(self.root / INPUTS) as f:
+        """Each line's inputs; none for a run that failed before they were stored."""
+        try:
+            f = open(self.root / INPUTS)
+        except FileNotFoundError:
+            return
+        with f:
             for raw in f:
                 yield json.loads(raw)
 
@@ -94,6 +99,22 @@ class RunFiles:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[bool]:
+        """True for the one process (or task) that may finish the run now; False while
+        another one is finishing it (aggregating, writing the outputs)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".finish.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -114,8 +135,10 @@ class RunFiles:
         self._known.add(rec["i"])
         if rec.get("ok"):
             self._ok += 1
-        elif len(self._errors) < MAX_ERRORS:
+        else:  # the first errors by line number, whichever worker stored them first
             self._errors.append([self.line_number(rec["i"]), rec.get("error")])
+            self._errors.sort(key=lambda e: e[0])
+            del self._errors[MAX_ERRORS:]
 
     def collect(self, dirs: Iterable[Path]) -> int:
         """Append the new records of the results files in ``dirs``; how many were new."""

@@ -39,6 +39,7 @@ from flowsession.runs.mapping import BaseRun, resolve_inputs
 from flowsession.runs.records import Run, RunRecords
 from flowsession.runs.spec import RunSpec, check_name
 from flowsession.sessions.service import SessionService, StartOptions
+from flowsession.sessions.state import SessionState
 from flowsession.store import Store
 
 POLL_S = 0.25
@@ -79,6 +80,10 @@ class RunService:
                 raise Conflict(f"run {resumed.name} is {resumed.status}: only an ended run can "
                                "be resumed", hint=f"wait for it, or cancel it: flowsession run "
                                f"cancel {resumed.name}", details={"run": resumed.name})
+            if not self.files(resumed.name).has_inputs():
+                raise Conflict(f"run {resumed.name} has no lines to resume: it failed before "
+                               "its inputs were stored", hint="create the run again from its "
+                               "flow and data", details={"run": resumed.name})
             spec = _merge(spec, resumed)
         if not spec.flow:
             raise InvalidInput("a run needs a flow", hint="give --flow FOLDER (or flow: in "
@@ -87,7 +92,9 @@ class RunService:
         variant = _check_variant(flow, spec)
         node_override = _node_override(flow, spec)
         needed = _connection_names(flow, spec, node_override)
-        self.connections.for_executor(needed & self._connection_names(user), owner=user)
+        # the connections the flow certainly uses must exist; other names are candidates
+        self.connections.for_executor(_required_connections(flow, node_override)
+                                      | (needed & self._connection_names(user)), owner=user)
         name = check_name(spec.name) if spec.name else _generated_name(flow)
         lines: dict[int, dict[str, Any]] = {}
         if resumed is None:
@@ -103,12 +110,13 @@ class RunService:
             tags=spec.tags, operator=procs.identity())
         files = self.files(name)
         try:
+            # the environment first: the inputs file marks the preparation complete
+            self._keep_env(name, spec.environment_variables
+                           or (self._env(resumed.name) if resumed else {}))
             if resumed is not None:
                 total = self._resume_files(resumed, files)
             else:
                 total = files.write_inputs(lines)
-            self._keep_env(name, spec.environment_variables
-                           or (self._env(resumed.name) if resumed else {}))
             self.records.set(name, total=total)
             files.log(f"run {name} created by {user}: {total} line(s) of flow {flow.folder}"
                       + (f", resuming {resumed.name}" if resumed else ""))
@@ -162,6 +170,7 @@ class RunService:
 
         token = cipher(self.settings).encrypt(json.dumps(env).encode())
         path = self.files(name).root / "env.enc"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(token)
         path.chmod(0o600)
 
@@ -179,6 +188,7 @@ class RunService:
         """Send the run (its lines without a stored result) to the flow's session."""
         spec = spec or _spec_of(run)
         files = self.files(run.name)
+        files.collect(self.backend.run_dirs(run.name))  # results a lost session left
         session = await self.sessions.ready(run.flow, user=run.owner,
                                             options=_start_options(spec))
         handle = session.session_handle
@@ -242,6 +252,9 @@ class RunService:
                 return run  # its creator is still preparing it
             if not files.has_inputs() or run.total == 0 and not files.has_inputs():
                 return self._fail(name, "the control plane stopped while preparing the run")
+            if run.total == 0:  # it stopped before recording the number of lines
+                self.records.set(name, total=files.positions())
+                run = self.records.get(name)
             return await self._submit(run)
         handle = self._handle(run)
         status = await self.backend.run_status(handle, name) if handle else None
@@ -257,6 +270,7 @@ class RunService:
             files.log("the session running this run went away: resubmitting the lines "
                       "without a stored result")
             try:
+                await self._replace_lost_session(run)
                 return await self._submit(run)
             except FlowSessionError as exc:
                 return self._fail(name, f"the run could not be resubmitted: {exc.message}")
@@ -270,6 +284,23 @@ class RunService:
                 return await self._submit(run)
             return await self._finish(run, R.COMPLETED)
         return run
+
+    async def _replace_lost_session(self, run: Run) -> None:
+        """The flow's session stopped answering. Its record may still say RUNNING (a killed
+        supervisor): let the sessions service see what really runs, and reset a session whose
+        supervisor is gone, so that the run goes on on a new one."""
+        session = self.sessions.records.bound_to(run.flow)
+        if session is None or session.owner != run.owner:
+            return
+        await self.sessions.sweeper.reconcile_one(session)
+        session = self.sessions.records.get(session.id)
+        handle = session.session_handle if session.handle else None
+        if session.state == SessionState.FAILED and (
+                handle is None or not procs.alive(handle.pid, handle.pid_start)):
+            self.files(run.name).log(f"session {session.id} was lost ({session.reason}): "
+                                     "resetting it")
+            await self.sessions.reset(run.flow, user=run.owner,
+                                      reason=f"run {run.name} needs it: {session.reason}")
 
     def _handle(self, run: Run) -> SessionHandle | None:
         """The supervisor of the session the run was sent to, while it has one."""
@@ -289,6 +320,14 @@ class RunService:
         return run
 
     async def _finish(self, run: Run, status: str, *, error: str | None = None) -> Run:
+        """End the run: one process at a time; the others leave it to that one."""
+        with self.files(run.name).finishing() as mine:
+            current = self.records.get(run.name)
+            if not mine or current.status in R.ENDED:
+                return current
+            return await self._finish_now(current, status, error=error)
+
+    async def _finish_now(self, run: Run, status: str, *, error: str | None = None) -> Run:
         files = self.files(run.name)
         dirs = self.backend.run_dirs(run.name)
         files.collect(dirs)
@@ -490,6 +529,17 @@ def _node_override(flow: FlowDefinition, spec: RunSpec) -> dict[str, str]:
         for key, value in fields.items():
             out[f"{node}.{key}"] = value
     return out
+
+
+def _required_connections(flow: FlowDefinition, node_override: dict[str, str]) -> set[str]:
+    """The connections the run certainly needs: the overrides' ``node.connection`` and the
+    ``connection`` of every other node that names one."""
+    names = {v for k, v in node_override.items() if k.endswith(".connection") and v}
+    overridden = {k.rsplit(".", 1)[0] for k in node_override if k.endswith(".connection")}
+    for node in flow.nodes:
+        if isinstance(node.get("connection"), str) and node.get("name") not in overridden:
+            names.add(node["connection"])
+    return names
 
 
 def _connection_names(flow: FlowDefinition, spec: RunSpec,

@@ -251,8 +251,10 @@ class Batch:
                         b.worker.pid, b.worker.exit, blamed, self.attempts[blamed],
                         MAX_ATTEMPTS)
             if self.attempts[blamed] >= MAX_ATTEMPTS:
-                message = (f"the worker running this line {b.worker.exit} "
-                           f"{MAX_ATTEMPTS} times")
+                died = b.worker.exit or "died"
+                message = (f"the worker running this line "
+                           f"{'was ' if died.startswith('killed') else ''}{died} "
+                           f"({MAX_ATTEMPTS} times): it is not tried again")
                 with open(bw.results_file(self.dir, "supervisor"), "ab") as out:
                     out.write(encode({"i": blamed, "ok": False, "error": message, "d": 0}))
                 self._count(1, 1, [[blamed, message]])

@@ -251,4 +251,9 @@ def serve(sock: socket.socket, supervisor: int, spec: dict[str, Any]) -> int:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    return _Runner(sock, spec).serve()
+    try:
+        return _Runner(sock, spec).serve()
+    except (BrokenPipeError, ConnectionResetError):  # the supervisor closed the channel
+        log.info("run %s: worker %d: the run ended before this worker was needed",
+                 spec["id"], os.getpid())
+        return 0

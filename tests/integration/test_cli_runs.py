@@ -1,0 +1,363 @@
+"""`flowsession run ...` as a user types it: the installed console command, one process per
+command (a run outlives the command that created it), real sessions and batch workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.openai_server import OpenAIServer
+
+from flowsession.config import Settings
+from flowsession.runs.records import RunRecords
+from flowsession.store import open_store
+
+USER = "ada"
+REPO = Path(__file__).resolve().parents[2]
+FLOWS = Path(__file__).resolve().parents[1] / "flows"
+pytestmark = pytest.mark.timeout(300)
+
+
+def _executable() -> str:
+    for candidate in (REPO / ".venv" / "bin" / "flowsession",
+                      Path(sys.executable).parent / "flowsession"):
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("flowsession") or "flowsession"
+
+
+FLOWSESSION = _executable()
+
+
+class Cli:
+    """Runs `flowsession ARGS...` as its own process; remembers every flow a run used, to
+    stop its session afterwards. ``seen`` is everything any command printed."""
+
+    def __init__(self, env: dict[str, str], cwd: Path):
+        self.env, self.cwd = env, cwd
+        self.flows: list[str] = []
+        self.seen: list[str] = []
+
+    def _note_flow(self, args: tuple[str, ...]) -> None:
+        if "--flow" in args:
+            flow = args[args.index("--flow") + 1]
+            if flow not in self.flows:
+                self.flows.append(flow)
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        self._note_flow(args)
+        proc = subprocess.run([FLOWSESSION, *args], env=self.env, cwd=self.cwd,
+                              capture_output=True, text=True, timeout=timeout)
+        self.seen.append(proc.stdout + proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+        assert "unexpected failure" not in proc.stderr, proc.stderr
+        return proc
+
+    def ok(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        proc = self(*args, **kwargs)
+        assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stderr}"
+        return proc
+
+    def json(self, *args: str, **kwargs):
+        return json.loads(self.ok(*args, "--json", **kwargs).stdout)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        self._note_flow(args)
+        return subprocess.Popen([FLOWSESSION, *args], env=self.env, cwd=self.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def cleanup(self) -> None:
+        for flow in self.flows:
+            subprocess.run([FLOWSESSION, "session", "stop", flow], env=self.env, cwd=self.cwd,
+                           capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def fs(settings, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
+    env = {**base, "FLOWSESSION_HOME": str(settings.home),
+           "FLOWSESSION_IMAGES_DIR": str(settings.images_dir),
+           "FLOWSESSION_INDEX_URL": settings.index_url, "FLOWSESSION_STANDBY_POOL": "0",
+           "FLOWSESSION_USER": USER, "COLUMNS": "200", "NO_COLOR": "1"}
+    cli = Cli(env, tmp_path)
+    yield cli
+    cli.cleanup()
+
+
+def flow_copy(tmp_path: Path, name: str) -> Path:
+    return Path(shutil.copytree(FLOWS / name, tmp_path / name))
+
+
+def output_rows(settings: Settings, name: str) -> list[dict]:
+    path = settings.runs_dir / name / "outputs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stored_positions(settings: Settings, name: str) -> list[int]:
+    path = settings.runs_dir / name / "lines.jsonl"
+    return [json.loads(raw)["i"] for raw in path.read_text().splitlines()]
+
+
+def test_a_run_from_the_shell_streams_to_its_summary_and_can_be_inspected(fs, tmp_path,
+                                                                          settings):
+    flow = flow_copy(tmp_path, "echo")
+    created = fs.ok("run", "create", "--flow", "echo", "--data", "echo/data.jsonl",
+                    "--name", "first", "--stream")
+    assert "status: Completed" in created.stdout
+    assert "summary: 4 of 4 line(s) completed" in created.stdout
+    assert f"output path: {settings.runs_dir / 'first'}" in created.stdout
+    assert output_rows(settings, "first") == [
+        {"line_number": 0, "out": "hello"}, {"line_number": 1, "out": "prompt flow"},
+        {"line_number": 2, "out": "Grüße, 世界"}, {"line_number": 3, "out": ""}]
+
+    shown = fs.json("run", "show", "first")
+    assert shown["status"] == "Completed" and shown["total"] == 4
+    assert shown["completed"] == 4 and shown["failed"] == 0 and shown["flow"] == str(flow)
+    assert shown["summary"] == "4 of 4 line(s) completed"
+
+    details = fs.json("run", "show-details", "first")
+    assert [(d["line_number"], d["inputs"]["text"], d["outputs"]["out"], d["status"])
+            for d in details] == [(0, "hello", "hello", "Completed"),
+                                  (1, "prompt flow", "prompt flow", "Completed"),
+                                  (2, "Grüße, 世界", "Grüße, 世界", "Completed"),
+                                  (3, "", "", "Completed")]
+    table = fs.ok("run", "show-details", "first").stdout
+    assert "inputs.text" in table and "outputs.out" in table and "Grüße, 世界" in table
+
+    logs = fs.ok("run", "logs", "first").stdout
+    assert "--- run.log ---" in logs and "run completed: 4 of 4 line(s) completed" in logs
+    assert "worker-" in logs  # the workers' logs follow
+    assert "crashed" not in logs and "Error" not in logs  # a healthy run's logs are quiet
+
+    # a second run, detached, then followed
+    detached = fs.json("run", "create", "--flow", "echo", "--data", "echo/data.jsonl",
+                       "--column-mapping", "text=${data.text}", "--name", "second",
+                       "--detach")
+    assert detached["name"] == "second"
+    followed = fs.json("run", "stream", "second")
+    assert followed["status"] == "Completed" and followed["completed"] == 4
+
+    listed = fs.json("run", "list")
+    assert [(r["name"], r["status"]) for r in listed] == [("second", "Completed"),
+                                                          ("first", "Completed")]
+    assert "first" in fs.ok("run", "list").stdout
+
+    cancel = fs("run", "cancel", "first")
+    assert cancel.returncode == 1
+    assert "run first is Completed: there is nothing to cancel" in cancel.stderr
+    missing = fs("run", "show", "nosuch")
+    assert missing.returncode == 1 and "run 'nosuch' does not exist" in missing.stderr
+
+
+def test_failed_lines_metrics_and_an_evaluation_from_a_run_yaml(fs, tmp_path, settings):
+    flow_copy(tmp_path, "raises")
+    flow_copy(tmp_path, "aggregate")
+    base = fs.ok("run", "create", "--flow", "raises", "--data", "raises/data.jsonl",
+                 "--name", "base")
+    assert "summary: 2 of 4 line(s) completed, 2 of 4 failed" in base.stdout
+    assert "line 1: Execution failure in 'check': (ValueError) bad input: bad apple" \
+        in base.stdout
+    details = fs.ok("run", "show-details", "base")
+    assert details.stdout.count("(Failed)") == 2
+    assert "line 1 failed: Execution failure in 'check': (ValueError) bad input: bad apple" \
+        in details.stderr
+
+    (tmp_path / "eval.yml").write_text(
+        "$schema: https://azuremlschemas.azureedge.net/promptflow/latest/Run.schema.json\n"
+        "flow: aggregate\nrun: base\nname: evaluation\n"
+        "column_mapping:\n  answer: ${run.outputs.out}\n  expected: ${run.inputs.text}\n")
+    ev = fs.json("run", "create", "-f", "eval.yml", "--stream")
+    assert ev["status"] == "Completed" and ev["total"] == 2
+    assert output_rows(settings, "evaluation") == [{"line_number": 0, "grade": "correct"},
+                                                   {"line_number": 2, "grade": "correct"}]
+    assert fs.json("run", "show-metrics", "evaluation") == {"accuracy": 1.0}
+
+    own = fs.ok("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
+                "--name", "graded")
+    assert "status: Completed" in own.stdout
+    metrics = fs.ok("run", "show-metrics", "graded").stdout
+    assert "accuracy" in metrics and "0.75" in metrics
+
+
+def test_bad_input_is_refused_with_the_file_line_and_a_hint(fs, tmp_path, settings):
+    flow_copy(tmp_path, "echo")
+    flow_copy(tmp_path, "variants")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n'
+                                        '{"text": "d"}\n')
+    bad = fs("run", "create", "--flow", "echo", "--data", "bad.jsonl")
+    assert bad.returncode == 2
+    assert f"{tmp_path / 'bad.jsonl'} line 3 is not valid JSON" in bad.stderr
+    assert "--skip-malformed" in bad.stderr
+
+    missing = fs("run", "create", "--flow", "echo", "--data", "nope.jsonl")
+    assert missing.returncode == 2
+    assert f"data file {tmp_path / 'nope.jsonl'} does not exist" in missing.stderr
+
+    column = fs("run", "create", "--flow", "echo", "--data", "echo/data.jsonl",
+                "--column-mapping", "text=${data.question}")
+    assert column.returncode == 2 and "'question'" in column.stderr
+
+    variant = fs("run", "create", "--flow", "variants", "--data", "variants/data.jsonl",
+                 "--variant", "${labeled.variant_7}")
+    assert variant.returncode == 2 and "variant_7" in variant.stderr
+    assert "variant_0, variant_1" in variant.stderr
+
+    base = fs("run", "create", "--flow", "echo", "--run", "ghost",
+              "--column-mapping", "text=${run.outputs.out}")
+    assert base.returncode == 1 and "base run 'ghost' does not exist" in base.stderr
+
+    assert fs.json("run", "list") == []  # none of these left a run
+
+    skipped = fs.json("run", "create", "--flow", "echo", "--data", "bad.jsonl",
+                      "--skip-malformed")
+    assert skipped["status"] == "Completed" and skipped["total"] == 3
+    assert [r["out"] for r in output_rows(settings, skipped["name"])] == ["a", "b", "d"]
+
+
+SLOW_TOOL = '''import time
+
+from promptflow.core import tool
+
+
+@tool
+def slow(text: str, seconds: str) -> str:
+    time.sleep(float(seconds))
+    return text.upper()
+'''
+SLOW_YAML = """inputs:
+  text:
+    type: string
+  seconds:
+    type: string
+outputs:
+  out:
+    type: string
+    reference: ${slow.output}
+nodes:
+- name: slow
+  type: python
+  source:
+    type: code
+    path: slow.py
+  inputs:
+    text: ${inputs.text}
+    seconds: ${inputs.seconds}
+"""
+
+
+def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, settings):
+    flow = tmp_path / "slow"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(SLOW_YAML)
+    (flow / "slow.py").write_text(SLOW_TOOL)
+    n = 16
+    (tmp_path / "slow.jsonl").write_text("".join(
+        json.dumps({"text": f"l{i}", "seconds": "0.4"}) + "\n" for i in range(n)))
+    proc = fs.popen("run", "create", "--flow", "slow", "--data", "slow.jsonl",
+                    "--name", "orphan", "--workers", "2", "--stream")
+    records = RunRecords(open_store(settings.db_url))
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            run = records.find("orphan")
+            if run is not None and run.completed >= 3:
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run did not get going"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert records.find("orphan").status == "Running"
+
+    # the session finishes the lines on its own; a later command collects them
+    runs_dirs = list(Path(settings.runtime_dir).glob("slots/*/state/runs/orphan"))
+    assert len(runs_dirs) == 1
+    deadline = time.monotonic() + 60
+    while not (runs_dirs[0] / "status.json").exists():
+        assert time.monotonic() < deadline, "the session did not finish the run"
+        time.sleep(0.1)
+    shown = fs.json("run", "show", "orphan")
+    assert shown["status"] == "Completed", shown
+    assert (shown["total"], shown["completed"], shown["failed"]) == (n, n, 0)
+    assert sorted(stored_positions(settings, "orphan")) == list(range(n))
+    assert output_rows(settings, "orphan") == [{"line_number": i, "out": f"L{i}"}
+                                               for i in range(n)]
+
+
+KEY_A = "sk-cli-run-key-A-5e4d3c2b1a"
+KEY_B = "sk-cli-run-key-B-0f9e8d7c6b"
+
+
+class TwoKeyServer(OpenAIServer):
+    def __init__(self, keys: list[str]):
+        super().__init__(api_key=keys[0], retry_after=0)
+        self.keys = keys
+
+    def _authorized(self, authorization, api_key_header, *, azure):
+        return any(authorization == f"Bearer {k}" for k in self.keys)
+
+
+def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):
+    flow_copy(tmp_path, "llm_chat")
+    with TwoKeyServer([KEY_A, KEY_B]) as server:
+        for name, key in (("open_ai_connection", KEY_A), ("second", KEY_B)):
+            (tmp_path / f"{name}.yml").write_text(
+                f"name: {name}\ntype: open_ai\napi_key: \"{key}\"\n"
+                f"base_url: \"{server.base_url}\"\n")
+            fs.ok("connection", "create", "--file", f"{name}.yml")
+        r = fs.json("run", "create", "--flow", "llm_chat", "--data", "llm_chat/data.jsonl",
+                    "--name", "chat", "--stream")
+        assert r["status"] == "Completed", r
+        assert [row["answer"] for row in output_rows(settings, "chat")] == [
+            "echo: What is the capital of France?", "echo: How many legs does a spider have?",
+            "echo: Name a prime number greater than 10."]
+        assert {q["authorization"] for q in server.requests} == {f"Bearer {KEY_A}"}
+        server.clear()
+        over = fs.json("run", "create", "--flow", "llm_chat", "--data", "llm_chat/data.jsonl",
+                       "--connections", "chat.connection=second", "--name", "over")
+        assert over["status"] == "Completed", over
+        assert {q["authorization"] for q in server.requests} == {f"Bearer {KEY_B}"}
+        fs.ok("run", "show-details", "chat")
+        fs.ok("run", "logs", "chat")
+        fs.ok("run", "show", "over")
+    for key in (KEY_A, KEY_B):
+        assert not any(key in text for text in fs.seen)
+
+
+def test_commands_that_finish_a_run_at_the_same_time_agree(fs, tmp_path, settings):
+    """`run show` in several terminals while the run's (slow) aggregation runs: one of them
+    aggregates and writes the outputs; the run ends Completed once, with its metrics."""
+    flow = flow_copy(tmp_path, "aggregate")
+    (flow / "accuracy.py").write_text(
+        "import time\nfrom typing import List\n\nfrom promptflow.core import log_metric, tool\n"
+        "\n\n@tool\ndef accuracy(grades: List[str]) -> float:\n    time.sleep(2)\n"
+        "    value = round(grades.count('correct') / len(grades), 2)\n"
+        "    log_metric('accuracy', value)\n    return value\n")
+    created = fs.json("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
+                      "--name", "busy", "--detach")
+    assert created["status"] == "Running"
+    [run_dir] = Path(settings.runtime_dir).glob("slots/*/state/runs/busy")
+    deadline = time.monotonic() + 60
+    while not (run_dir / "status.json").exists():  # every line done; nobody finished it yet
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    shows = [fs.popen("run", "show", "busy", "--json") for _ in range(3)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in shows]
+    for code, out, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    final = fs.json("run", "show", "busy")
+    assert final["status"] == "Completed", final
+    assert fs.json("run", "show-metrics", "busy") == {"accuracy": 0.75}
+    assert [r["grade"] for r in output_rows(settings, "busy")] == [
+        "correct", "correct", "wrong", "correct"]
+    log = (settings.runs_dir / "busy" / "logs" / "run.log").read_text()
+    assert log.count("run completed") == 1, log
