@@ -5,6 +5,7 @@ the summary, the errors; and, for the faults, that nothing is lost or stored twi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from flowsession.backends.compute import procs
 from flowsession.backends.compute.local import LocalBackend
 from flowsession.computes.service import ComputeService
 from flowsession.environments.service import EnvironmentService
-from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
+from flowsession.errors import Conflict, FlowSessionError, InvalidInput, LineFailed, NotFound
 from flowsession.runs import records as R
 from flowsession.runs.service import RunService
 from flowsession.runs.spec import RunSpec
@@ -548,6 +549,29 @@ def test_an_llm_flow_uses_the_connection_and_its_key_is_stored_nowhere(rs, tmp_p
     roots = [run_settings.home, run_settings.runtime_dir]
     for key in (KEY_A, KEY_B):
         assert files_containing(roots, key) == []
+
+
+def test_flow_test_of_an_llm_flow_and_of_a_flex_class_uses_connections_and_init(rs,
+                                                                                   tmp_path):
+    """A session's own test lines load the flow with the owner's connections (as they are at
+    each test) and, for a flex class, the init given to the test."""
+    llm, flex = flow_copy(tmp_path, "llm_chat"), flow_copy(tmp_path, "flex_class")
+    with TwoKeyServer([KEY_A, KEY_B]) as server:
+        rs.connections.create({"name": "open_ai_connection", "type": "open_ai",
+                               "api_key": KEY_A, "base_url": server.base_url}, owner=USER)
+        out = asyncio.run(rs.sessions.test(llm, {"question": "hi"}, user=USER))
+        assert out == {"answer": "echo: hi"}
+        rs.connections.create({"name": "open_ai_connection", "type": "open_ai",
+                               "api_key": KEY_B, "base_url": server.base_url}, owner=USER)
+        asyncio.run(rs.sessions.test(llm, {"question": "again"}, user=USER))
+        keys = [q["authorization"] for q in server.requests
+                if q["path"] == "/v1/chat/completions"]
+        assert keys == [f"Bearer {KEY_A}", f"Bearer {KEY_B}"]  # the key as it is now
+    with pytest.raises(LineFailed, match="prefix"):
+        asyncio.run(rs.sessions.test(flex, {"text": "x"}, user=USER))
+    out = asyncio.run(rs.sessions.test(flex, {"text": "x"}, user=USER, init={"prefix": ">"}))
+    assert out == {"out": ">x"}
+    asyncio.run(_stop_everything(rs.sessions))
 
 
 def test_a_missing_connection_is_refused_before_anything_runs(rs, tmp_path):

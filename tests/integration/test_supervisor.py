@@ -297,12 +297,21 @@ def test_a_worker_killed_with_sigkill_fails_the_session(start):
     assert s.proc.poll() is None  # still answering, so the reason can be read
 
 
-def test_a_flow_whose_code_fails_to_import_fails_the_session_with_the_reason(start, tmp_path):
+def test_a_flow_whose_code_fails_to_import_keeps_the_session_and_says_why(start, tmp_path):
+    """The environment is fine, the flow is not: the session stays up, each line is refused
+    with the reason, and once the code is fixed the next line loads it (no reset)."""
     flow = _flow(tmp_path, "broken", tool="import not_a_module_anywhere\n" + TOOL)
     s = start(flow)
     status = s.wait_phase("ready", "failed")
-    assert status["phase"] == "failed"
-    assert "not_a_module_anywhere" in status["error"], status
+    assert status["phase"] == "ready"
+    assert "not_a_module_anywhere" in status["flow_error"], status
+    refused = s.request({"op": "test", "inputs": {"x": "hi"}})
+    assert refused["ok"] is False and refused["error"]["type"] == "line_failed"
+    assert "not_a_module_anywhere" in refused["error"]["message"]
+    (flow / "echo.py").write_text(TOOL)
+    answer = s.request({"op": "test", "inputs": {"x": "hi"}})
+    assert answer["ok"] is True and answer["output"]["y"].startswith("hi with"), answer
+    assert s.ping()["flow_error"] is None
 
 
 def test_an_idle_session_exits_by_itself(start):

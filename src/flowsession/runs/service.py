@@ -31,6 +31,7 @@ from flowsession.backends.compute.base import SessionHandle
 from flowsession.config import Settings
 from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
 from flowsession.flows.flowfile import FlowDefinition, load_flow
+from flowsession.flows.references import connection_candidates, required_connections
 from flowsession.runs import records as R
 from flowsession.runs.data import load_data
 from flowsession.runs.files import RunFiles
@@ -91,10 +92,12 @@ class RunService:
         flow = load_flow(spec.flow)
         variant = _check_variant(flow, spec)
         node_override = _node_override(flow, spec)
-        needed = _connection_names(flow, spec, node_override)
         # the connections the flow certainly uses must exist; other names are candidates
-        self.connections.for_executor(_required_connections(flow, node_override)
-                                      | (needed & self._connection_names(user)), owner=user)
+        usable = self.connections.usable_names(user, identity=spec.identity)
+        self.connections.for_executor_as(
+            required_connections(flow, node_override)
+            | (connection_candidates(flow, node_override, spec.init) & usable),
+            owner=user, identity=spec.identity)
         name = check_name(spec.name) if spec.name else _generated_name(flow)
         lines: dict[int, dict[str, Any]] = {}
         if resumed is None:
@@ -127,9 +130,6 @@ class RunService:
         except BaseException as exc:
             self._fail(name, f"the run could not start: {exc}")
             raise
-
-    def _connection_names(self, user: str) -> set[str]:
-        return {c.name for c in self.connections.list(user)}
 
     def _base_run(self, name: str, user: str) -> BaseRun:
         try:
@@ -200,7 +200,7 @@ class RunService:
             (run_dir / ".inputs.tmp").rename(run_dir / "inputs.jsonl")
         stored = files.stored()
         todo = [p for p in range(run.total) if p not in stored]
-        work = self._work(run, spec, run_dir, session.flow)
+        work = self._work(run, spec, run_dir, session.flow, session.identity)
         work.update(workers=workers, lines=todo)
         status = await self.backend.submit_run(handle, run.name, work)
         first = run.started_at is None
@@ -213,7 +213,8 @@ class RunService:
             return await self._advance(run.name)
         return self.records.get(run.name)
 
-    def _work(self, run: Run, spec: RunSpec, run_dir: Path, flow: str) -> dict[str, Any]:
+    def _work(self, run: Run, spec: RunSpec, run_dir: Path, flow: str,
+              identity: str | None = None) -> dict[str, Any]:
         """What the supervisor needs besides the lines (secrets only in memory, never
         stored)."""
         flow_def = load_flow(flow)
@@ -222,12 +223,14 @@ class RunService:
         if variant:
             flow_path = _variant_copy(flow_def, variant, run_dir / "flow")
         node_override = _node_override(flow_def, spec)
-        needed = _connection_names(flow_def, spec, node_override) & self._connection_names(
-            run.owner)
+        needed = (required_connections(flow_def, node_override)
+                  | connection_candidates(flow_def, node_override, spec.init)) & \
+            self.connections.usable_names(run.owner, identity=identity)
         return {"flow": str(flow_path) if flow_path else None,
                 "line_timeout": spec.line_timeout if spec.line_timeout is not None else 600.0,
                 "env": self._env(run.name), "init": spec.init,
-                "connections": self.connections.for_executor(needed, owner=run.owner),
+                "connections": self.connections.for_executor_as(needed, owner=run.owner,
+                                                                identity=identity),
                 "node_override": node_override}
 
     # --- following a run -------------------------------------------------------------------
@@ -365,7 +368,7 @@ class RunService:
         with open(run_dir / "all.records", "wb") as out:
             for raw in self.files(run.name).raw_records():
                 out.write(raw + b"\n")
-        work = self._work(run, spec, run_dir, session.flow)
+        work = self._work(run, spec, run_dir, session.flow, session.identity)
         return await self.backend.aggregate_run(handle, run.name, work, "all.records")
 
     def _fail(self, name: str, error: str) -> Run:
@@ -529,34 +532,3 @@ def _node_override(flow: FlowDefinition, spec: RunSpec) -> dict[str, str]:
         for key, value in fields.items():
             out[f"{node}.{key}"] = value
     return out
-
-
-def _required_connections(flow: FlowDefinition, node_override: dict[str, str]) -> set[str]:
-    """The connections the run certainly needs: the overrides' ``node.connection`` and the
-    ``connection`` of every other node that names one."""
-    names = {v for k, v in node_override.items() if k.endswith(".connection") and v}
-    overridden = {k.rsplit(".", 1)[0] for k in node_override if k.endswith(".connection")}
-    for node in flow.nodes:
-        if isinstance(node.get("connection"), str) and node.get("name") not in overridden:
-            names.add(node["connection"])
-    return names
-
-
-def _connection_names(flow: FlowDefinition, spec: RunSpec,
-                      node_override: dict[str, str]) -> set[str]:
-    """Every name the flow might use as a connection: llm nodes' ``connection``, string
-    inputs of nodes (a tool's connection parameter is given by name), overrides, init."""
-    names: set[str] = set()
-    nodes = list(flow.nodes)
-    for variants in (flow.raw.get("node_variants") or {}).values():
-        for v in (variants.get("variants") or {}).values():
-            nodes.append(v.get("node") or {})
-    for node in nodes:
-        if isinstance(node.get("connection"), str):
-            names.add(node["connection"])
-        for value in (node.get("inputs") or {}).values():
-            if isinstance(value, str) and not value.startswith("${"):
-                names.add(value)
-    names.update(v for v in node_override.values() if isinstance(v, str))
-    names.update(v for v in spec.init.values() if isinstance(v, str))
-    return names

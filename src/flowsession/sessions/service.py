@@ -50,6 +50,7 @@ class SessionService:
         self.envs, self.computes, self.backend = envs, computes, backend
         self.records = SessionRecords(store, clock)
         self.pool = StandbyPool(settings, store, backend, envs)
+        self._connections = None  # access.connections.ConnectionService, made on first use
         self.sweeper = Sweeper(self)
 
     @classmethod
@@ -100,7 +101,7 @@ class SessionService:
         """Start the flow's session (or return the one already bound to it)."""
         options = options or StartOptions()
         flow_def = load_flow(flow)  # bad flows fail here, before anything is made
-        compute_type = self._check_options(options)
+        compute_type = self.check_options(options)
         instance = (self.computes.get(options.instance, user=user)
                     if compute_type == "instance" else None)
         if instance is not None and instance.state != "RUNNING":
@@ -158,7 +159,8 @@ class SessionService:
     async def _run_on(self, compute: Compute, session: Session, prepared: Prepared,
                       env: Environment, standby: SessionHandle | None) -> SessionHandle:
         spec = SessionSpec(session_id=session.id, flow_dir=str(prepared.snapshot.path),
-                           idle_timeout_s=session.idle_timeout_s, workers=1)
+                           idle_timeout_s=session.idle_timeout_s, workers=1,
+                           connections=self.flow_connections(session))
         return await self.backend.start_session(compute.compute_handle, self.env_handle(env),
                                                 spec, standby=standby)
 
@@ -306,11 +308,16 @@ class SessionService:
         return self.records.get(session.id)
 
     async def test(self, flow: str | Path, inputs: Mapping[str, Any], *, user: str,
-                   timeout: float = 600) -> dict[str, Any]:
-        """One line on the flow's session (started with default settings if none runs)."""
+                   timeout: float = 600, init: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """One line on the flow's session (started with default settings if none runs), with
+        the connections the flow refers to as they are now, and ``init`` for a flex flow
+        class."""
         session = await self.ready(flow, user=user)
         try:
-            return await self.backend.test_line(session.session_handle, inputs, timeout=timeout)
+            return await self.backend.test_line(
+                session.session_handle, inputs, timeout=timeout,
+                connections=self.flow_connections(session), init=dict(init or {}))
         except SessionFailed as exc:
             self.records.transition(session, S.FAILED, actor="system:supervisor",
                                     reason=exc.message, expect=[S.RUNNING])
@@ -318,6 +325,22 @@ class SessionService:
         finally:
             self.records.touch(session.id)
             self.computes.touch(session.compute_id)
+
+    def flow_connections(self, session: Session) -> dict[str, Any]:
+        """The connections the session's flow refers to that its owner (or its managed
+        identity) has, in promptflow's form: for the session's workers, never stored. A
+        missing one is not an error here: the flow's load says which."""
+        from flowsession.access.connections import ConnectionService
+        from flowsession.flows.references import connection_candidates, required_connections
+
+        if self._connections is None:
+            self._connections = ConnectionService(self.settings, self.store)
+        flow = load_flow(session.flow)
+        names = required_connections(flow) | connection_candidates(flow)
+        identity = None if session.identity in ("", "user") else session.identity
+        usable = self._connections.usable_names(session.owner, identity=identity)
+        return self._connections.for_executor_as(names & usable, owner=session.owner,
+                                                 identity=identity)
 
     async def ready(self, flow: str | Path, *, user: str,
                     options: StartOptions | None = None) -> Session:
@@ -376,7 +399,9 @@ class SessionService:
         return replace(self.pool.image_env(env.image), env_id=env.id,
                        site_dirs=tuple(str(p) for p in site))
 
-    def _check_options(self, o: StartOptions) -> str:
+    def check_options(self, o: StartOptions) -> str:
+        """The compute type the options make, or InvalidInput saying which option is wrong
+        (before anything is made)."""
         kind = o.compute_type or ("instance" if o.instance else "serverless")
         if kind not in ("serverless", "instance"):
             raise InvalidInput(f"compute type '{kind}' is not one of serverless, instance")

@@ -28,6 +28,7 @@ from flowsession.worker import workers as wk
 from flowsession.worker.channel import Channel
 from flowsession.worker.loop import BadRequest, Exit, Request, Server, number
 from flowsession.worker.protocol import (
+    E_LINE_FAILED,
     E_LOAD_FAILED,
     E_SESSION_FAILED,
     E_STOPPED,
@@ -73,6 +74,9 @@ class Supervisor(Server):
         self.flow_yaml: Path | None = None
         self._import_error: str | None = None
         self._sites_added = False
+        self.connections: dict[str, Any] = {}  # the flow's connections (promptflow's dicts)
+        self.init: dict[str, Any] = {}  # a flex flow class's __init__ arguments
+        self.flow_error: str | None = None  # why the flow does not load (the session lives on)
         self.batches: dict[str, bt.Batch] = {}  # runs, by id (ended ones are kept)
         self.batch_channels: dict[Channel, bt.Batch] = {}
 
@@ -179,6 +183,7 @@ class Supervisor(Server):
             "error": self.error, "flow": self.flow, "lines": self.lines,
             "standby": self.standby, "protocol": PROTOCOL_VERSION,
             "runs": {b.id: b.state for b in self.batches.values()},
+            "flow_error": self.flow_error,
         }
 
     def _op_test(self, req: Request) -> None:
@@ -194,8 +199,33 @@ class Supervisor(Server):
         if not isinstance(inputs, dict):
             raise BadRequest("'inputs' must be a JSON object")
         timeout = number(req.msg, "timeout", self.line_timeout)
+        if self._take_flow_settings(req.msg) and self.phase == READY:
+            self._renew_workers()  # other connections or init: workers that have them
+        if self.phase == READY and not self.workers:  # the flow did not load: try again
+            self._load()
         self.queue.append(wk.Line(req, inputs, timeout))
         self._dispatch()
+
+    def _take_flow_settings(self, msg: dict[str, Any]) -> bool:
+        """``connections`` and ``init`` of an adopt or a test; True if they changed."""
+        changed = False
+        for key in ("connections", "init"):
+            if key in msg:
+                value = msg[key] or {}
+                if not isinstance(value, dict):
+                    raise BadRequest(f"'{key}' must be an object")
+                if value != getattr(self, key):
+                    setattr(self, key, value)
+                    changed = True
+        return changed
+
+    def _renew_workers(self) -> None:
+        for w in list(self.workers):
+            if w.job is None or not w.alive:
+                self._retire(w)
+            else:
+                w.draining = True
+        self._load()
 
     def _op_adopt(self, req: Request) -> None:
         if not (self.standby and self.phase in (IMPORTING, STANDBY)) or self.pending:
@@ -214,6 +244,7 @@ class Supervisor(Server):
         self.idle_timeout = number(msg, "idle_timeout", self.idle_timeout)
         self.line_timeout = number(msg, "line_timeout", self.line_timeout)
         self.n_workers = max(1, int(number(msg, "workers", self.n_workers)))
+        self._take_flow_settings(msg)
         self.pending = req
         if self.phase == STANDBY:
             self._adopt(req)
@@ -237,13 +268,8 @@ class Supervisor(Server):
         if not isinstance(flow, str) or not flow:
             raise BadRequest("'flow' must be the flow's folder")
         self.flow, self.pending = flow, req
-        for w in list(self.workers):
-            if w.job is None or not w.alive:
-                self._retire(w)
-            else:
-                w.draining = True
         log.info("reloading %s", self.flow)
-        self._load()
+        self._renew_workers()
 
     def _op_configure(self, req: Request) -> None:
         self.idle_timeout = number(req.msg, "idle_timeout", self.idle_timeout)
@@ -351,14 +377,20 @@ class Supervisor(Server):
         if not self._sites_added:
             wk.add_site_dirs(self.site_dirs)
             self._sites_added = True
-        self.phase = LOADING
+        if self.phase != READY or self.pending is not None:
+            self.phase = LOADING
+        self.flow_error = None
         self._load_started = time.monotonic()
         for _ in range(self.n_workers):
             self._spawn()
 
     def _spawn(self) -> None:
-        w = wk.spawn(self.flow_dir, self.flow_yaml, self.sel, self._on_worker_message,
-                     self._on_worker_closed, self.close_in_child)
+        flow_dir, flow_yaml, connections, init = (self.flow_dir, self.flow_yaml,
+                                                  self.connections, self.init)
+        w = wk.spawn(flow_dir, flow_yaml, self.sel, self._on_worker_message,
+                     self._on_worker_closed, self.close_in_child,
+                     serve=lambda sock, sup: wk.serve_tests(sock, flow_dir, flow_yaml, sup,
+                                                            connections, init))
         self.workers.append(w)
         self.by_channel[w.channel] = w
 
@@ -379,7 +411,7 @@ class Supervisor(Server):
                 self._ready()
             self._dispatch()
         elif event == "load_failed":
-            self._fail(f"the flow failed to load: {msg.get('error')}")
+            self._flow_does_not_load(w, str(msg.get("error")))
         elif event == "result" and w.job is not None:
             line, w.job, w.state = w.job, None, wk.IDLE
             response = {k: v for k, v in msg.items() if k != "event"}
@@ -390,6 +422,22 @@ class Supervisor(Server):
             if w.draining:
                 self._retire(w)
             self._dispatch()
+
+    def _flow_does_not_load(self, w: wk.Worker, reason: str) -> None:
+        """The flow's code, YAML, connections or init are wrong: the session stays (the
+        environment is fine), lines are refused with the reason, and the next test or reload
+        tries again."""
+        self._retire(w)
+        self.flow_error = f"the flow failed to load: {reason}"
+        log.warning("%s", self.flow_error)
+        if any(x.state in (wk.LOADING, wk.IDLE, wk.BUSY) for x in self.workers):
+            return
+        for x in list(self.workers):
+            self._retire(x)
+        while self.queue:
+            self.answer(self.queue.popleft().req, error(E_LINE_FAILED, self.flow_error))
+        if self.phase == LOADING:
+            self._ready()
 
     def _ready(self) -> None:
         self.phase, self.last_activity = READY, time.monotonic()

@@ -164,6 +164,13 @@ def prepare_child(sock: socket.socket, supervisor: int) -> None:
 
 
 def _serve(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int) -> int:
+    return serve_tests(sock, flow_dir, flow_yaml, supervisor, {}, {})
+
+
+def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int,
+                connections: dict[str, Any], init: dict[str, Any]) -> int:
+    """A test worker's life: load the flow (with the session's connections and init), then
+    run the lines the supervisor sends."""
     prepare_child(sock, supervisor)
 
     def send(obj: dict[str, Any]) -> None:
@@ -173,7 +180,8 @@ def _serve(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor: int
 
     started = time.monotonic()
     try:
-        executor = FlowExecutor.create(flow_yaml, {}, working_dir=flow_dir, raise_ex=False)
+        executor = FlowExecutor.create(flow_yaml, dict(connections), working_dir=flow_dir,
+                                       raise_ex=False, init_kwargs=dict(init) or None)
     except Exception as exc:  # the flow's code does not import, its yaml is wrong, ...
         log.exception("worker %d: the flow failed to load", os.getpid())
         send({"event": "load_failed", "error": message_of(exc)})

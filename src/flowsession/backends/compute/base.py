@@ -64,6 +64,9 @@ class SessionSpec:
     idle_timeout_s: float
     workers: int = 1
     env_vars: Mapping[str, str] = field(default_factory=dict)
+    # the flow's connections (promptflow's dict form, secrets included): handed to the
+    # supervisor in memory, never stored (``repr`` hides them)
+    connections: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,10 @@ class ComputeBackend(Protocol):
     async def status(self, handle: SessionHandle) -> BackendStatus: ...
 
     async def test_line(self, handle: SessionHandle, inputs: Mapping[str, Any], *,
-                        timeout: float) -> dict[str, Any]: ...
+                        timeout: float, connections: Mapping[str, Any] | None = None,
+                        init: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One line; ``connections``/``init`` (when given) are what the flow loads with."""
+        ...
 
     async def reload(self, handle: SessionHandle, snapshot: Path) -> None:
         """Serve a changed flow (a new snapshot) with fresh workers."""

@@ -133,7 +133,8 @@ class LocalBackend:
             answer = await asyncio.to_thread(protocol.request, standby.socket, {
                 "op": "adopt", "flow": flow_inside, "site_dirs": list(env.site_dirs),
                 "idle_timeout": spec.idle_timeout_s, "workers": spec.workers,
-                "env": dict(spec.env_vars)}, STARTUP_TIMEOUT_S)
+                "env": dict(spec.env_vars), "connections": dict(spec.connections)},
+                STARTUP_TIMEOUT_S)
             if not answer.get("ok"):
                 raise BuildFailed(f"the flow failed to load in its session: "
                                   f"{answer['error']['message']}",
@@ -191,11 +192,16 @@ class LocalBackend:
                              idle_seconds=float(ping.get("idle_seconds", 0.0)))
 
     async def test_line(self, handle: SessionHandle, inputs: Mapping[str, Any], *,
-                        timeout: float) -> dict[str, Any]:
+                        timeout: float, connections: Mapping[str, Any] | None = None,
+                        init: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"op": "test", "inputs": dict(inputs), "timeout": timeout}
+        if connections is not None:
+            msg["connections"] = dict(connections)
+        if init is not None:
+            msg["init"] = dict(init)
         try:
-            answer = await asyncio.to_thread(protocol.request, handle.socket,
-                                             {"op": "test", "inputs": dict(inputs),
-                                              "timeout": timeout}, timeout + 30)
+            answer = await asyncio.to_thread(protocol.request, handle.socket, msg,
+                                             timeout + 30)
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint="reset the session: flowsession session reset FLOW") from None
