@@ -71,9 +71,10 @@ class RunService:
 
     # --- creating --------------------------------------------------------------------------
 
-    async def create(self, spec: RunSpec, *, user: str) -> Run:
+    async def create(self, spec: RunSpec, *, user: str, submit: bool = True) -> Run:
         """Check everything, store the run's inputs, and submit it to the flow's session
-        (started from ``resources`` when none runs). Returns once the run is going."""
+        (started from ``resources`` when none runs). Returns once the run is going; with
+        ``submit=False``, once it is stored (Preparing): ``advance`` submits it."""
         resumed: Run | None = None
         if spec.resume_from:
             resumed = self.records.get(spec.resume_from, owner=user)
@@ -123,6 +124,8 @@ class RunService:
             self.records.set(name, total=total)
             files.log(f"run {name} created by {user}: {total} line(s) of flow {flow.folder}"
                       + (f", resuming {resumed.name}" if resumed else ""))
+            if not submit:
+                return self.records.get(name)
             return await self._submit(self.records.get(name), spec=spec)
         except FlowSessionError as exc:
             self._fail(name, exc.message)
@@ -258,7 +261,11 @@ class RunService:
             if run.total == 0:  # it stopped before recording the number of lines
                 self.records.set(name, total=files.positions())
                 run = self.records.get(name)
-            return await self._submit(run)
+            try:
+                return await self._submit(run)
+            except FlowSessionError as exc:  # e.g. its session cannot start: say so, once
+                self._fail(name, f"the run could not start: {exc.message}")
+                raise
         handle = self._handle(run)
         status = await self.backend.run_status(handle, name) if handle else None
         files.collect(self.backend.run_dirs(name))

@@ -128,7 +128,7 @@ async def create_run(body: RunIn, request: Request,
         fields["data"] = str(path)
     try:
         spec, warnings = spec_from_dict(fields, source="the run")
-        run = await svc.runs.create(spec, user=owner)
+        run = await svc.runs.create(spec, user=owner, submit=False)  # the session: in the op
     except FlowSessionError as exc:
         if inline is not None:  # the client sent the lines: no server path in the error
             exc.message = exc.message.replace(str(inline), "data_lines")
