@@ -25,6 +25,8 @@ $(VENV)/.setup-done: pyproject.toml uv.lock
 # end-to-end tour of the CLI on examples/flows/hello.
 run: setup
 	$(FS) image build
+	@# `image build` spoke to the home's background server: this one takes its place
+	$(FS) server stop
 	$(FS) server --register examples/flows/hello --register examples/flows/shared-reqs \
 	  --register examples/flows/flex-echo
 

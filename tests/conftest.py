@@ -81,6 +81,7 @@ def settings(tmp_path, images_dir, index) -> Settings:
     settings = Settings(home=tmp_path / "home", images_path=images_dir, index_url=index.url,
                         failed_build_memory_seconds=30.0)
     yield settings
+    stop_local_server(settings)  # the server the CLI started for this home, if any
     # no test may leave a session's process behind: kill any, and say which test did
     leftovers = procs.with_argument_under(str(settings.runtime_dir))
     for pid in leftovers:
@@ -89,6 +90,30 @@ def settings(tmp_path, images_dir, index) -> Settings:
     shutil.rmtree(settings.runtime_dir, ignore_errors=True)  # sessions' slots under /tmp
     if leftovers:
         warnings.warn(f"processes left running by this test: {sorted(leftovers)}")
+
+
+def stop_local_server(settings: Settings) -> None:
+    """Stop the local server of ``settings.home`` (``flowsession server stop``), and kill any
+    server process still serving that home."""
+    from flowsession.cli.server import stop_local_server as stop
+
+    stop(settings, timeout=15)
+    home = str(settings.home)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if b"flowsession.cli.main" in args and b"server" in args \
+                and f"FLOWSESSION_HOME={home}".encode() in environ:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry), signal.SIGKILL)
+            procs.reap(int(entry))
 
 
 @pytest.fixture

@@ -96,6 +96,9 @@ ROUTES = [
     ("PUT", "/api/identities/{identity}/connections", "identities:write", False),
     ("PUT", "/api/identities/{identity}/feeds/{host}", "identities:write", False),
     ("DELETE", "/api/identities/{identity}/feeds/{host}", "identities:write", False),
+    ("GET", "/api/feeds", "identities:read", False),
+    ("PUT", "/api/feeds/{host}", "identities:write", False),
+    ("DELETE", "/api/feeds/{host}", "identities:write", False),
     ("GET", "/api/operations/{op}", None, True),
     ("GET", "/api/operations/{op}/events", None, True),
 ]
@@ -257,6 +260,7 @@ def _body(method: str, template: str) -> dict | None:
         ("POST", "/api/identities"): {"name": "zid"},
         ("PUT", "/api/identities/{identity}/connections"): {"connections": []},
         ("PUT", "/api/identities/{identity}/feeds/{host}"): {"secret": "t0ken"},
+        ("PUT", "/api/feeds/{host}"): {"secret": "t0ken"},
     }.get((method, template))
 
 

@@ -125,3 +125,52 @@ def test_an_unreachable_database_names_the_setting(cli):
     assert "cannot open the database" in result.stderr and "FLOWSESSION_DATABASE_URL" in result.stderr
     assert "pw" not in result.stderr.replace("postgresql", "")  # the password is hidden
     assert "Traceback" not in result.stderr
+
+
+def test_env_show_and_remove_and_image_build_through_the_server(cli, tmp_path):
+    flow = make_flow(tmp_path, "f", "tinyalpha==1.0\n")
+    env_id = cli("env", "build", str(flow)).stdout.strip()
+    shown = cli("env", "show", env_id, "--json")
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert data["id"] == env_id and data["state"] == "READY" and data["holders"] == []
+    assert data["log"].endswith(f"{env_id}.log")
+    assert "tinyalpha==1.0" in cli("env", "show", env_id).stdout  # the lock
+    removed = cli("env", "remove", env_id)
+    assert removed.exit_code == 0 and f"removed {env_id}" in removed.stdout
+    assert json.loads(cli("env", "list", "--json").stdout) == []
+    missing = cli("env", "show", env_id)
+    assert missing.exit_code == 1 and "hint:" in missing.stderr
+    built = cli("image", "build", "--json")
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["ref"] == "flowsession/runtime:1"
+    assert "ready at" in cli("image", "build").stdout
+
+
+def test_managed_identities_hold_feed_secrets_and_connections(cli, tmp_path):
+    conn = tmp_path / "c.yml"
+    conn.write_text("name: team_conn\ntype: custom\nconfigs: {a: b}\nsecrets: {k: s3cr3t-v4lue}\n")
+    assert cli("connection", "create", "-f", str(conn)).exit_code == 0
+    made = cli("identity", "create", "team", "--description", "the team's", "--json")
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["feed_hosts"] == []
+    stored = cli("identity", "set-feed", "team", "pkgs.example.com", "--stdin",
+                 input="bot:tok-987654\n")
+    assert stored.exit_code == 0, stored.output
+    linked = json.loads(cli("identity", "set-connections", "team", "team_conn", "--json").stdout)
+    assert linked["connections"] == ["team_conn"]
+    shown = json.loads(cli("identity", "show", "team", "--json").stdout)
+    assert (shown["feed_hosts"], shown["connections"], shown["usable"]) == (
+        ["pkgs.example.com"], ["team_conn"], True)
+    listed = cli("identity", "list")
+    assert "team" in listed.stdout and "pkgs.example.com" in listed.stdout
+    feeds = json.loads(cli("feed", "list", "--identity", "team", "--json").stdout)
+    assert [(f["identity"], f["host"], f["secret"]) for f in feeds] == [
+        ("team", "pkgs.example.com", "bot:****")]
+    assert cli("identity", "delete-feed", "team", "pkgs.example.com").exit_code == 0
+    assert json.loads(cli("identity", "show", "team", "--json").stdout)["feed_hosts"] == []
+    assert cli("identity", "delete", "team").exit_code == 0
+    gone = cli("identity", "show", "team")
+    assert gone.exit_code == 1 and "does not exist" in gone.stderr
+    assert "tok-987654" not in "".join(
+        r.stdout + r.stderr for r in (stored, listed, gone))

@@ -1,5 +1,6 @@
 """``flowsession connection ...``: what a user types and sees; secrets never shown or stored in
-clear; one user's connections are invisible to another; promptflow accepts the executor dict."""
+clear; one user's connections are invisible to another (a second user of the same server, with
+the token its Owner made for them); promptflow accepts the executor dict."""
 
 from __future__ import annotations
 
@@ -43,9 +44,18 @@ def cli(settings):
            "COLUMNS": "200", "NO_COLOR": "1"}
     runner = CliRunner()
     seen: list[str] = []  # every output, to check no secret was ever shown
+    tokens: dict[str, str] = {}  # other users of alice's (local) server: their tokens
 
     def invoke(*args: str, user: str = "alice"):
-        result = runner.invoke(app, list(args), env={**env, "FLOWSESSION_USER": user})
+        extra = {}
+        if user != "alice":  # alice, the server's Owner, makes the user; they use its token
+            if user not in tokens:
+                made = runner.invoke(app, ["user", "create", user, "--role", "Data Scientist",
+                                           "--json"], env=env)
+                assert made.exit_code == 0, made.output
+                tokens[user] = json.loads(made.stdout)["token"]
+            extra = {"FLOWSESSION_TOKEN": tokens[user]}
+        result = runner.invoke(app, list(args), env={**env, **extra})
         seen.append(result.stdout + result.stderr)
         return result
 

@@ -282,12 +282,14 @@ def test_a_conflicting_requirement_at_install_names_the_packages_and_keeps_runni
 
 def test_a_size_over_the_vcpu_quota_is_refused_with_the_figures(fs, tmp_path):
     flow = str(make_flow(tmp_path, "f", "tinyalpha==1.0\n"))
-    quota = {"FLOWSESSION_VCPU_QUOTA": "1"}
-    refused = fs("session", "start", flow, "--vm-size", "large", extra_env=quota)
+    # the quota is a setting of the server: its environment when it starts says it
+    started = fs("server", "start", extra_env={"FLOWSESSION_VCPU_QUOTA": "1"})
+    assert started.returncode == 0, started.stderr
+    refused = fs("session", "start", flow, "--vm-size", "large")
     assert refused.returncode != 0
     assert "needs 4 vCPU" in refused.stderr and "quota of 1 vCPU" in refused.stderr
     assert "hint:" in refused.stderr
-    assert fs.json("session", "list", extra_env=quota) == []
-    assert fs.json("compute", "list", extra_env=quota) == []  # nothing half-made is left
-    last = fs.json("session", "events", flow, extra_env=quota)[-1]
+    assert fs.json("session", "list") == []
+    assert fs.json("compute", "list") == []  # nothing half-made is left
+    last = fs.json("session", "events", flow)[-1]
     assert last["to_state"] == "STOPPED" and "the start failed" in last["reason"]

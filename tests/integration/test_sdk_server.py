@@ -195,3 +195,74 @@ def test_a_wrong_token_is_an_authentication_error(server):
         with Client(url=server.url, token=token) as c, pytest.raises(AuthenticationError) as e:
             c.get_run("anything")
         assert str(e.value) == "authentication failed: check your token" and e.value.hint
+
+
+def test_sessions_computes_and_access_through_the_sdk(admin, tmp_path):
+    flow = make_flow(tmp_path, "managed", "tinyalpha==1.0\n")
+    seen: list[dict] = []
+    session = admin.start_session(flow, on_progress=seen.append)
+    assert session.state == "RUNNING"
+    assert any(e.get("event") == "progress" and e.get("message") for e in seen), seen
+    assert session.id in [s.id for s in admin.list_sessions()]
+    assert admin.session_events("managed")[-1]["to_state"] == "RUNNING"
+    assert {"name": "tinyalpha", "version": "1.0", "origin": "requirements"} in \
+        admin.session_packages("managed")
+    updated = admin.update_session("managed", idle_time="45m")
+    assert (updated.id, updated.idle_timeout_s, updated.pid) == (session.id, 2700, session.pid)
+    reset = admin.reset_session(flow)
+    assert (reset.id, reset.state) == (session.id, "RUNNING") and reset.pid != session.pid
+    assert admin.stop_session(flow).state == "STOPPED"
+    assert session.id in [s.id for s in admin.list_sessions(all=True)]
+    assert session.id not in [s.id for s in admin.list_sessions()]
+
+    box = admin.create_compute("sdkbox", size="small")
+    assert (box["kind"], box["state"]) == ("instance", "RUNNING")
+    assert admin.get_compute("sdkbox")["sessions"] == 0
+    assert admin.stop_compute("sdkbox")["state"] == "STOPPED"
+    assert admin.start_compute("sdkbox")["state"] == "RUNNING"
+    assert admin.delete_compute("sdkbox")["deleted"] is True
+    assert {"small", "medium"} <= {s["name"] for s in admin.compute_sizes()["sizes"]}
+
+    dora = admin.create_user("dora", roles=["Reader"])
+    assert dora["token"].startswith("fs_")
+    assert "Reader" in {u["name"]: u for u in admin.list_users()}["dora"]["roles"]
+    admin.create_role("Viewer", ["audit:read"], description="reads the audit log")
+    admin.assign_role("dora", "Viewer")
+    with Client(url=admin.url, token=dora["token"]) as c:
+        assert c.audit(limit=2) and c.me()["user"] == "dora"
+        extra = c.create_token(label="spare")
+        assert {t["label"] for t in c.list_tokens()} == {"first", "spare"}
+        c.revoke_token(extra["id"])
+    admin.unassign_role("dora", "Viewer")
+    admin.delete_role("Viewer")
+    with Client(url=admin.url, token=extra["token"]) as c, pytest.raises(AuthenticationError):
+        c.me()
+    entries = admin.audit(limit=500, actor="dora")
+    assert any(e["action"] == "DELETE /api/tokens/{token_id}" for e in entries)
+    admin.disable_user("dora")
+
+
+def test_the_in_process_client_answers_as_the_server_does(admin, tmp_path, images_dir, index):
+    """The same methods, the same answers' shape, whichever transport."""
+    local = Client(Settings(home=tmp_path / "home", images_path=images_dir,
+                            index_url=index.url, standby_pool_size=0))
+    assert local.transport == "local"
+    conn = tmp_path / "conn.yml"
+    conn.write_text("name: parity\ntype: custom\nconfigs: {a: b}\nsecrets: {k: v-123456}\n")
+    pairs = [(c.compute_sizes(), c.list_images()[0], c.get_image("flowsession/runtime"),
+              c.check_image("flowsession/runtime:1"), c.create_connection(conn),
+              c.list_connections()[0], c.get_connection("parity"),
+              c.create_identity("parity-id"), c.list_identities()[0],
+              c.set_feed_secret("pkgs.example.com", "u:t0k"), c.list_feed_secrets()[0],
+              c.create_compute("parity-box", size="small"), c.get_compute("parity-box"),
+              c.list_roles()[0])
+             for c in (admin, local)]
+    for over_http, in_process in zip(*pairs):
+        assert set(over_http) == set(in_process), (over_http, in_process)
+    assert pairs[0][3] == pairs[1][3]  # check_image: the same answer
+    for c in (admin, local):
+        c.delete_compute("parity-box")
+        c.delete_identity("parity-id")
+        c.delete_connection("parity")
+        c.delete_feed_secret("pkgs.example.com")
+    local.close()

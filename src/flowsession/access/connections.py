@@ -114,37 +114,7 @@ class ConnectionService:
                          name: str | None = None) -> tuple[Connection, bool]:
         """Create (or update, if ``owner`` has one of that name) the connection in the YAML
         file at ``path``; ``name`` replaces the file's name. Returns (connection, created)."""
-        file = Path(path).expanduser()
-        try:
-            text = file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InvalidInput(f"{file}: the file does not exist",
-                               hint="give the connection's YAML file, e.g. --file conn.yaml",
-                               details={"file": str(file)}) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"{file}: cannot read the file ({exc.__class__.__name__})",
-                               hint="make sure the file is readable and saved as UTF-8",
-                               details={"file": str(file)}) from None
-        try:
-            data = yaml.load(text, Loader=_Loader)
-        except yaml.YAMLError as exc:
-            # only the problem and its line: PyYAML's full message quotes the line's text,
-            # which may hold a secret
-            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            what = getattr(exc, "problem", None) or getattr(exc, "context", None) or "invalid"
-            raise InvalidInput(f"{file}{'' if line is None else f', line {line}'}: the YAML "
-                               f"cannot be parsed: {what}",
-                               hint="fix the YAML at that line: indentation, a missing ':' or "
-                               "an unquoted special character are the usual causes",
-                               details={"file": str(file), "line": line}) from None
-        if data is None:
-            data = {}
-        if name is not None and not NAME_RE.match(name):
-            raise InvalidInput(f"--name: {name!r} is not a valid connection name",
-                               hint="use letters, digits, '_' and '-' only (at most 200)")
-        if isinstance(data, Mapping) and name is not None:
-            data = {**data, "name": name}
+        file, text, data = _load_file(path, name)
         return self._create(data, owner=owner, source=str(file), text=text)
 
     def create(self, data: Mapping[str, Any], *, owner: str, source: str = "",
@@ -316,6 +286,63 @@ def _not_found(names: list[str]) -> NotFound:
 
 
 # --- reading the YAML ------------------------------------------------------------------------
+
+
+def _load_file(path: str | os.PathLike[str], name: str | None) -> tuple[Path, str, Any]:
+    """A connection YAML file read and parsed: (file, its text, its data with ``name``)."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidInput(f"{file}: the file does not exist",
+                           hint="give the connection's YAML file, e.g. --file conn.yaml",
+                           details={"file": str(file)}) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{file}: cannot read the file ({exc.__class__.__name__})",
+                           hint="make sure the file is readable and saved as UTF-8",
+                           details={"file": str(file)}) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        # only the problem and its line: PyYAML's full message quotes the line's text,
+        # which may hold a secret
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        what = getattr(exc, "problem", None) or getattr(exc, "context", None) or "invalid"
+        raise InvalidInput(f"{file}{'' if line is None else f', line {line}'}: the YAML "
+                           f"cannot be parsed: {what}",
+                           hint="fix the YAML at that line: indentation, a missing ':' or "
+                           "an unquoted special character are the usual causes",
+                           details={"file": str(file), "line": line}) from None
+    if data is None:
+        data = {}
+    if name is not None and not NAME_RE.match(name):
+        raise InvalidInput(f"--name: {name!r} is not a valid connection name",
+                           hint="use letters, digits, '_' and '-' only (at most 200)")
+    if isinstance(data, Mapping) and name is not None:
+        data = {**data, "name": name}
+    return file, text, data
+
+
+def read_connection_file(path: str | os.PathLike[str], *, name: str | None = None
+                         ) -> dict[str, Any]:
+    """A connection YAML file checked here (errors name the file, line and field) and
+    returned as the API's body, each ``${env:VAR}`` read from this process's environment
+    (the caller's, as prompt flow does): what a client sends to a server."""
+    file, text, data = _load_file(path, name)
+    parser = _Parser(str(file), text)
+    parser.parse(data)
+
+    def value(field: str, v: Any) -> Any:
+        return parser._env(field, v) if isinstance(v, str) else v
+
+    out: dict[str, Any] = {}
+    for key, v in data.items():
+        if key in ("configs", "secrets") and isinstance(v, Mapping):
+            out[key] = {k: value(f"{key}.{k}", x) for k, x in v.items()}
+        else:
+            out[key] = value(str(key), v)
+    return out
 
 
 @dataclass

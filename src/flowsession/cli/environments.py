@@ -1,4 +1,5 @@
-"""``flowsession env ...``"""
+"""``flowsession env ...``: through the server (see ``cli/connect.py``), except ``env run``,
+which runs a process of yours, here, in the flow's environment."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import typer
 import flowsession
 
 from flowsession.access.secrets import USER_IDENTITY
-from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
+from flowsession.cli.connect import client
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_size
 from flowsession.environments.service import EnvironmentService
 
@@ -30,12 +32,12 @@ def build(
     json: bool = JSON,
 ) -> None:
     """Build (or find) the flow's environment and print its env_id."""
-    svc = EnvironmentService.open()
-    with err.status(f"preparing the environment of {flow} ..."):
-        env = asyncio.run(svc.ensure_for_flow(flow, identity=identity, refresh=refresh))
+    with client() as c, progress(f"preparing the environment of {flow} ...") as on_progress:
+        env = c.build_environment(flow, refresh=refresh, identity=identity,
+                                  on_progress=on_progress)
     if json:
-        return emit_json(env.to_dict())
-    typer.echo(env.id)
+        return emit_json(env)
+    typer.echo(env["id"])
 
 
 @app.command()
@@ -43,13 +45,13 @@ def build(
 def packages(flow: Path = typer.Argument(..., help="The flow folder."),
              identity: str = IDENTITY, json: bool = JSON) -> None:
     """List the packages of the flow's environment: name, version, origin."""
-    svc = EnvironmentService.open()
-    with err.status(f"preparing the environment of {flow} ..."):
-        env = asyncio.run(svc.ensure_for_flow(flow, identity=identity))
-    pkgs = [p.__dict__ for p in svc.packages(env)]
+    with client() as c:
+        with progress(f"preparing the environment of {flow} ...") as on_progress:
+            env = c.build_environment(flow, identity=identity, on_progress=on_progress)
+        pkgs = c.environment_packages(env["id"])
     if json:
         return emit_json(pkgs)
-    table(pkgs, ["name", "version", "origin"], title=f"environment {env.id}")
+    table(pkgs, ["name", "version", "origin"], title=f"environment {env['id']}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -60,6 +62,9 @@ def run(
     identity: str = IDENTITY,
 ) -> None:
     """Run a command in the flow's environment, in its snapshot: env run FLOW -- CMD ARGS...
+
+    The command is a process of yours, run here (not a server operation): the environment is
+    prepared in this process, in FLOWSESSION_HOME, as the server would build it.
 
     Example: flowsession env run FLOW -- python -m flowsession.worker.testline --inputs k=v"""
     if not ctx.args:
@@ -83,10 +88,11 @@ def run(
 @handle_errors
 def list_(json: bool = JSON) -> None:
     """List environments, most recently used first."""
-    envs = EnvironmentService.open().cache.list()
+    with client() as c:
+        envs = c.list_environments()
     if json:
-        return emit_json([e.to_dict() for e in envs])
-    table([{**e.to_dict(), "size": format_size(e.size_bytes or 0)} for e in envs],
+        return emit_json(envs)
+    table([{**e, "size": format_size(e.get("size_bytes") or 0)} for e in envs],
           ["id", "image", "state", "packages", "refs", "size"])
 
 
@@ -94,19 +100,18 @@ def list_(json: bool = JSON) -> None:
 @handle_errors
 def show(env_id: str, json: bool = JSON) -> None:
     """Show one environment."""
-    svc = EnvironmentService.open()
-    env = svc.cache.get(env_id)
-    data = {**env.to_dict(), "log": str(svc.cache.log_path(env_id)),
-            "holders": svc.cache.holders(env_id)}
+    with client() as c:
+        data = c.get_environment(env_id)
     if json:
         return emit_json(data)
     fields(data, ("id", "image", "state", "path", "size_bytes", "refs", "log", "error"))
-    out.print(env.lock or "(no packages beyond the image)", highlight=False)
+    out.print(data.get("lock") or "(no packages beyond the image)", highlight=False)
 
 
 @app.command()
 @handle_errors
 def remove(env_id: str) -> None:
     """Delete an environment no session uses."""
-    EnvironmentService.open().cache.remove(env_id)
+    with client() as c:
+        c.remove_environment(env_id)
     out.print(f"removed {env_id}")

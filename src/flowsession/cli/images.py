@@ -1,27 +1,26 @@
-"""``flowsession image ...``"""
+"""``flowsession image ...``: through the server (see ``cli/connect.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
 
 from flowsession.access.secrets import USER_IDENTITY
-from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
+from flowsession.cli.connect import client
+from flowsession.cli.output import emit_json, fields, handle_errors, out, progress, table
 from flowsession.config import format_size
 from flowsession.environments.images import DEFAULT_IMAGE
-from flowsession.environments.service import EnvironmentService
 from flowsession.flows.flowfile import load_flow
 
 app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
 
 
-def _row(image) -> dict:
-    d = image.to_dict()
-    d["size"] = format_size(image.size_bytes) if image.size_bytes else ""
-    d["parent"] = image.parent or ""
+def _row(image: dict) -> dict:
+    d = dict(image)
+    d["size"] = format_size(d["size_bytes"]) if d.get("size_bytes") else ""
+    d["parent"] = d.get("parent") or ""
     return d
 
 
@@ -29,9 +28,10 @@ def _row(image) -> dict:
 @handle_errors
 def list_(json: bool = JSON) -> None:
     """List images and their versions."""
-    images = EnvironmentService.open().images.list()
+    with client() as c:
+        images = c.list_images()
     if json:
-        return emit_json([i.to_dict() for i in images])
+        return emit_json(images)
     table([_row(i) for i in images], ["ref", "state", "parent", "packages", "size", "description"])
 
 
@@ -40,11 +40,8 @@ def list_(json: bool = JSON) -> None:
 def show(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
          json: bool = JSON) -> None:
     """Show an image and the packages it holds."""
-    svc = EnvironmentService.open()
-    image = svc.images.get(name)
-    data = image.to_dict()
-    data["installed"] = ({n: v for n, v in svc.images.layers(image).versions().items()}
-                         if image.state == "READY" else {})
+    with client() as c:
+        data = c.get_image(name)
     if json:
         return emit_json(data)
     fields(data, ("ref", "state", "parent", "description", "python_version", "path", "error"))
@@ -58,12 +55,11 @@ def show(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
 def build(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
           json: bool = JSON) -> None:
     """Build an image now (images are otherwise built on first use)."""
-    svc = EnvironmentService.open()
-    with err.status(f"building image {name} ..."):
-        image = asyncio.run(svc.images.ensure_built(name))
+    with client() as c, progress(f"building image {name} ...") as on_progress:
+        image = c.build_image(name, on_progress=on_progress)
     if json:
-        return emit_json(image.to_dict())
-    out.print(f"image {image.ref} ready at {image.path}", highlight=False)
+        return emit_json(image)
+    out.print(f"image {image['ref']} ready at {image['path']}", highlight=False)
 
 
 @app.command()
@@ -72,27 +68,28 @@ def create(
     name: str = typer.Argument(..., help="The new image's name; versions are numbered for you."),
     base: str = typer.Option(DEFAULT_IMAGE, "--from", help="The image to extend."),
     requirements: Path = typer.Option(..., "-r", "--requirements", help="Packages to add "
-                                      "(index packages and local wheels)."),
+                                      "(index packages; local wheels on your own server)."),
     description: str = typer.Option("", help="What the image is for."),
     identity: str = typer.Option(USER_IDENTITY, help="Whose feed secrets fill {private}."),
     json: bool = JSON,
 ) -> None:
     """Create a custom image: another image plus packages."""
-    svc = EnvironmentService.open()
-    with err.status(f"creating {name} from {base} ..."):
-        image = asyncio.run(svc.create_image(name, base=base, requirements=requirements,
-                                             description=description, identity=identity))
+    with client() as c, progress(f"creating {name} from {base} ...") as on_progress:
+        image = c.create_image(name, requirements=requirements, base=base,
+                               description=description, identity=identity,
+                               on_progress=on_progress)
     if json:
-        return emit_json(image.to_dict())
-    out.print(f"image {image.ref} created over {image.parent}", highlight=False)
+        return emit_json(image)
+    out.print(f"image {image['ref']} created over {image['parent']}", highlight=False)
 
 
 @app.command()
 @handle_errors
 def check(flow: Path = typer.Argument(..., help="The flow folder."), json: bool = JSON) -> None:
     """Does the flow's image have a newer version?"""
-    ref = load_flow(flow).image or DEFAULT_IMAGE
-    result = EnvironmentService.open().images.check(ref)
+    ref = load_flow(flow).image or DEFAULT_IMAGE  # the flow's own file says which image
+    with client() as c:
+        result = c.check_image(ref)
     if json:
         return emit_json(result)
     if result["newer_available"]:

@@ -8,10 +8,12 @@ import typer
 
 from flowsession import __version__
 from flowsession.cli import (
+    access,
     computes,
     connections,
     environments,
     feeds,
+    identities,
     images,
     runs,
     server,
@@ -20,7 +22,9 @@ from flowsession.cli import (
 
 app = typer.Typer(
     name="flowsession",
-    help="Self-hosted compute sessions for prompt flow.",
+    help="Self-hosted compute sessions for prompt flow. Commands speak to a flowsession "
+         "server: FLOWSESSION_URL and FLOWSESSION_TOKEN, or else this home's local server, "
+         "started for you when none runs (flowsession server status | stop).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -37,6 +41,13 @@ app.add_typer(runs.app, name="run", help="Batch runs: a flow over data on its se
 app.add_typer(server.app, name="server", help="Serve the REST API (and run the culler and "
               "the reconciler).")
 app.add_typer(sessions.flow_app, name="flow", help="Flows: test a line on the flow's session.")
+app.add_typer(identities.app, name="identity", help="Managed identities: feed secrets and "
+              "connections a session can run as.")
+app.add_typer(access.users_app, name="user", help="Users of the server (and their first "
+              "token).")
+app.add_typer(access.tokens_app, name="token", help="Your API tokens.")
+app.add_typer(access.roles_app, name="role", help="Roles (sets of scopes) and who has them.")
+app.command("audit")(access.audit)
 
 
 @app.callback()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,19 @@ def fields(data: dict, keys: Sequence[str]) -> None:
             out.print(f"[bold]{key.replace('_', ' ')}:[/] {data[key]}", highlight=False)
 
 
+@contextmanager
+def progress(message: str) -> Iterator[Callable[[dict], None]]:
+    """A Rich status on stderr while a long operation runs; the ``on_progress`` it yields
+    shows the operation's progress events (``{"message": ...}``) beside ``message``."""
+    with err.status(message) as status:
+        def on_progress(event: dict) -> None:
+            detail = event.get("message")
+            if detail:
+                status.update(f"{message.rstrip(' .')}: {detail} ...")
+
+        yield on_progress
+
+
 def _log_traceback() -> Path:
     path = Settings.from_env().logs_dir / "cli.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +77,10 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FlowSessionError as exc:
+            if exc.code == "server_unreachable" and not os.environ.get("FLOWSESSION_URL"):
+                exc.hint = ("this home's local server went away (its log: "
+                            f"{Settings.from_env().logs_dir / 'server.log'}); run the command "
+                            "again: it starts the server again")
             err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
             if isinstance(exc, EnvironmentError_) and exc.log_tail:
                 err.print("[dim]--- last lines of the build log"

@@ -1,26 +1,22 @@
-"""``flowsession session ...`` and ``flowsession flow test``."""
+"""``flowsession session ...`` and ``flowsession flow test``: through the server (the local one
+unless FLOWSESSION_URL says otherwise; see ``cli/connect.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json as jsonlib
 from pathlib import Path
 
 import typer
 
-from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
+from flowsession.cli.connect import client
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_duration, parse_duration
-from flowsession.sessions.service import SessionService, StartOptions
 
 app = typer.Typer(no_args_is_help=True)
 flow_app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
 FLOW = typer.Argument(..., help="The flow folder.")
-
-
-def _service() -> SessionService:
-    return SessionService.open()
 
 
 def _when(ts: float | None) -> str:
@@ -42,12 +38,6 @@ def _session_dict(session) -> dict:
     return d
 
 
-async def _then_fill_pool(svc: SessionService, coro):
-    result = await coro
-    await svc.pool.fill()  # the next start adopts a warm supervisor
-    return result
-
-
 @app.command()
 @handle_errors
 def start(
@@ -65,13 +55,11 @@ def start(
     json: bool = JSON,
 ) -> None:
     """Start the flow's session (default settings, or the advanced ones given)."""
-    svc = _service()
-    options = StartOptions(compute_type=compute_type, vm_size=vm_size, instance=instance,
-                           idle_timeout_s=parse_duration(idle_time, name="--idle-time")
-                           if idle_time else None, identity=identity, image=image)
-    with err.status(f"starting the session of {flow} ..."):
-        session = asyncio.run(_then_fill_pool(
-            svc, svc.start(flow, user=svc.settings.user, options=options)))
+    idle = parse_duration(idle_time, name="--idle-time") if idle_time else None
+    with client() as c, progress(f"starting the session of {flow} ...") as on_progress:
+        session = c.start_session(flow, on_progress=on_progress, compute_type=compute_type,
+                                  vm_size=vm_size, instance=instance, idle_timeout_s=idle,
+                                  identity=identity, image=image)
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
@@ -81,8 +69,8 @@ def start(
 @handle_errors
 def show(flow: Path = FLOW, json: bool = JSON) -> None:
     """Show the flow's session."""
-    svc = _service()
-    session = asyncio.run(svc.show(flow, user=svc.settings.user))
+    with client() as c:
+        session = c.get_session(flow)
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
@@ -92,21 +80,22 @@ def show(flow: Path = FLOW, json: bool = JSON) -> None:
 @handle_errors
 def list_(all_: bool = typer.Option(False, "--all", help="Include stopped sessions."),
           json: bool = JSON) -> None:
-    """List your sessions."""
-    svc = _service()
-    sessions = asyncio.run(svc.list(user=svc.settings.user, include_stopped=all_))
-    rows = [_session_dict(s) for s in sessions]
+    """List your sessions (every user's, if you manage everything)."""
+    with client() as c:
+        rows = [_session_dict(s) for s in c.list_sessions(all=all_)]
     if json:
         return emit_json(rows)
-    table(rows, ["id", "state", "flow", "vm_size", "compute_id", "idle_time", "last_activity"])
+    owners = ["owner"] if len({r["owner"] for r in rows}) > 1 else []  # an Owner sees all
+    table(rows, ["id", *owners, "state", "flow", "vm_size", "compute_id", "idle_time",
+                 "last_activity"])
 
 
 @app.command()
 @handle_errors
 def events(flow: Path = FLOW, json: bool = JSON) -> None:
     """The flow's session state changes: who, when, why."""
-    svc = _service()
-    rows = [{**e.__dict__, "when": _when(e.at)} for e in svc.events(flow, user=svc.settings.user)]
+    with client() as c:
+        rows = [{**e, "when": _when(e["at"])} for e in c.session_events(flow)]
     if json:
         return emit_json(rows)
     several = len({r["session_id"] for r in rows}) > 1  # the flow's earlier sessions too
@@ -118,9 +107,8 @@ def events(flow: Path = FLOW, json: bool = JSON) -> None:
 def install(flow: Path = FLOW, json: bool = JSON) -> None:
     """Save and install: install what the requirements file now says. Atomic: on failure the
     session keeps running unchanged."""
-    svc = _service()
-    with err.status("installing (the session keeps running meanwhile) ..."):
-        session = asyncio.run(_then_fill_pool(svc, svc.install(flow, user=svc.settings.user)))
+    with client() as c, progress("installing (the session keeps running meanwhile) ...") as p:
+        session = c.install(flow, on_progress=p)
     if json:
         return emit_json(_session_dict(session))
     out.print(f"installed: session {session.id} runs environment {session.env_id}",
@@ -131,8 +119,8 @@ def install(flow: Path = FLOW, json: bool = JSON) -> None:
 @handle_errors
 def packages(flow: Path = FLOW, json: bool = JSON) -> None:
     """View installed packages: name, version, origin (image or requirements)."""
-    svc = _service()
-    rows = [p.__dict__ for p in svc.packages(flow, user=svc.settings.user)]
+    with client() as c:
+        rows = c.session_packages(flow)
     if json:
         return emit_json(rows)
     table(rows, ["name", "version", "origin"])
@@ -143,9 +131,8 @@ def packages(flow: Path = FLOW, json: bool = JSON) -> None:
 def reset(flow: Path = FLOW, json: bool = JSON) -> None:
     """Delete and recreate the session with the same settings (picks up a changed image or
     requirements file)."""
-    svc = _service()
-    with err.status("resetting ..."):
-        session = asyncio.run(_then_fill_pool(svc, svc.reset(flow, user=svc.settings.user)))
+    with client() as c, progress("resetting ...") as on_progress:
+        session = c.reset_session(flow, on_progress=on_progress)
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
@@ -155,8 +142,8 @@ def reset(flow: Path = FLOW, json: bool = JSON) -> None:
 @handle_errors
 def stop(flow: Path = FLOW, json: bool = JSON) -> None:
     """Delete the flow's session (a serverless compute with no session left is deleted)."""
-    svc = _service()
-    session = asyncio.run(svc.stop(flow, user=svc.settings.user))
+    with client() as c:
+        session = c.stop_session(flow)
     if json:
         return emit_json(_session_dict(session))
     out.print(f"stopped session {session.id}", highlight=False)
@@ -173,11 +160,11 @@ def update(
     json: bool = JSON,
 ) -> None:
     """Change the session's settings."""
-    svc = _service()
-    with err.status("updating ..."):
-        session = asyncio.run(svc.update(
-            flow, user=svc.settings.user, vm_size=vm_size, identity=identity, instance=instance,
-            idle_timeout_s=parse_duration(idle_time, name="--idle-time") if idle_time else None))
+    if idle_time:
+        parse_duration(idle_time, name="--idle-time")  # a bad value: said here, as --idle-time
+    with client() as c, err.status("updating ..."):
+        session = c.update_session(flow, vm_size=vm_size, identity=identity,
+                                   instance=instance, idle_time=idle_time)
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
@@ -205,8 +192,7 @@ def flow_test(
     timeout: float = typer.Option(600, help="Seconds the line may take."),
 ) -> None:
     """Run one line on the flow's session (started if none runs); print the outputs as JSON."""
-    svc = _service()
-    with err.status(f"testing {flow} ..."):
-        output = asyncio.run(svc.test(flow, _inputs(inputs), user=svc.settings.user,
-                                      timeout=timeout))
+    values = _inputs(inputs)
+    with client() as c, err.status(f"testing {flow} ..."):
+        output = c.test(flow, values, timeout=timeout)
     emit_json(output)

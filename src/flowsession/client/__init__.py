@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowsession.config import Settings
 from flowsession.errors import InvalidInput
 from flowsession.runs.records import Run
 from flowsession.runs.spec import RunSpec, spec_from_dict
+
+if TYPE_CHECKING:
+    from flowsession.sessions.records import Session
+
+Progress = Callable[[dict[str, Any]], None] | None
 
 __all__ = ["AuthenticationError", "Client", "PermissionDenied", "ServerUnreachable",
            "server_config"]
@@ -68,7 +73,12 @@ class Client:
     always in-process; ``Client(url=..., token=...)`` always a server."""
 
     def __init__(self, settings: Settings | None = None, *, user: str | None = None,
-                 url: str | None = None, token: str | None = None, timeout: float = 30.0):
+                 url: str | None = None, token: str | None = None, timeout: float = 30.0,
+                 flows_by_path: bool = False):
+        """``flows_by_path``: on a server that sees this machine's files (a local one), a flow
+        folder is registered by its path (the server reads the folder itself, edits apply at
+        once) instead of uploaded; this needs all:manage, and without it folders are
+        uploaded as usual."""
         url, token = (url, token) if settings is not None and url is None else \
             server_config(url, token)
         if url:
@@ -81,7 +91,7 @@ class Client:
             if user is not None:
                 raise InvalidInput("user= is for the in-process client: on a server, the "
                                    "token says who you are")
-            self._t = HttpTransport(url, token, timeout=timeout)
+            self._t = HttpTransport(url, token, timeout=timeout, flows_by_path=flows_by_path)
             self.settings = None
             self.url: str | None = self._t.url
             self._user = None
@@ -190,21 +200,48 @@ class Client:
         """One line on the flow's session (started if none runs): its outputs."""
         return self._t.test(flow, dict(inputs or {}), timeout)
 
-    def start_session(self, flow: str | Path, **options: Any):
+    def start_session(self, flow: str | Path, *, on_progress: Progress = None,
+                      **options: Any) -> Session:
         """Start the flow's session; options: compute_type, vm_size, instance,
-        idle_timeout_s (or idle_time='30m'), identity, image."""
-        return self._t.start_session(flow, options)
+        idle_timeout_s (or idle_time='30m'), identity, image. ``on_progress(event)`` is called
+        with the operation's progress events (``{"event": "progress", "message": ...}``)."""
+        return self._t.start_session(flow, options, on_progress=on_progress)
 
-    def get_session(self, flow: str | Path):
+    def get_session(self, flow: str | Path) -> Session:
         return self._t.get_session(flow)
 
-    def stop_session(self, flow: str | Path):
+    def list_sessions(self, *, all: bool = False) -> list[Session]:
+        """Your sessions (every user's if you manage everything); ``all``: stopped ones too."""
+        return self._t.list_sessions(all)
+
+    def session_events(self, flow: str | Path) -> list[dict[str, Any]]:
+        """The state changes of the flow's sessions: ``session_id``, ``at``, ``actor``,
+        ``from_state``, ``to_state``, ``reason``."""
+        return self._t.session_events(flow)
+
+    def session_packages(self, flow: str | Path) -> list[dict[str, Any]]:
+        """The running session's packages: ``name``, ``version``, ``origin``."""
+        return self._t.session_packages(flow)
+
+    def stop_session(self, flow: str | Path) -> Session:
         return self._t.stop_session(flow)
 
-    def install(self, flow: str | Path):
+    def install(self, flow: str | Path, *, on_progress: Progress = None) -> Session:
         """Save and install: the flow's requirements into a new environment for its running
         session, switched to only when it works. Returns the session."""
-        return self._t.install(flow)
+        return self._t.install(flow, on_progress=on_progress)
+
+    def reset_session(self, flow: str | Path, *, on_progress: Progress = None) -> Session:
+        """Delete and recreate the session with the same settings."""
+        return self._t.reset_session(flow, on_progress=on_progress)
+
+    def update_session(self, flow: str | Path, *, idle_time: str | None = None,
+                       vm_size: str | None = None, instance: str | None = None,
+                       identity: str | None = None) -> Session:
+        """Change the session's settings: ``idle_time`` and ``identity`` in place;
+        ``vm_size`` or ``instance`` reset it onto the new compute."""
+        return self._t.update_session(flow, {"idle_time": idle_time, "vm_size": vm_size,
+                                             "instance": instance, "identity": identity})
 
     # --- flows -----------------------------------------------------------------------------
 
@@ -222,7 +259,7 @@ class Client:
         requirements.txt; other files take effect at the next line)."""
         self._t.write_flow_file(flow, path, content)
 
-    # --- computes and who am I -------------------------------------------------------------
+    # --- computes --------------------------------------------------------------------------
 
     def list_computes(self) -> list[dict[str, Any]]:
         return self._t.list_computes()
@@ -232,9 +269,166 @@ class Client:
         """A compute instance of yours (``size``: a VM size; ``idle_shutdown``: e.g. '2h')."""
         return self._t.create_compute(name, size=size, idle_shutdown=idle_shutdown)
 
+    def get_compute(self, name: str) -> dict[str, Any]:
+        """One compute, with ``sessions``: how many sessions it hosts."""
+        return self._t.get_compute(name)
+
+    def start_compute(self, name: str) -> dict[str, Any]:
+        return self._t.start_compute(name)
+
+    def stop_compute(self, name: str) -> dict[str, Any]:
+        """Stop a compute instance; the sessions on it stop."""
+        return self._t.stop_compute(name)
+
+    def delete_compute(self, name: str) -> dict[str, Any]:
+        return self._t.delete_compute(name)
+
+    def compute_sizes(self) -> dict[str, Any]:
+        """``sizes`` (name, vcpu, memory_bytes, description), ``vcpu_quota``, ``vcpu_in_use``."""
+        return self._t.compute_sizes()
+
+    # --- images and environments -----------------------------------------------------------
+
+    def list_images(self) -> list[dict[str, Any]]:
+        return self._t.list_images()
+
+    def get_image(self, ref: str) -> dict[str, Any]:
+        """``NAME`` (the newest version) or ``NAME:VERSION``, with ``installed`` packages."""
+        return self._t.get_image(ref)
+
+    def build_image(self, ref: str, *, on_progress: Progress = None) -> dict[str, Any]:
+        return self._t.build_image(ref, on_progress=on_progress)
+
+    def create_image(self, name: str, *, requirements: str | Path,
+                     base: str = "flowsession/runtime", description: str = "",
+                     identity: str | None = None,
+                     on_progress: Progress = None) -> dict[str, Any]:
+        """A custom image: ``base`` plus the packages of the requirements file
+        ``requirements``."""
+        return self._t.create_image(name, requirements=requirements, base=base,
+                                    description=description, identity=identity,
+                                    on_progress=on_progress)
+
+    def check_image(self, ref: str) -> dict[str, Any]:
+        """Does image ``ref`` have a newer version: ``current_version``, ``newest_version``,
+        ``newer_available``, ``pinned``."""
+        return self._t.check_image(ref)
+
+    def build_environment(self, flow: str | Path, *, refresh: bool = False,
+                          identity: str | None = None,
+                          on_progress: Progress = None) -> dict[str, Any]:
+        """Build (or find) the flow's environment; ``refresh`` resolves the requirements
+        again."""
+        return self._t.build_environment(flow, refresh=refresh, identity=identity,
+                                         on_progress=on_progress)
+
+    def list_environments(self) -> list[dict[str, Any]]:
+        return self._t.list_environments()
+
+    def get_environment(self, env_id: str) -> dict[str, Any]:
+        return self._t.get_environment(env_id)
+
+    def environment_packages(self, env_id: str) -> list[dict[str, Any]]:
+        return self._t.environment_packages(env_id)
+
+    def remove_environment(self, env_id: str) -> dict[str, Any]:
+        return self._t.remove_environment(env_id)
+
+    # --- connections, feed secrets, managed identities -------------------------------------
+
+    def create_connection(self, file: str | Path, *, name: str | None = None
+                          ) -> dict[str, Any]:
+        """Create (or update yours of the same name) from prompt flow's connection YAML;
+        ``${env:VAR}`` is read from this process's environment. The answer has ``created``."""
+        return self._t.create_connection(file, name=name)
+
+    def list_connections(self) -> list[dict[str, Any]]:
+        return self._t.list_connections()
+
+    def get_connection(self, name: str) -> dict[str, Any]:
+        return self._t.get_connection(name)
+
+    def delete_connection(self, name: str) -> dict[str, Any]:
+        return self._t.delete_connection(name)
+
+    def set_feed_secret(self, host: str, secret: str, *,
+                        identity: str | None = None) -> dict[str, Any]:
+        """The secret that fills ``{private}`` in feeds on ``host``: the ``user`` identity's
+        (no ``identity``), or a managed identity's."""
+        return self._t.set_feed_secret(host, secret, identity=identity)
+
+    def list_feed_secrets(self, *, identity: str | None = None) -> list[dict[str, Any]]:
+        """``identity``, ``host``, ``secret`` (masked), ``created_at``."""
+        return self._t.list_feed_secrets(identity=identity)
+
+    def delete_feed_secret(self, host: str, *, identity: str | None = None) -> dict[str, Any]:
+        return self._t.delete_feed_secret(host, identity=identity)
+
+    def list_identities(self) -> list[dict[str, Any]]:
+        return self._t.list_identities()
+
+    def get_identity(self, name: str) -> dict[str, Any]:
+        return self._t.get_identity(name)
+
+    def create_identity(self, name: str, *, description: str = "",
+                        connections: Iterable[str] = ()) -> dict[str, Any]:
+        return self._t.create_identity(name, description=description,
+                                       connections=connections)
+
+    def delete_identity(self, name: str) -> dict[str, Any]:
+        return self._t.delete_identity(name)
+
+    def set_identity_connections(self, name: str, connections: Iterable[str]
+                                 ) -> dict[str, Any]:
+        return self._t.set_identity_connections(name, connections)
+
+    # --- who am I; users, tokens, roles, the audit log -------------------------------------
+
     def me(self) -> dict[str, Any]:
         """``user``, ``roles``, ``scopes``."""
         return self._t.me()
+
+    def list_users(self) -> list[dict[str, Any]]:
+        return self._t.list_users()
+
+    def create_user(self, name: str, *, roles: Iterable[str] = (),
+                    display_name: str = "") -> dict[str, Any]:
+        """A user with roles and a first ``token`` (in this answer only)."""
+        return self._t.create_user(name, roles=roles, display_name=display_name)
+
+    def disable_user(self, name: str) -> dict[str, Any]:
+        return self._t.disable_user(name)
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Your tokens (every user's with users:read); never their secrets."""
+        return self._t.list_tokens()
+
+    def create_token(self, *, label: str = "") -> dict[str, Any]:
+        """A new token for yourself: ``token`` (in this answer only), ``id``, ``label``."""
+        return self._t.create_token(label=label)
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._t.revoke_token(token_id)
+
+    def list_roles(self) -> list[dict[str, Any]]:
+        return self._t.list_roles()
+
+    def create_role(self, name: str, scopes: Iterable[str], *,
+                    description: str = "") -> dict[str, Any]:
+        return self._t.create_role(name, scopes, description=description)
+
+    def delete_role(self, name: str) -> dict[str, Any]:
+        return self._t.delete_role(name)
+
+    def assign_role(self, user: str, role: str) -> dict[str, Any]:
+        return self._t.assign_role(user, role)
+
+    def unassign_role(self, user: str, role: str) -> dict[str, Any]:
+        return self._t.unassign_role(user, role)
+
+    def audit(self, *, limit: int = 200, actor: str | None = None) -> list[dict[str, Any]]:
+        """Who did what to which resource, when, with what result: newest first."""
+        return self._t.audit(limit=limit, actor=actor)
 
 
 def _name(run: str | Run | None) -> str | None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from flowsession.errors import FlowSessionError, Forbidden, InvalidInput, Unauthorized
+from flowsession.client.http_resources import HttpResources
+from flowsession.errors import Conflict, FlowSessionError, Forbidden, InvalidInput, Unauthorized
 from flowsession.runs.records import ENDED, Run
 from flowsession.runs.spec import RunSpec
 from flowsession.sessions.records import Session
@@ -142,13 +145,14 @@ def iter_sse(response: httpx.Response) -> Iterator[tuple[str, Any]]:
             data.append(value)
 
 
-class HttpTransport:
+class HttpTransport(HttpResources):
     kind = "http"
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, flows_by_path: bool = False):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.flows_by_path = flows_by_path
         self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10),
                                   headers={"Authorization": f"Bearer {token}",
                                            "User-Agent": "flowsession-sdk"},
@@ -204,7 +208,11 @@ class HttpTransport:
 
     @staticmethod
     def _local_folder(flow: str | Path) -> Path | None:
+        """The flow folder ``flow`` names on this machine (the folder, or its flow YAML)."""
         path = Path(flow).expanduser()
+        if path.is_file() and path.name in ("flow.dag.yaml", "flow.dag.yml", "flow.flex.yaml",
+                                            "flow.flex.yml"):
+            path = path.parent
         return path.resolve() if path.is_dir() else None
 
     def flow_arg(self, flow: str | Path | None) -> str | None:
@@ -227,6 +235,11 @@ class HttpTransport:
         key = str(folder)
         if key in self._flows:
             return self._flows[key]
+        if self.flows_by_path:
+            name = self._flow_by_path(folder)
+            if name is not None:
+                self._flows[key] = name
+                return name
         name = folder.name
         if not upload:
             return name
@@ -249,6 +262,39 @@ class HttpTransport:
                 self._sync(name, files, set(flow_info.get("files", [])))
         self._flows[key] = name
         return name
+
+    def _flow_by_path(self, folder: Path) -> str | None:
+        """The name of my flow registered with this folder's path, registering it when it is
+        not (as the folder's name, or with a suffix when I have another flow of that name).
+        None when my roles may not register folders of the server's machine (upload then)."""
+        me = self.me()["user"]
+
+        def registered() -> str | None:
+            for flow in self.request("GET", "/api/flows"):
+                if flow["owner"] == me and flow["path"] == str(folder):
+                    return flow["name"]
+            return None
+
+        found = registered()
+        if found is not None:
+            return found
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", folder.name).lstrip(".-") or "flow"
+        digest = hashlib.sha256(str(folder).encode()).hexdigest()
+        for name in (base, f"{base}-{digest[:8]}", f"{base}-{digest[:16]}"):
+            try:
+                self.request("POST", "/api/flows", json={"name": name, "path": str(folder)},
+                             timeout=max(self.timeout, 120))
+            except Forbidden:
+                return None
+            except Conflict:  # another flow of mine has that name (or a command running
+                found = registered()  # at the same time registered this folder first)
+                if found is not None:
+                    return found
+                continue
+            return name
+        raise Conflict(f"cannot register flow folder {folder}: its names are taken",
+                       hint="unregister one of your flows (DELETE /api/flows/NAME)",
+                       details={"flow": str(folder)})
 
     def _sync(self, name: str, files: dict[str, str], remote: set[str]) -> None:
         """Save the local files that differ from the registered flow's (never deletes)."""
@@ -437,7 +483,9 @@ class HttpTransport:
                               timeout=timeout + SUBMIT_TIMEOUT_S)
         return answer["outputs"]
 
-    def start_session(self, flow: str | Path, options: Mapping[str, Any]) -> ServerSession:
+    def start_session(self, flow: str | Path, options: Mapping[str, Any], *,
+                      on_progress: Callable[[dict[str, Any]], None] | None = None
+                      ) -> ServerSession:
         body = dict(options)
         if "idle_timeout_s" in body:  # the SDK's local spelling, in seconds
             idle = body.pop("idle_timeout_s")
@@ -446,7 +494,7 @@ class HttpTransport:
         body = {k: v for k, v in body.items() if v is not None}
         name = self.flow_name(flow)
         op = self.request("POST", f"/api/flows/{name}/session", json=body)
-        return session_from_dict(self.wait_operation(op["id"]))
+        return session_from_dict(self.wait_operation(op["id"], on_event=on_progress))
 
     def get_session(self, flow: str | Path) -> ServerSession:
         name = self.flow_name(flow, upload=False)
@@ -457,23 +505,36 @@ class HttpTransport:
         return session_from_dict(self.request("POST", f"/api/flows/{name}/session/stop",
                                               timeout=max(self.timeout, 120)))
 
-    def install(self, flow: str | Path) -> ServerSession:
+    def list_sessions(self, all: bool) -> list[ServerSession]:
+        return [session_from_dict(d) for d in self.request(
+            "GET", "/api/sessions", params={"all": "true" if all else "false"})]
+
+    def session_events(self, flow: str | Path) -> list[dict[str, Any]]:
+        return self.request("GET", f"/api/flows/{self.flow_name(flow, upload=False)}"
+                                   "/session/events")
+
+    def session_packages(self, flow: str | Path) -> list[dict[str, Any]]:
+        return self.request("GET", f"/api/flows/{self.flow_name(flow, upload=False)}"
+                                   "/session/packages")
+
+    def reset_session(self, flow: str | Path, *,
+                      on_progress: Callable[[dict[str, Any]], None] | None = None
+                      ) -> ServerSession:
+        name = self.flow_name(flow, upload=False)
+        op = self.request("POST", f"/api/flows/{name}/session/reset")
+        return session_from_dict(self.wait_operation(op["id"], on_event=on_progress))
+
+    def update_session(self, flow: str | Path, changes: Mapping[str, Any]) -> ServerSession:
+        body = {k: v for k, v in changes.items() if v is not None}
+        name = self.flow_name(flow, upload=False)
+        return session_from_dict(self.request("PATCH", f"/api/flows/{name}/session", json=body,
+                                              timeout=SUBMIT_TIMEOUT_S))
+
+    def install(self, flow: str | Path, *,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> ServerSession:
         name = self.flow_name(flow)
         op = self.request("POST", f"/api/flows/{name}/session/install")
-        return session_from_dict(self.wait_operation(op["id"]))
-
-    # --- computes --------------------------------------------------------------------------
-
-    def list_computes(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/computes")
-
-    def create_compute(self, name: str, *, size: str | None,
-                       idle_shutdown: str | None) -> dict[str, Any]:
-        body = {"name": name, "size": size, "idle_shutdown": idle_shutdown}
-        return self.request("POST", "/api/computes",
-                            json={k: v for k, v in body.items() if v is not None},
-                            timeout=max(self.timeout, 120))
-
+        return session_from_dict(self.wait_operation(op["id"], on_event=on_progress))
 
 def collect_files(folder: Path) -> dict[str, str]:
     """A flow folder's text files (relative POSIX path -> text) to upload; hidden files,

@@ -10,13 +10,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flowsession.client.local_resources import LocalResources
 from flowsession.config import Settings
 from flowsession.errors import NotFound
 from flowsession.runs.records import Run
 from flowsession.runs.spec import RunSpec
 
+Progress = Callable[[dict[str, Any]], None] | None
 
-class LocalTransport:
+
+class LocalTransport(LocalResources):
     kind = "local"
 
     def __init__(self, settings: Settings | None = None, *, user: str | None = None):
@@ -95,7 +98,8 @@ class LocalTransport:
         return asyncio.run(self._sessions.test(self.flow_arg(flow), inputs, user=self.user,
                                                timeout=timeout))
 
-    def start_session(self, flow: str | Path, options: Mapping[str, Any]):
+    def start_session(self, flow: str | Path, options: Mapping[str, Any], *,
+                      on_progress: Progress = None):
         from flowsession.sessions.service import StartOptions
 
         options = dict(options)
@@ -111,11 +115,34 @@ class LocalTransport:
     def get_session(self, flow: str | Path):
         return asyncio.run(self._sessions.show(self.flow_arg(flow), user=self.user))
 
+    def list_sessions(self, all: bool) -> list:
+        return asyncio.run(self._sessions.list(user=self.user, include_stopped=all))
+
+    def session_events(self, flow: str | Path) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(e) for e in self._sessions.events(self.flow_arg(flow),
+                                                                      user=self.user)]
+
+    def session_packages(self, flow: str | Path) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(p) for p in self._sessions.packages(self.flow_arg(flow),
+                                                                        user=self.user)]
+
     def stop_session(self, flow: str | Path):
         return asyncio.run(self._sessions.stop(self.flow_arg(flow), user=self.user))
 
-    def install(self, flow: str | Path):
+    def install(self, flow: str | Path, *, on_progress: Progress = None):
         return asyncio.run(self._sessions.install(self.flow_arg(flow), user=self.user))
+
+    def reset_session(self, flow: str | Path, *, on_progress: Progress = None):
+        return asyncio.run(self._sessions.reset(self.flow_arg(flow), user=self.user))
+
+    def update_session(self, flow: str | Path, changes: Mapping[str, Any]):
+        from flowsession.config import parse_duration
+
+        idle = changes.get("idle_time")
+        return asyncio.run(self._sessions.update(
+            self.flow_arg(flow), user=self.user, vm_size=changes.get("vm_size"),
+            identity=changes.get("identity"), instance=changes.get("instance"),
+            idle_timeout_s=parse_duration(idle, name="idle_time") if idle else None))
 
     # --- flows, computes, who am I ---------------------------------------------------------
 
@@ -139,17 +166,6 @@ class LocalTransport:
         target = _inside(Path(self.flow_arg(flow)), path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
-
-    def list_computes(self) -> list[dict[str, Any]]:
-        return [c.to_dict() for c in self._sessions.computes.list(user=self.user)]
-
-    def create_compute(self, name: str, *, size: str | None,
-                       idle_shutdown: str | None) -> dict[str, Any]:
-        from flowsession.config import parse_duration
-
-        idle = parse_duration(idle_shutdown, name="idle_shutdown") if idle_shutdown else None
-        return asyncio.run(self._sessions.computes.create_instance(
-            name, user=self.user, size=size, idle_shutdown_s=idle)).to_dict()
 
     def me(self) -> dict[str, Any]:
         return {"user": self.user, "roles": [], "scopes": ["*"], "server": None}

@@ -34,14 +34,17 @@ def _dict(c: Compute) -> dict:
 def compute_of(svc: Services, who: Principal, name_or_id: str) -> Compute:
     try:
         return svc.sessions.computes.get(name_or_id, user=who.user)
-    except NotFound:
+    except NotFound as exc:
         if not who.manages_all:
             raise
+        missing = exc
     found = [c for c in svc.sessions.computes.list(user=None)
              if name_or_id in (c.id, c.name)]
+    if not found:
+        raise missing  # as for anyone: the service's message and hint
     if len(found) != 1:
-        raise NotFound(f"compute '{name_or_id}' does not exist" + (
-            " (several users have one by that name: use its id)" if found else ""))
+        raise NotFound(f"compute '{name_or_id}' does not exist (several users have one by "
+                       "that name: use its id)", hint="list them: GET /api/computes")
     return found[0]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -169,17 +171,20 @@ async def start_session(name: str, request: Request, body: StartIn | None = None
     operation to poll (GET /api/operations/{id}) or stream (.../events)."""
     body = body or StartIn()
     flow, owner = flow_of(svc, who, name)
-    check_identity(svc, who, body.identity)
-    if body.instance:
-        svc.sessions.computes.get(body.instance, user=owner)  # another's instance: 404 now
     options = StartOptions(
         compute_type=body.compute_type, vm_size=body.vm_size, instance=body.instance,
         idle_timeout_s=parse_duration(body.idle_time, name="idle_time") if body.idle_time
         else None, identity=body.identity, image=body.image)
+    svc.sessions.check_options(options)  # conflicting options: 422 now, naming them
+    check_identity(svc, who, body.identity)
+    if body.instance:
+        svc.sessions.computes.get(body.instance, user=owner)  # another's instance: 404 now
 
     async def work(emit) -> dict:
         emit({"event": "progress", "message": "starting the session"})
-        session = await svc.sessions.start(flow.path, user=owner, options=options)
+        session = await _watching(svc, flow.path, emit, svc.sessions.start(
+            flow.path, user=owner, options=options))
+        _fill_pool(request, svc)
         return session.to_dict()
 
     return request.app.state.operations.start("session.start", name, who.user, work)
@@ -196,7 +201,9 @@ async def install(name: str, request: Request,
 
     async def work(emit) -> dict:
         emit({"event": "progress", "message": "installing the flow's requirements"})
-        return (await svc.sessions.install(flow.path, user=owner)).to_dict()
+        session = await svc.sessions.install(flow.path, user=owner)
+        _fill_pool(request, svc)
+        return session.to_dict()
 
     return request.app.state.operations.start("session.install", name, who.user, work)
 
@@ -208,10 +215,48 @@ async def reset(name: str, request: Request, who: Principal = Depends(require("s
     await svc.sessions.show(flow.path, user=owner)
 
     async def work(emit) -> dict:
-        return (await svc.sessions.reset(flow.path, user=owner, reason=f"reset by {who.user}")
-                ).to_dict()
+        session = await _watching(svc, flow.path, emit, svc.sessions.reset(
+            flow.path, user=owner, reason=f"reset by {who.user}"))
+        _fill_pool(request, svc)
+        return session.to_dict()
 
     return request.app.state.operations.start("session.reset", name, who.user, work)
+
+
+async def _watching(svc: Services, flow: str, emit, coro):
+    """Await ``coro`` (a start or a reset), emitting each state the flow's session goes
+    through (building the environment, starting the supervisor) as progress."""
+    async def watch() -> None:
+        last = None
+        while True:
+            session = svc.sessions.records.bound_to(flow)
+            if session is not None and (session.state, session.reason) != last:
+                last = (session.state, session.reason)
+                emit({"event": "progress", "state": session.state,
+                      "message": session.reason or session.state.lower()})
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await coro
+    finally:
+        watcher.cancel()
+
+
+def _fill_pool(request: Request, svc: Services) -> None:
+    """Start standby supervisors in the background after a start, so the next start adopts
+    one (one fill at a time)."""
+    state = request.app.state
+    if getattr(state, "pool_fill", None) is not None and not state.pool_fill.done():
+        return
+
+    async def fill() -> None:
+        try:
+            await svc.sessions.pool.fill()
+        except Exception:  # noqa: BLE001 - a standby is an optimisation: log it, go on
+            logging.getLogger("flowsession.server").exception("filling the standby pool")
+
+    state.pool_fill = asyncio.get_running_loop().create_task(fill())
 
 
 @router.post("/flows/{name}/session/stop")

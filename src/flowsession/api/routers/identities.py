@@ -5,15 +5,21 @@ session's environment, or a custom image, is built) and the names of connections
 access to (a run on a session of the identity gets them, whoever owns them). Using one needs
 ``identities:use:NAME``. Answers name the feed hosts, never a secret; a secret arrives in a
 request body only, and is neither echoed nor logged.
+
+``/api/feeds`` holds the feed secrets of the ``user`` identity: what a session or build run as
+its user's own identity (not a managed one) uses. On a server these are the server's, shared by
+every user's own-identity builds (the local server's user is its only user), so writing them
+needs identities:write, as a managed identity's do.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
 from flowsession.access.identities import Identity
+from flowsession.access.secrets import USER_IDENTITY
 from flowsession.api.context import Services, owner_for, require, services
 from flowsession.errors import Conflict
 from flowsession.sessions.records import ACTIVE_STATES
@@ -114,3 +120,32 @@ def delete_feed_secret(name: str, host: str,
     identity = svc.identities.delete_feed_secret(name, host)
     return {"identity": name, "host": host.strip().lower(), "deleted": True,
             "feed_hosts": list(identity.feed_hosts)}
+
+
+# --- the ``user`` identity's feed secrets ----------------------------------------------------
+
+@router.get("/feeds")
+def list_feed_secrets(identity: str | None = Query(None, description="only this identity"),
+                      who: Principal = Depends(require("identities:read")),
+                      svc: Services = Depends(services)) -> list[dict]:
+    """Every stored feed secret (the ``user`` identity's and the managed identities'):
+    identity, host and the secret masked (``user:****``)."""
+    return svc.identities.secrets.list(identity=identity)
+
+
+@router.put("/feeds/{host}")
+def set_user_feed_secret(host: str, body: FeedSecretIn,
+                         who: Principal = Depends(require("identities:write")),
+                         svc: Services = Depends(services)) -> dict:
+    """Store (or replace) the ``user`` identity's secret for ``{private}`` feeds on ``host``."""
+    secrets = svc.identities.secrets
+    secrets.set(host, body.secret, identity=USER_IDENTITY)
+    return {"identity": USER_IDENTITY, "host": host.strip().lower(), "stored": True,
+            "feed_hosts": secrets.hosts(identity=USER_IDENTITY).get(USER_IDENTITY, [])}
+
+
+@router.delete("/feeds/{host}")
+def delete_user_feed_secret(host: str, who: Principal = Depends(require("identities:write")),
+                            svc: Services = Depends(services)) -> dict:
+    svc.identities.secrets.delete(host, identity=USER_IDENTITY)
+    return {"identity": USER_IDENTITY, "host": host.strip().lower(), "deleted": True}

@@ -21,7 +21,7 @@ from flowsession.api.context import Services, check_identity, require, services
 from flowsession.environments.images import DEFAULT_IMAGE, Image, parse_ref
 from flowsession.environments.requirements import parse_requirements
 from flowsession.environments.service import EnvironmentService
-from flowsession.errors import InvalidInput
+from flowsession.errors import Forbidden, InvalidInput
 
 router = APIRouter(tags=["images"])
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?!\{private\}@)[^/@\s]+@")
@@ -34,8 +34,13 @@ class ImageIn(BaseModel):
                       "versions are numbered for you")
     base: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=220,
                       description="the image to extend (name or name:version)")
-    requirements: str = Field(min_length=1, max_length=1024 * 1024,
-                              description="the packages to add, as a requirements.txt's text")
+    requirements: str | None = Field(default=None, min_length=1, max_length=1024 * 1024,
+                                     description="the packages to add, as a requirements.txt's "
+                                     "text")
+    requirements_path: str | None = Field(default=None, max_length=4096, description="instead "
+                                          "of the text: a requirements file on the server's "
+                                          "machine, with its local wheels and -r files (needs "
+                                          "all:manage)")
     description: str = Field(default="", max_length=4000)
     identity: str | None = Field(default=None, description="whose feed secrets fill "
                                  "{private} (needs identities:use:NAME); the default is yours")
@@ -107,11 +112,27 @@ async def create_image(body: ImageIn, request: Request,
         raise InvalidInput(f"image name '{body.name}' has a version",
                            hint="versions are numbered for you: give the name only",
                            details={"field": "name"})
+    if (body.requirements is None) == (body.requirements_path is None):
+        raise InvalidInput("give the requirements' text or (on the server's machine) their "
+                           "path, not both", hint="send 'requirements'",
+                           details={"field": "requirements"})
+    if body.requirements_path is not None and not who.manages_all:
+        raise Forbidden("a requirements file of the server's machine needs all:manage",
+                        hint="send the requirements' text instead",
+                        details={"scope": "all:manage"})
     service = envs(svc)
     service.images.get(body.base)  # an unknown base: 404 now
     folder = Path(tempfile.mkdtemp(prefix="image-", dir=_scratch(svc)))
     requirements = folder / "requirements.txt"
-    requirements.write_text(body.requirements)
+    if body.requirements_path is not None:
+        requirements = Path(body.requirements_path)
+        if not requirements.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            raise InvalidInput(f"{requirements}: the file does not exist",
+                               hint="give a requirements file", details={"field":
+                                                                        "requirements_path"})
+    else:
+        requirements.write_text(body.requirements)
     identity = body.identity or USER_IDENTITY
     confined = not who.manages_all
     try:  # a refused line is refused now (422), before any operation
