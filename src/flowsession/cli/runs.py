@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json as jsonlib
 import sys
@@ -19,11 +18,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from flowsession.cli.connect import client
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
+from flowsession.client import Client
 from flowsession.errors import InvalidInput
 from flowsession.runs.mapping import parse_mapping_args
 from flowsession.runs.records import ENDED, Run
-from flowsession.runs.service import RunService
 from flowsession.runs.spec import (
     RunSpec,
     connection_overrides,
@@ -35,10 +35,6 @@ from flowsession.runs.spec import (
 app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
 NAME = typer.Argument(..., help="The run's name.")
-
-
-def _service() -> RunService:
-    return RunService.open()
 
 
 def _when(ts: float | None) -> str:
@@ -54,7 +50,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
     return d
 
 
-def _print_run(run: Run, svc: RunService) -> None:
+def _print_run(run: Run, c: Client) -> None:
     d = _run_dict(run)
     spec = run.spec
     d["data"] = spec.get("data")
@@ -62,7 +58,7 @@ def _print_run(run: Run, svc: RunService) -> None:
     d["variant"] = spec.get("variant")
     d["column_mapping"] = jsonlib.dumps(spec.get("column_mapping")) if spec.get(
         "column_mapping") else ""
-    d["output_path"] = str(svc.files(run.name).root)
+    d["output_path"] = c.run_path(run.name)
     fields(d, ["name", "display_name", "status", "summary", "flow", "data", "base_run",
                "variant", "column_mapping", "session_id", "error", "created", "started",
                "ended", "duration", "output_path"])
@@ -168,27 +164,26 @@ def create(
     if file is None and not flow and not resume_from:
         raise InvalidInput("a run needs a flow", hint="give --flow FOLDER, or --file run.yml")
     spec = _spec(file, values)
-    svc = _service()
-    user = svc.settings.user
-    with err.status("preparing the run ..."):
-        run_ = asyncio.run(svc.create(spec, user=user))
-    if not detach:
-        run_ = _follow(svc, run_, user=user, bar=stream)
-    if json:
-        return emit_json(_run_dict(run_))
-    _print_run(run_, svc)
+    with client() as c:
+        with err.status("preparing the run ..."):
+            run_ = c.submit(spec, wait=False)
+        if not detach:
+            run_ = _follow(c, run_, bar=stream)
+        if json:
+            return emit_json(_run_dict(run_))
+        _print_run(run_, c)
     if run_.status not in ENDED:
         err.print(f"[dim]the run goes on in its session: flowsession run show {run_.name}[/]",
                   highlight=False)
 
 
-def _follow(svc: RunService, run: Run, *, user: str, bar: bool) -> Run:
+def _follow(c: Client, run: Run, *, bar: bool) -> Run:
     """Wait for the run to end; with ``bar``, a progress bar (lines/s, ETA). Ctrl-C stops
     waiting, not the run."""
     try:
         if not bar:
             with err.status(f"running {run.name} ({run.total} lines) ..."):
-                return asyncio.run(svc.wait(run.name, user=user))
+                return c.stream(run.name)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                             TextColumn("{task.fields[failed]}"), TimeElapsedColumn(),
@@ -203,33 +198,33 @@ def _follow(svc: RunService, run: Run, *, user: str, bar: bool) -> Run:
                                 rate=f"{rate:,.0f} lines/s",
                                 failed=f"[red]{r.failed} failed[/]" if r.failed else "")
 
-            return asyncio.run(svc.wait(run.name, user=user, on_progress=show))
+            return c.stream(run.name, on_progress=show)
     except KeyboardInterrupt:
         err.print(f"stopped waiting; the run goes on: flowsession run show {run.name} "
                   f"(or run cancel {run.name})", highlight=False)
-        return svc.records.get(run.name)
+        return c.get_run(run.name)
 
 
 @app.command()
 @handle_errors
 def stream(name: str = NAME, json: bool = JSON) -> None:
     """Follow a run with a progress bar until it ends."""
-    svc = _service()
-    run = _follow(svc, svc.get(name, user=svc.settings.user), user=svc.settings.user, bar=True)
-    if json:
-        return emit_json(_run_dict(run))
-    _print_run(run, svc)
+    with client() as c:
+        run = _follow(c, c.get_run(name), bar=True)
+        if json:
+            return emit_json(_run_dict(run))
+        _print_run(run, c)
 
 
 @app.command()
 @handle_errors
 def show(name: str = NAME, json: bool = JSON) -> None:
     """A run's status and summary."""
-    svc = _service()
-    run = asyncio.run(svc.advance(name, user=svc.settings.user))
-    if json:
-        return emit_json(_run_dict(run))
-    _print_run(run, svc)
+    with client() as c:
+        run = c.get_run(name)
+        if json:
+            return emit_json(_run_dict(run))
+        _print_run(run, c)
 
 
 @app.command("show-details")
@@ -241,9 +236,9 @@ def show_details(
     json: bool = JSON,
 ) -> None:
     """Inputs and outputs of each line; (Failed) where a line failed."""
-    svc = _service()
-    asyncio.run(svc.advance(name, user=svc.settings.user))
-    rows = svc.details(name, user=svc.settings.user)
+    with client() as c:
+        c.get_run(name)  # brings the run up to date (and says if it does not exist)
+        rows = c.get_details(name)
     if not all_results:
         rows = rows[:max_results]
     if json:
@@ -281,9 +276,9 @@ def _cell(value: Any) -> str:
 @handle_errors
 def show_metrics(name: str = NAME, json: bool = JSON) -> None:
     """The metrics the flow's aggregation logged (log_metric)."""
-    svc = _service()
-    asyncio.run(svc.advance(name, user=svc.settings.user))
-    metrics = svc.metrics(name, user=svc.settings.user)
+    with client() as c:
+        c.get_run(name)
+        metrics = c.get_metrics(name)
     if json:
         return emit_json(metrics)
     if not metrics:
@@ -301,9 +296,8 @@ def list_(
     json: bool = JSON,
 ) -> None:
     """Your runs, newest first."""
-    svc = _service()
-    asyncio.run(svc.advance_all())
-    runs = svc.list(user=svc.settings.user, limit=None if all_results else max_results)
+    with client() as c:
+        runs = c.list_runs(None if all_results else max_results)
     rows = [_run_dict(r) for r in runs]
     if json:
         return emit_json(rows)
@@ -317,10 +311,11 @@ def logs(
     tail: int = typer.Option(0, "--tail", "-n", help="Only the last N lines of each log."),
 ) -> None:
     """The run's log, then its workers' logs."""
-    svc = _service()
-    for path in svc.log_files(name, user=svc.settings.user):
-        out.print(f"[bold]--- {path.name} ---[/]", highlight=False)
-        lines = path.read_text(errors="replace").splitlines()
+    with client() as c:
+        logs_ = c.get_logs(name)
+    for log in logs_:
+        out.print(f"[bold]--- {log['name']} ---[/]", highlight=False)
+        lines = log["text"].rstrip("\n").splitlines()
         sys.stdout.write("\n".join(lines[-tail:] if tail else lines) + "\n")
         sys.stdout.flush()
 
@@ -329,8 +324,8 @@ def logs(
 @handle_errors
 def cancel(name: str = NAME, json: bool = JSON) -> None:
     """Cancel a run: lines running stop; the results so far are kept."""
-    svc = _service()
-    run = asyncio.run(svc.cancel(name, user=svc.settings.user))
-    if json:
-        return emit_json(_run_dict(run))
-    _print_run(run, svc)
+    with client() as c:
+        run = c.cancel(name)
+        if json:
+            return emit_json(_run_dict(run))
+        _print_run(run, c)

@@ -190,6 +190,15 @@ class Client:
     def get_metrics(self, run: str | Run) -> dict[str, Any]:
         return self._t.get_metrics(_name(run))
 
+    def run_path(self, run: str | Run) -> str | None:
+        """Where the run's files are (outputs.jsonl, metrics.json, logs), on the server's
+        machine."""
+        return self._t.run_path(_name(run))
+
+    def get_logs(self, run: str | Run) -> list[dict[str, str]]:
+        """The run's log, then its workers' logs: ``[{"name", "text"}]``."""
+        return self._t.get_logs(_name(run))
+
     def cancel(self, run: str | Run) -> Run:
         return self._t.cancel(_name(run))
 

@@ -368,7 +368,9 @@ class HttpTransport(HttpResources):
         body["flow"] = self.flow_name(flow)
         if spec.data is not None:
             local = Path(spec.data).expanduser()
-            if local.exists():
+            if local.exists() and self.flows_by_path:  # this machine's server reads it itself
+                body["data"] = str(local.resolve())
+            elif local.exists():
                 from flowsession.runs.data import load_data
 
                 body["data_lines"] = load_data(local, skip_malformed=spec.skip_malformed).rows
@@ -473,6 +475,12 @@ class HttpTransport(HttpResources):
 
     def cancel(self, name: str) -> Run:
         return run_from_dict(self.request("POST", f"/api/runs/{name}/cancel"))
+
+    def run_path(self, name: str) -> str | None:
+        return self.request("GET", f"/api/runs/{name}").get("output_path")
+
+    def get_logs(self, name: str) -> list[dict[str, str]]:
+        return self.request("GET", f"/api/runs/{name}/logs")
 
     # --- sessions --------------------------------------------------------------------------
 

@@ -89,6 +89,14 @@ class LocalTransport(LocalResources):
     def get_metrics(self, name: str) -> dict[str, Any]:
         return self._runs.metrics(name, user=self.user)
 
+    def run_path(self, name: str) -> str | None:
+        self._runs.records.get(name, owner=self.user)
+        return str(self._runs.files(name).root)
+
+    def get_logs(self, name: str) -> list[dict[str, str]]:
+        return [{"name": p.name, "text": p.read_text(errors="replace")}
+                for p in self._runs.log_files(name, user=self.user)]
+
     def cancel(self, name: str) -> Run:
         return asyncio.run(self._runs.cancel(name, user=self.user))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
@@ -76,9 +76,11 @@ def run_of(svc: Services, who: Principal, name: str) -> Run:
     return run
 
 
-def _run_dict(run: Run) -> dict:
+def _run_dict(run: Run, svc: Services | None = None) -> dict:
     d = run.to_dict()
     d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
+    if svc is not None:  # where its files are, on the server's machine
+        d["output_path"] = str(svc.runs.files(run.name).root)
     return d
 
 
@@ -170,7 +172,7 @@ async def get_run(name: str, who: Principal = Depends(require("runs:read")),
     run = run_of(svc, who, name)
     if run.status not in ENDED:
         run = await svc.runs.advance(name)
-    return _run_dict(run)
+    return _run_dict(run, svc)
 
 
 @router.get("/runs/{name}/details")
@@ -194,14 +196,13 @@ def metrics(name: str, who: Principal = Depends(require("runs:read")),
     return svc.runs.metrics(name, user=run.owner)
 
 
-@router.get("/runs/{name}/logs", response_class=PlainTextResponse)
+@router.get("/runs/{name}/logs")
 def logs(name: str, who: Principal = Depends(require("runs:read")),
-         svc: Services = Depends(services)) -> str:
+         svc: Services = Depends(services)) -> list[dict]:
+    """The run's own log, then each worker's: ``[{"name", "text"}]``."""
     run = run_of(svc, who, name)
-    parts = []
-    for path in svc.runs.log_files(name, user=run.owner):
-        parts.append(f"--- {path.name} ---\n{path.read_text(errors='replace')}")
-    return "\n".join(parts)
+    return [{"name": path.name, "text": path.read_text(errors="replace")}
+            for path in svc.runs.log_files(name, user=run.owner)]
 
 
 @router.post("/runs/{name}/cancel")
