@@ -27,8 +27,8 @@ run: setup
 	$(FS) image build
 	@# `image build` spoke to the home's background server: this one takes its place
 	$(FS) server stop
-	$(FS) server --register examples/flows/hello --register examples/flows/shared-reqs \
-	  --register examples/flows/flex-echo
+	$(FS) server --show-token --register examples/flows/hello \
+	  --register examples/flows/shared-reqs --register examples/flows/flex-echo
 
 demo: setup
 	$(FS) image list

@@ -361,3 +361,14 @@ def test_commands_that_finish_a_run_at_the_same_time_agree(fs, tmp_path, setting
         "correct", "correct", "wrong", "correct"]
     log = (settings.runs_dir / "busy" / "logs" / "run.log").read_text()
     assert log.count("run completed") == 1, log
+
+
+def test_flow_test_of_a_flex_class_takes_its_init(fs, tmp_path):
+    """`flow test --init` gives a flex flow class its __init__ arguments; without them the
+    line fails saying which is missing, and the session stays up."""
+    flow_copy(tmp_path, "flex_class")
+    fs.flows.append("flex_class")
+    refused = fs("flow", "test", "flex_class", "--inputs", "text=x")
+    assert refused.returncode != 0 and "prefix" in refused.stderr, refused.stderr
+    out = fs.ok("flow", "test", "flex_class", "--inputs", "text=x", "--init", "prefix=>")
+    assert json.loads(out.stdout) == {"out": ">x"}

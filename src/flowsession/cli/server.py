@@ -105,6 +105,8 @@ def server(
                                         "(by its folder name) for the administrator; "
                                         "repeatable."),
     log_level: str = typer.Option("info", "--log-level"),
+    show_token: bool = typer.Option(False, "--show-token", help="Print the administrator's "
+                                    "token (kept in client.json) even when it is not new."),
 ) -> None:
     """Serve the API. On a new server the first user (you) becomes Owner; their token is kept
     in FLOWSESSION_HOME/client.json for the CLI and the SDK (and printed once, on a terminal)."""
@@ -150,6 +152,9 @@ def server(
     if new_token is not None and sys.stdout.isatty():  # never into a log file
         out.print(f"administrator [bold]{settings.user}[/] token (shown once; kept in "
                   f"{config}):\n  {new_token}", highlight=False)
+    elif kept is not None and show_token:  # asked for, on the command line: make run does
+        out.print(f"token of [bold]{kept[1]}[/] (kept in {config}):\n  {kept[0]}",
+                  highlight=False, soft_wrap=True)
     elif kept is not None:
         out.print(f"the token of {kept[1]} is in {config}", highlight=False, soft_wrap=True)
     try:

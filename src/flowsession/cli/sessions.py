@@ -190,9 +190,11 @@ def flow_test(
     inputs: list[str] = typer.Option([], "--inputs", help="key=value (repeat, or several "
                                      "after one --inputs)."),
     timeout: float = typer.Option(600, help="Seconds the line may take."),
+    init: list[str] = typer.Option([], "--init", help="key=value for a flex flow class's "
+                                   "__init__ (repeat)."),
 ) -> None:
     """Run one line on the flow's session (started if none runs); print the outputs as JSON."""
     values = _inputs(inputs)
     with client() as c, err.status(f"testing {flow} ..."):
-        output = c.test(flow, values, timeout=timeout)
+        output = c.test(flow, values, timeout=timeout, init=_inputs(init))
     emit_json(output)

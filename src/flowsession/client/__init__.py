@@ -205,9 +205,11 @@ class Client:
     # --- sessions --------------------------------------------------------------------------
 
     def test(self, flow: str | Path, inputs: Mapping[str, Any] | None = None,
-             *, timeout: float = 600) -> dict[str, Any]:
-        """One line on the flow's session (started if none runs): its outputs."""
-        return self._t.test(flow, dict(inputs or {}), timeout)
+             *, timeout: float = 600, init: Mapping[str, Any] | None = None
+             ) -> dict[str, Any]:
+        """One line on the flow's session (started if none runs): its outputs. ``init``: a
+        flex flow class's ``__init__`` arguments."""
+        return self._t.test(flow, dict(inputs or {}), timeout, dict(init or {}))
 
     def start_session(self, flow: str | Path, *, on_progress: Progress = None,
                       **options: Any) -> Session:

@@ -484,10 +484,11 @@ class HttpTransport(HttpResources):
 
     # --- sessions --------------------------------------------------------------------------
 
-    def test(self, flow: str | Path, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def test(self, flow: str | Path, inputs: dict[str, Any], timeout: float,
+             init: dict[str, Any] | None = None) -> dict[str, Any]:
         name = self.flow_name(flow)
         answer = self.request("POST", f"/api/flows/{name}/test",
-                              json={"inputs": inputs, "timeout": timeout},
+                              json={"inputs": inputs, "timeout": timeout, "init": init or {}},
                               timeout=timeout + SUBMIT_TIMEOUT_S)
         return answer["outputs"]
 

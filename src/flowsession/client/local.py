@@ -102,9 +102,10 @@ class LocalTransport(LocalResources):
 
     # --- sessions --------------------------------------------------------------------------
 
-    def test(self, flow: str | Path, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def test(self, flow: str | Path, inputs: dict[str, Any], timeout: float,
+             init: dict[str, Any] | None = None) -> dict[str, Any]:
         return asyncio.run(self._sessions.test(self.flow_arg(flow), inputs, user=self.user,
-                                               timeout=timeout))
+                                               timeout=timeout, init=init))
 
     def start_session(self, flow: str | Path, options: Mapping[str, Any], *,
                       on_progress: Progress = None):

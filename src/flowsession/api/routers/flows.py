@@ -60,6 +60,8 @@ class UpdateIn(Strict):
 class TestIn(Strict):
     inputs: dict[str, Any] = Field(default_factory=dict)
     timeout: float = Field(default=600, gt=0, le=86400)
+    init: dict[str, Any] = Field(default_factory=dict, description="a flex flow class's "
+                                 "__init__ arguments")
 
 
 def registry(svc: Services) -> FlowRegistry:
@@ -300,4 +302,4 @@ async def test(name: str, body: TestIn, who: Principal = Depends(require("sessio
     """One line on the flow's session (started with default settings if none runs)."""
     flow, owner = flow_of(svc, who, name)
     return {"outputs": await svc.sessions.test(flow.path, body.inputs, user=owner,
-                                               timeout=body.timeout)}
+                                               timeout=body.timeout, init=body.init)}
