@@ -96,9 +96,9 @@ ROUTES = [
     ("PUT", "/api/identities/{identity}/connections", "identities:write", False),
     ("PUT", "/api/identities/{identity}/feeds/{host}", "identities:write", False),
     ("DELETE", "/api/identities/{identity}/feeds/{host}", "identities:write", False),
-    ("GET", "/api/feeds", "identities:read", False),
-    ("PUT", "/api/feeds/{host}", "identities:write", False),
-    ("DELETE", "/api/feeds/{host}", "identities:write", False),
+    ("GET", "/api/feeds", "environments:read", False),
+    ("PUT", "/api/feeds/{host}", "environments:write", False),
+    ("DELETE", "/api/feeds/{host}", "environments:write", False),
     ("GET", "/api/operations/{op}", None, True),
     ("GET", "/api/operations/{op}/events", None, True),
 ]

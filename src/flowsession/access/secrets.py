@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 USER_IDENTITY = "user"  # the user's own identity; managed identities get their own names
 
 
+def holder(identity: str | None, owner: str) -> str:
+    """Under which name feed secrets are kept: a managed identity's own name, or -- for the
+    user's own identity -- ``user:<owner>``, so that one user's feed credentials never fill
+    another user's builds."""
+    if identity in (None, "", USER_IDENTITY):
+        return f"{USER_IDENTITY}:{owner}"
+    return identity
+
+
 def mask(secret: str) -> str:
     user, sep, _ = secret.partition(":")
     return f"{user}:****" if sep else "****"

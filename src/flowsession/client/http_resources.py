@@ -148,6 +148,7 @@ class HttpResources:
         return self.request("PUT", path, json={"secret": secret})
 
     def list_feed_secrets(self, *, identity: str | None) -> list[dict[str, Any]]:
+        """Your own feed secrets, or a managed identity's (masked)."""
         return self.request("GET", "/api/feeds",
                             params={"identity": identity} if identity else None)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access.secrets import USER_IDENTITY, holder
 from flowsession.config import format_duration, format_size, parse_duration
 
 Progress = Callable[[dict[str, Any]], None] | None
@@ -172,18 +172,22 @@ class LocalResources:
     def set_feed_secret(self, host: str, secret: str, *, identity: str | None) -> dict:
         identity = identity or USER_IDENTITY
         if identity == USER_IDENTITY:
-            self._identities.secrets.set(host, secret, identity=identity)
-            hosts = self._identities.secrets.hosts(identity=identity).get(identity, [])
+            mine = holder(identity, self.user)
+            self._identities.secrets.set(host, secret, identity=mine)
+            hosts = self._identities.secrets.hosts(identity=mine).get(mine, [])
         else:
             hosts = list(self._identities.set_feed_secret(identity, host, secret).feed_hosts)
         return {"identity": identity, "host": host.strip().lower(), "stored": True,
                 "feed_hosts": hosts}
 
     def list_feed_secrets(self, *, identity: str | None) -> list[dict[str, Any]]:
+        if identity in (None, USER_IDENTITY):
+            return [{**s, "identity": USER_IDENTITY} for s in self._identities.secrets.list(
+                identity=holder(USER_IDENTITY, self.user))]
         return self._identities.secrets.list(identity=identity)
 
     def delete_feed_secret(self, host: str, *, identity: str | None) -> dict[str, Any]:
-        self._identities.secrets.delete(host, identity=identity or USER_IDENTITY)
+        self._identities.secrets.delete(host, identity=holder(identity, self.user))
         return {"identity": identity or USER_IDENTITY, "host": host.strip().lower(),
                 "deleted": True}
 

@@ -134,11 +134,11 @@ class SessionService:
         standby: asyncio.Task | None = None
         try:
             compute = await self._compute_for(session)
-            prepared = await self.envs.prepare(flow, identity=session.identity,
+            prepared = await self.envs.prepare(flow, identity=self._secrets_of(session),
                                                image=session.image)
             # the supervisor imports the runtime while the environment builds
             standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
-            env = await self.envs.ensure(prepared, identity=session.identity,
+            env = await self.envs.ensure(prepared, identity=self._secrets_of(session),
                                          holder=session.holder)
             session = self.records.transition(
                 session, S.STARTING, actor=actor, reason="starting the supervisor",
@@ -197,14 +197,15 @@ class SessionService:
         new_handle: SessionHandle | None = None
         standby: asyncio.Task | None = None
         try:
-            prepared = await self.envs.prepare(session.flow, identity=session.identity,
+            prepared = await self.envs.prepare(session.flow,
+                                               identity=self._secrets_of(session),
                                                image=session.image)
             if prepared.env_id == session.env_id:
                 return self.records.transition(
                     session, S.RUNNING, actor=user, operator=None, expect=[S.INSTALLING],
                     reason="nothing to install: the requirements are unchanged")
             standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
-            new_env = await self.envs.ensure(prepared, identity=session.identity,
+            new_env = await self.envs.ensure(prepared, identity=self._secrets_of(session),
                                              holder=f"{session.holder}:next")
             self._still_installing(session)
             compute = self.computes.get(session.compute_id, user=session.owner)
@@ -325,6 +326,14 @@ class SessionService:
         finally:
             self.records.touch(session.id)
             self.computes.touch(session.compute_id)
+
+    @staticmethod
+    def _secrets_of(session: Session) -> str:
+        """Whose feed secrets fill the session's ``{private}`` feeds: its managed identity's,
+        or its owner's own."""
+        from flowsession.access.secrets import holder
+
+        return holder(session.identity, session.owner)
 
     def flow_connections(self, session: Session) -> dict[str, Any]:
         """The connections the session's flow refers to that its owner (or its managed

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access.secrets import holder
 from flowsession.api.context import Services, check_identity, require, services
 from flowsession.api.routers.flows import flow_of
 from flowsession.environments.cache import Environment
@@ -78,9 +78,9 @@ def remove_environment(env_id: str, who: Principal = Depends(require("environmen
 
 async def _prepared(svc: Services, who: Principal, name: str, identity: str | None
                     ) -> Prepared:
-    flow, _ = flow_of(svc, who, name)
+    flow, owner = flow_of(svc, who, name)
     check_identity(svc, who, identity)
-    return await envs(svc).prepare(flow.path, identity=identity or USER_IDENTITY)
+    return await envs(svc).prepare(flow.path, identity=holder(identity, owner))
 
 
 @router.get("/flows/{name}/environment")
@@ -119,9 +119,9 @@ async def build_flow_environment(name: str, request: Request, body: BuildIn | No
                                  svc: Services = Depends(services)) -> dict:
     """Build (or find) the flow's environment: an operation that ends with it."""
     body = body or BuildIn()
-    flow, _ = flow_of(svc, who, name)
+    flow, owner = flow_of(svc, who, name)
     check_identity(svc, who, body.identity)
-    identity = body.identity or USER_IDENTITY
+    identity = holder(body.identity, owner)
 
     async def work(emit) -> dict:
         emit({"event": "progress", "message": f"preparing the environment of {name}"})

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
 from flowsession.access.identities import Identity
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access.secrets import USER_IDENTITY, holder
 from flowsession.api.context import Services, owner_for, require, services
-from flowsession.errors import Conflict
+from flowsession.errors import Conflict, Forbidden
 from flowsession.sessions.records import ACTIVE_STATES
 
 router = APIRouter(tags=["identities"])
@@ -125,27 +125,36 @@ def delete_feed_secret(name: str, host: str,
 # --- the ``user`` identity's feed secrets ----------------------------------------------------
 
 @router.get("/feeds")
-def list_feed_secrets(identity: str | None = Query(None, description="only this identity"),
-                      who: Principal = Depends(require("identities:read")),
+def list_feed_secrets(identity: str | None = Query(None, description="a managed identity "
+                                                   "(needs identities:read); default: yours"),
+                      who: Principal = Depends(require("environments:read")),
                       svc: Services = Depends(services)) -> list[dict]:
-    """Every stored feed secret (the ``user`` identity's and the managed identities'):
-    identity, host and the secret masked (``user:****``)."""
-    return svc.identities.secrets.list(identity=identity)
+    """Feed secrets, masked (``user:****``): your own, or a managed identity's."""
+    if identity and identity != USER_IDENTITY:
+        if not who.can("identities:read"):
+            raise Forbidden("reading a managed identity's feeds needs identities:read",
+                            details={"scope": "identities:read"})
+        svc.identities.get(identity)
+        return svc.identities.secrets.list(identity=identity)
+    mine = holder(USER_IDENTITY, who.user)
+    return [{**s, "identity": USER_IDENTITY}
+            for s in svc.identities.secrets.list(identity=mine)]
 
 
 @router.put("/feeds/{host}")
 def set_user_feed_secret(host: str, body: FeedSecretIn,
-                         who: Principal = Depends(require("identities:write")),
+                         who: Principal = Depends(require("environments:write")),
                          svc: Services = Depends(services)) -> dict:
-    """Store (or replace) the ``user`` identity's secret for ``{private}`` feeds on ``host``."""
-    secrets = svc.identities.secrets
-    secrets.set(host, body.secret, identity=USER_IDENTITY)
+    """Store (or replace) your own secret for ``{private}`` feeds on ``host``: it fills your
+    builds, never another user's."""
+    secrets, mine = svc.identities.secrets, holder(USER_IDENTITY, who.user)
+    secrets.set(host, body.secret, identity=mine)
     return {"identity": USER_IDENTITY, "host": host.strip().lower(), "stored": True,
-            "feed_hosts": secrets.hosts(identity=USER_IDENTITY).get(USER_IDENTITY, [])}
+            "feed_hosts": secrets.hosts(identity=mine).get(mine, [])}
 
 
 @router.delete("/feeds/{host}")
-def delete_user_feed_secret(host: str, who: Principal = Depends(require("identities:write")),
+def delete_user_feed_secret(host: str, who: Principal = Depends(require("environments:write")),
                             svc: Services = Depends(services)) -> dict:
-    svc.identities.secrets.delete(host, identity=USER_IDENTITY)
+    svc.identities.secrets.delete(host, identity=holder(USER_IDENTITY, who.user))
     return {"identity": USER_IDENTITY, "host": host.strip().lower(), "deleted": True}

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowsession.access.accounts import Principal
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access.secrets import holder
 from flowsession.api.context import Services, check_identity, require, services
 from flowsession.environments.images import DEFAULT_IMAGE, Image, parse_ref
 from flowsession.environments.requirements import parse_requirements
@@ -133,7 +133,7 @@ async def create_image(body: ImageIn, request: Request,
                                                                         "requirements_path"})
     else:
         requirements.write_text(body.requirements)
-    identity = body.identity or USER_IDENTITY
+    identity = holder(body.identity, who.user)
     confined = not who.manages_all
     try:  # a refused line is refused now (422), before any operation
         if confined:
