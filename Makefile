@@ -57,3 +57,4 @@ bench: setup
 	$(VENV)/bin/python bench/env_build.py
 	$(VENV)/bin/python bench/session_start.py
 	$(VENV)/bin/python bench/batch.py
+	$(VENV)/bin/python bench/api.py
