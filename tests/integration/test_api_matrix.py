@@ -366,11 +366,15 @@ def test_malformed_json_and_wrong_types_name_the_field(world):
 
 def test_an_operation_on_a_session_in_the_wrong_state_is_409_saying_the_state(world):
     w = world
-    w.post("alice", "/api/flows/af/session/stop")
+    svc = w.app.state.services
+    r = w.post("alice", "/api/flows/af/session")  # (again) RUNNING
+    w.wait_op(r.json()["id"], "alice")
+    session = svc.sessions.records.bound_to(svc.extra["flows"].get("af", owner="alice").path)
+    svc.sessions.records.transition(session, "FAILED", actor="test", reason="broken on purpose")
     r = w.post("alice", "/api/flows/af/session/install")
-    assert r.status_code in (404, 409), r.text
-    if r.status_code == 409:
-        assert "STOPPED" in r.json()["error"]["message"]
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["state"] == "FAILED" and "FAILED" in r.json()["error"]["message"]
+    w.post("alice", "/api/flows/af/session/stop")
 
 
 def test_flow_names_are_per_user_so_a_name_tells_nothing(world):

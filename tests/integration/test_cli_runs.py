@@ -135,6 +135,9 @@ def test_a_run_from_the_shell_streams_to_its_summary_and_can_be_inspected(fs, tm
     assert "--- run.log ---" in logs and "run completed: 4 of 4 line(s) completed" in logs
     assert "worker-" in logs  # the workers' logs follow
     assert "crashed" not in logs and "Error" not in logs  # a healthy run's logs are quiet
+    as_json = fs.json("run", "logs", "first", "--tail", "1")
+    assert as_json[0]["name"] == "run.log" and as_json[0]["text"].startswith(
+        "20") and "run completed" in as_json[0]["text"] and "\n" not in as_json[0]["text"]
 
     # a second run, detached, then followed
     detached = fs.json("run", "create", "--flow", "echo", "--data", "echo/data.jsonl",

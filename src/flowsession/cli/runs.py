@@ -309,14 +309,18 @@ def list_(
 def logs(
     name: str = NAME,
     tail: int = typer.Option(0, "--tail", "-n", help="Only the last N lines of each log."),
+    json: bool = JSON,
 ) -> None:
     """The run's log, then its workers' logs."""
     with client() as c:
         logs_ = c.get_logs(name)
+    if tail:
+        logs_ = [{**log, "text": "\n".join(log["text"].splitlines()[-tail:])} for log in logs_]
+    if json:
+        return emit_json(logs_)
     for log in logs_:
         out.print(f"[bold]--- {log['name']} ---[/]", highlight=False)
-        lines = log["text"].rstrip("\n").splitlines()
-        sys.stdout.write("\n".join(lines[-tail:] if tail else lines) + "\n")
+        sys.stdout.write(log["text"].rstrip("\n") + "\n")
         sys.stdout.flush()
 
 

@@ -19,7 +19,7 @@ from flowsession.api.context import (
     services,
 )
 from flowsession.config import parse_duration
-from flowsession.errors import NotFound
+from flowsession.errors import Conflict, NotFound
 from flowsession.flows.registry import FlowRegistry, RegisteredFlow
 from flowsession.sessions.records import ACTIVE_STATES
 from flowsession.sessions.service import StartOptions
@@ -199,7 +199,11 @@ async def install(name: str, request: Request,
     """Save and install: the flow's requirements into a new environment, switched to only
     when it works."""
     flow, owner = flow_of(svc, who, name)
-    await svc.sessions.show(flow.path, user=owner)  # no session: 404 now, not in the op
+    session = await svc.sessions.show(flow.path, user=owner)  # no session: 404 now
+    if session.state != "RUNNING":  # the wrong state: 409 now, not in the operation
+        raise Conflict(f"session {session.id} is {session.state}: Save and install needs a "
+                       "RUNNING session", hint="reset it, or start it again",
+                       details={"state": session.state})
 
     async def work(emit) -> dict:
         emit({"event": "progress", "message": "installing the flow's requirements"})
