@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from flowsession.access.accounts import Principal
 from flowsession.api.context import (
@@ -25,38 +25,21 @@ from flowsession.api.context import (
 from flowsession.api.routers.flows import flow_of
 from flowsession.errors import FlowSessionError, InvalidInput, NotFound
 from flowsession.runs.records import ENDED, Run
-from flowsession.runs.spec import spec_from_dict
+from flowsession.runs.spec import RunSpec, spec_from_dict
 
 router = APIRouter(tags=["runs"])
 HEARTBEAT_S = 15.0
 
 
-class RunIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RunIn(RunSpec):
+    """prompt flow's Run fields, as in a run.yml; here ``flow`` names a registered flow, and
+    the data is a file of its folder, a path on the server (all:manage), or ``data_lines``."""
 
     flow: str | None = Field(default=None, description="a registered flow's name (optional "
                              "with resume_from)")
     data: str | None = Field(default=None, description="a data file in the flow's folder "
                              "(relative), or an absolute path on the server (all:manage)")
     data_lines: list[dict[str, Any]] | None = Field(default=None, description="the data inline")
-    column_mapping: dict[str, Any] = Field(default_factory=dict)
-    run: str | None = None
-    variant: str | None = None
-    environment_variables: dict[str, str] = Field(default_factory=dict)
-    connections: dict[str, dict[str, str]] = Field(default_factory=dict)
-    init: dict[str, Any] = Field(default_factory=dict)
-    resources: dict[str, Any] = Field(default_factory=dict)
-    identity: str | None = None
-    name: str | None = None
-    display_name: str | None = None
-    description: str = ""
-    tags: dict[str, str] = Field(default_factory=dict)
-    workers: int | None = Field(default=None, ge=1, le=256)
-    line_timeout: float | None = Field(default=None, ge=0)
-    skip_malformed: bool = False
-    resume_from: str | None = None
-    runtime: str | None = Field(default=None, description="prompt flow's field: not used (a "
-                                "run goes to its flow's session)")
 
 
 INLINE = "data_lines.jsonl"
