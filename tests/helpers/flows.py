@@ -28,5 +28,28 @@ def make_flow(root: Path, name: str, requirements: str | None, *, image: str | N
     return folder
 
 
+# A two-input flow whose one node, ``slow`` in slow.py, takes ``text`` and ``seconds`` (each test
+# writes the tool it needs).
+SLOW_YAML = """inputs:
+  text:
+    type: string
+  seconds:
+    type: string
+outputs:
+  out:
+    type: string
+    reference: ${slow.output}
+nodes:
+- name: slow
+  type: python
+  source:
+    type: code
+    path: slow.py
+  inputs:
+    text: ${inputs.text}
+    seconds: ${inputs.seconds}
+"""
+
+
 def run(coro):
     return asyncio.run(coro)

@@ -8,11 +8,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers.cli import FLOWSESSION
+from helpers.flows import SLOW_YAML
 from helpers.openai_server import OpenAIServer
 
 from flowsession.config import Settings
@@ -20,20 +21,10 @@ from flowsession.runs.records import RunRecords
 from flowsession.store import open_store
 
 USER = "ada"
-REPO = Path(__file__).resolve().parents[2]
 FLOWS = Path(__file__).resolve().parents[1] / "flows"
 pytestmark = pytest.mark.timeout(300)
 
 
-def _executable() -> str:
-    for candidate in (REPO / ".venv" / "bin" / "flowsession",
-                      Path(sys.executable).parent / "flowsession"):
-        if candidate.exists():
-            return str(candidate)
-    return shutil.which("flowsession") or "flowsession"
-
-
-FLOWSESSION = _executable()
 
 
 class Cli:
@@ -234,25 +225,6 @@ def slow(text: str, seconds: str) -> str:
     time.sleep(float(seconds))
     return text.upper()
 '''
-SLOW_YAML = """inputs:
-  text:
-    type: string
-  seconds:
-    type: string
-outputs:
-  out:
-    type: string
-    reference: ${slow.output}
-nodes:
-- name: slow
-  type: python
-  source:
-    type: code
-    path: slow.py
-  inputs:
-    text: ${inputs.text}
-    seconds: ${inputs.seconds}
-"""
 
 
 def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, settings):

@@ -7,28 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import FLOWSESSION
 from helpers.flows import make_flow
 
 USER = "ada"
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _executable() -> str:
-    for candidate in (REPO / ".venv" / "bin" / "flowsession",
-                      Path(sys.executable).parent / "flowsession"):
-        if candidate.exists():
-            return str(candidate)
-    return shutil.which("flowsession") or "flowsession"
-
-
-FLOWSESSION = _executable()
 
 
 class Cli:

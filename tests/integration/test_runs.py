@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers.flows import run
+from helpers.flows import SLOW_YAML, run
 from helpers.openai_server import OpenAIServer
 
 from flowsession.backends.compute import procs
@@ -161,25 +161,6 @@ def slow(text: str, seconds: str) -> str:
     time.sleep(float(seconds))
     return f"{text}@{_session_mark()}"
 '''
-SLOW_YAML = """inputs:
-  text:
-    type: string
-  seconds:
-    type: string
-outputs:
-  out:
-    type: string
-    reference: ${slow.output}
-nodes:
-- name: slow
-  type: python
-  source:
-    type: code
-    path: slow.py
-  inputs:
-    text: ${inputs.text}
-    seconds: ${inputs.seconds}
-"""
 
 
 def slow_flow(tmp_path: Path, n: int, seconds: float, name: str = "slow") -> tuple[Path, Path]:

@@ -68,6 +68,14 @@ def _print_run(run: Run, c: Client) -> None:
             out.print(f"  line {line}: {message}", highlight=False, markup=False)
 
 
+def _show(c: Client, run: Run, *, json: bool) -> None:
+    """A run as JSON, or as the fields a person reads."""
+    if json:
+        emit_json(_run_dict(run))
+    else:
+        _print_run(run, c)
+
+
 def _spec(file: Path | None, values: dict[str, Any]) -> RunSpec:
     """run.yml first, then the flags given on top."""
     warnings: list[str] = []
@@ -169,10 +177,8 @@ def create(
             run_ = c.submit(spec, wait=False)
         if not detach:
             run_ = _follow(c, run_, bar=stream)
-        if json:
-            return emit_json(_run_dict(run_))
-        _print_run(run_, c)
-    if run_.status not in ENDED:
+        _show(c, run_, json=json)
+    if run_.status not in ENDED and not json:
         err.print(f"[dim]the run goes on in its session: flowsession run show {run_.name}[/]",
                   highlight=False)
 
@@ -211,9 +217,7 @@ def stream(name: str = NAME, json: bool = JSON) -> None:
     """Follow a run with a progress bar until it ends."""
     with client() as c:
         run = _follow(c, c.get_run(name), bar=True)
-        if json:
-            return emit_json(_run_dict(run))
-        _print_run(run, c)
+        _show(c, run, json=json)
 
 
 @app.command()
@@ -222,9 +226,7 @@ def show(name: str = NAME, json: bool = JSON) -> None:
     """A run's status and summary."""
     with client() as c:
         run = c.get_run(name)
-        if json:
-            return emit_json(_run_dict(run))
-        _print_run(run, c)
+        _show(c, run, json=json)
 
 
 @app.command("show-details")
@@ -330,6 +332,4 @@ def cancel(name: str = NAME, json: bool = JSON) -> None:
     """Cancel a run: lines running stop; the results so far are kept."""
     with client() as c:
         run = c.cancel(name)
-        if json:
-            return emit_json(_run_dict(run))
-        _print_run(run, c)
+        _show(c, run, json=json)

@@ -246,7 +246,10 @@ class RunService:
             return run
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            return await self._advance(name)
+            run = await self._advance(name)
+        if run.status in R.ENDED:
+            self._locks.pop(name, None)  # a server lives long: no lock per ended run
+        return run
 
     async def _advance(self, name: str) -> Run:
         run = self.records.get(name)
