@@ -4,9 +4,9 @@
   is its number in this file); the session gets a copy.
 - ``line_numbers.json``: position -> line number, when they differ (a run over a base run whose
   lines partly failed keeps the base run's line numbers).
-- ``lines.jsonl``: every result record collected from the session's results files, each
-  position once (records as ``flowsession.worker.batchworker`` writes them).
-- ``collect.json``: how far each results file has been read.
+- ``lines.jsonl``: every result record collected from the sessions (as data, validated by the
+  backend: ``backends.compute.boundary.record``), each position once.
+- ``collect.json``: the backend's cursor: how far the sessions' records have been collected.
 - ``outputs.jsonl``: written when the run ends: ``{"line_number": n, <outputs>}`` per completed
   line, in order. ``metrics.json``: the aggregation's metrics. ``logs/``: the run's log and
   its workers' logs.
@@ -22,18 +22,18 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flowsession.worker.batchworker import RESULTS_GLOB
+from flowsession.backends.compute.boundary import Collected
 
 INPUTS, LINE_NUMBERS, LINES, CURSORS = ("inputs.jsonl", "line_numbers.json", "lines.jsonl",
                                         "collect.json")
 OUTPUTS, METRICS, LOGS, RUN_LOG = "outputs.jsonl", "metrics.json", "logs", "run.log"
 MAX_ERRORS = 5
+MAX_LOGS = 64 * 1024 * 1024  # the workers' log text a run keeps
 
 
 class RunFiles:
@@ -140,41 +140,49 @@ class RunFiles:
             self._errors.sort(key=lambda e: e[0])
             del self._errors[MAX_ERRORS:]
 
-    def collect(self, dirs: Iterable[Path]) -> int:
-        """Append the new records of the results files in ``dirs``; how many were new."""
+    def cursor(self) -> dict[str, int]:
+        """Where collecting from the sessions stopped (the backend's keys)."""
+        return _read_json(self.root / CURSORS) or {}
+
+    def store(self, collected: Collected) -> int:
+        """Append the new records of ``collected`` (validated by the backend), keep its log
+        text, then move the cursor; how many records were new."""
         with self.locked():
             self._catch_up()
-            cursors = _read_json(self.root / CURSORS) or {}
             new: list[bytes] = []
-            for d in dirs:
-                for path in sorted(d.glob(RESULTS_GLOB)):
-                    key = str(path)
-                    start = int(cursors.get(key, 0))
-                    try:
-                        with open(path, "rb") as f:
-                            f.seek(start)
-                            data = f.read()
-                    except FileNotFoundError:
-                        continue
-                    end = data.rfind(b"\n") + 1  # a torn last record waits (or never comes)
-                    for raw in data[:end].split(b"\n")[:-1]:
-                        try:
-                            rec = json.loads(raw)
-                        except ValueError:
-                            continue
-                        if not isinstance(rec, dict) or rec.get("i") in self._known:
-                            continue
-                        self._note(rec)
-                        new.append(raw)
-                    cursors[key] = start + end
+            for raw in collected.records:
+                rec = json.loads(raw)
+                if rec["i"] in self._known:
+                    continue
+                self._note(rec)
+                new.append(raw)
             if new:
                 with open(self.root / LINES, "ab") as out:
                     out.write(b"\n".join(new) + b"\n")
                     out.flush()
                     os.fsync(out.fileno())
                 self._read_upto += sum(len(r) + 1 for r in new)
-            _write_json(self.root / CURSORS, cursors)
+            for worker, text in collected.logs.items():
+                self._keep_log(worker, text)
+            _write_json(self.root / CURSORS, collected.cursor)
             return len(new)
+
+    def _keep_log(self, worker: str, text: str) -> None:
+        """A worker's log text, appended to ``logs/worker-<name>.log`` within the run's log
+        budget (past it, one line says what was left out)."""
+        logs = self.root / LOGS
+        logs.mkdir(parents=True, exist_ok=True)
+        name = "".join(c for c in worker if c.isalnum() or c in "_-")[:40] or "worker"
+        used = sum(p.stat().st_size for p in logs.glob("worker-*.log"))
+        data = text.encode()
+        room = MAX_LOGS - used
+        if room <= 0:
+            return
+        if len(data) > room:
+            data = data[:room] + (f"\n[log cut: the run's worker logs reached "
+                                  f"{MAX_LOGS // (1024 * 1024)} MB]\n").encode()
+        with open(logs / f"worker-{name}.log", "ab") as f:
+            f.write(data)
 
     def adopt(self, records: Iterable[bytes]) -> int:
         """Store records taken from another run (``--resume-from``)."""
@@ -250,16 +258,6 @@ class RunFiles:
                 return [json.loads(line) for line in f]
         except FileNotFoundError:
             return []
-
-    def keep_logs(self, dirs: Iterable[Path]) -> None:
-        """Copy the workers' logs of the run's folders in sessions."""
-        target = self.root / LOGS
-        target.mkdir(parents=True, exist_ok=True)
-        for d in dirs:
-            for log in sorted((d / "logs").glob("*.log")):
-                dest = target / f"worker-{log.stem}.log"
-                if not dest.exists() or dest.stat().st_size < log.stat().st_size:
-                    shutil.copyfile(log, dest)
 
     def log(self, message: str) -> None:
         (self.root / LOGS).mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,12 @@ import yaml
 
 from flowsession.access.connections import ConnectionService
 from flowsession.backends.compute import procs
-from flowsession.backends.compute.base import SessionHandle
+from flowsession.backends.compute.base import RunWork, SessionHandle
 from flowsession.config import Settings
 from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
 from flowsession.flows.flowfile import FlowDefinition, load_flow
 from flowsession.flows.references import connection_candidates, required_connections
+from flowsession.flows.snapshot import make_snapshot
 from flowsession.runs import records as R
 from flowsession.runs.data import load_data
 from flowsession.runs.files import RunFiles
@@ -44,6 +45,7 @@ from flowsession.sessions.state import SessionState
 from flowsession.store import Store
 
 POLL_S = 0.25
+COLLECT_ROUNDS = 16  # collects per advance (each brings at most boundary.MAX_COLLECT)
 SUPERVISOR_ENDED = ("completed", "canceled", "failed")
 
 
@@ -191,21 +193,17 @@ class RunService:
         """Send the run (its lines without a stored result) to the flow's session."""
         spec = spec or _spec_of(run)
         files = self.files(run.name)
-        files.collect(self.backend.run_dirs(run.name))  # results a lost session left
+        await self._collect(run, None)  # results a lost session left
         session = await self.sessions.ready(run.flow, user=run.owner,
                                             options=_start_options(spec))
         handle = session.session_handle
         compute = self.sessions.computes.get(session.compute_id, user=run.owner)
         workers = spec.workers or max(1, math.ceil(compute.vcpu))
-        run_dir = self.backend.run_dir(handle, run.name)
-        if not (run_dir / "inputs.jsonl").exists():
-            shutil.copyfile(files.inputs_path, run_dir / ".inputs.tmp")
-            (run_dir / ".inputs.tmp").rename(run_dir / "inputs.jsonl")
         stored = files.stored()
         todo = [p for p in range(run.total) if p not in stored]
-        work = self._work(run, spec, run_dir, session.flow, session.identity)
-        work.update(workers=workers, lines=todo)
-        status = await self.backend.submit_run(handle, run.name, work)
+        work = self._work(run, spec, session.flow, session.identity, workers=workers,
+                          lines=tuple(todo))
+        status = await self.backend.submit_run(handle, work)
         first = run.started_at is None
         self.records.set(run.name, status=R.RUNNING, session_id=session.id,
                          started_at=run.started_at or self.clock(), expect=R.ACTIVE)
@@ -216,25 +214,51 @@ class RunService:
             return await self._advance(run.name)
         return self.records.get(run.name)
 
-    def _work(self, run: Run, spec: RunSpec, run_dir: Path, flow: str,
-              identity: str | None = None) -> dict[str, Any]:
-        """What the supervisor needs besides the lines (secrets only in memory, never
-        stored)."""
+    def _work(self, run: Run, spec: RunSpec, flow: str, identity: str | None = None, *,
+              workers: int = 1, lines: tuple[int, ...] | None = None) -> RunWork:
+        """The run as its session gets it: the lines as data, the secrets only in memory
+        (never stored)."""
         flow_def = load_flow(flow)
         variant = run.spec.get("variant_node")
         flow_path = None
         if variant:
-            flow_path = _variant_copy(flow_def, variant, run_dir / "flow")
+            flow_path = self._variant_snapshot(run, flow_def, variant)
         node_override = _node_override(flow_def, spec)
         needed = (required_connections(flow_def, node_override)
                   | connection_candidates(flow_def, node_override, spec.init)) & \
             self.connections.usable_names(run.owner, identity=identity)
-        return {"flow": str(flow_path) if flow_path else None,
-                "line_timeout": spec.line_timeout if spec.line_timeout is not None else 600.0,
-                "env": self._env(run.name), "init": spec.init,
-                "connections": self.connections.for_executor_as(needed, owner=run.owner,
-                                                                identity=identity),
-                "node_override": node_override}
+        return RunWork(
+            run_id=run.name, inputs=self.files(run.name).inputs_path.read_bytes(),
+            lines=lines, workers=workers,
+            line_timeout=spec.line_timeout if spec.line_timeout is not None else 600.0,
+            flow=str(flow_path) if flow_path else None, env=self._env(run.name),
+            init=dict(spec.init or {}), node_override=node_override,
+            connections=self.connections.for_executor_as(needed, owner=run.owner,
+                                                         identity=identity))
+
+    def _variant_snapshot(self, run: Run, flow: FlowDefinition, variant: str) -> Path:
+        """The flow with the run's variant made the default, as a snapshot."""
+        work = self.files(run.name).root / "variant"
+        _variant_copy(flow, variant, work)
+        try:
+            return make_snapshot(load_flow(work), self.settings.snapshots_dir).path
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _collect(self, run: Run, handle: SessionHandle | None) -> int:
+        """Bring the run's new records and worker logs over from its session (or from
+        what was kept of a session that ended); how many records were new."""
+        files, new = self.files(run.name), 0
+        for _ in range(COLLECT_ROUNDS):
+            got = await self.backend.collect(handle, run.name, files.cursor(),
+                                             total=run.total)
+            new += files.store(got)
+            if got.refused:
+                files.log(f"{got.refused} record(s) from the session were not valid and "
+                          "were left out")
+            if not got.more:
+                break
+        return new
 
     # --- following a run -------------------------------------------------------------------
 
@@ -271,7 +295,7 @@ class RunService:
                 raise
         handle = self._handle(run)
         status = await self.backend.run_status(handle, name) if handle else None
-        files.collect(self.backend.run_dirs(name))
+        await self._collect(run, handle)
         run = self._update_counts(run)
         if run.status == R.CANCELING:
             if status is None or status.get("state") in SUPERVISOR_ENDED:
@@ -309,7 +333,7 @@ class RunService:
         session = self.sessions.records.get(session.id)
         handle = session.session_handle if session.handle else None
         if session.state == SessionState.FAILED and (
-                handle is None or not procs.alive(handle.pid, handle.pid_start)):
+                handle is None or not self.backend.alive(handle)):
             self.files(run.name).log(f"session {session.id} was lost ({session.reason}): "
                                      "resetting it")
             await self.sessions.reset(run.flow, user=run.owner,
@@ -342,10 +366,9 @@ class RunService:
 
     async def _finish_now(self, run: Run, status: str, *, error: str | None = None) -> Run:
         files = self.files(run.name)
-        dirs = self.backend.run_dirs(run.name)
-        files.collect(dirs)
+        handle = self._handle(run)
+        await self._collect(run, handle)
         run = self._update_counts(run)
-        files.keep_logs(dirs)
         files.write_outputs()
         if status == R.COMPLETED and run.completed:
             try:
@@ -359,8 +382,7 @@ class RunService:
         files.log(f"run {status.lower()}: {run.summary()}" + (f"; {error}" if error else ""))
         self.records.set(run.name, status=status, error=error, ended_at=self.clock(),
                          expect=R.ACTIVE)
-        for d in self.backend.run_dirs(run.name):
-            shutil.rmtree(d, ignore_errors=True)
+        await self.backend.forget_run(self._handle(run), run.name)
         return self.records.get(run.name)
 
     async def _aggregate(self, run: Run) -> dict[str, Any]:
@@ -371,15 +393,9 @@ class RunService:
         spec = _spec_of(run)
         session = await self.sessions.ready(run.flow, user=run.owner,
                                             options=_start_options(spec))
-        handle = session.session_handle
-        run_dir = self.backend.run_dir(handle, run.name)
-        if not (run_dir / "inputs.jsonl").exists():
-            shutil.copyfile(self.files(run.name).inputs_path, run_dir / "inputs.jsonl")
-        with open(run_dir / "all.records", "wb") as out:
-            for raw in self.files(run.name).raw_records():
-                out.write(raw + b"\n")
-        work = self._work(run, spec, run_dir, session.flow, session.identity)
-        return await self.backend.aggregate_run(handle, run.name, work, "all.records")
+        records = b"".join(raw + b"\n" for raw in self.files(run.name).raw_records())
+        work = self._work(run, spec, session.flow, session.identity)
+        return await self.backend.aggregate_run(session.session_handle, work, records)
 
     def _fail(self, name: str, error: str) -> Run:
         self.records.set(name, status=R.FAILED, error=error, ended_at=self.clock(),
@@ -458,10 +474,7 @@ class RunService:
 
     def log_files(self, name: str, *, user: str) -> list[Path]:
         run = self.records.get(name, owner=user)
-        files = self.files(run.name)
-        if run.status not in R.ENDED:  # the workers' logs are still in the session
-            files.keep_logs(self.backend.run_dirs(run.name))
-        return files.log_files()
+        return self.files(run.name).log_files()
 
 
 # --- helpers --------------------------------------------------------------------------------

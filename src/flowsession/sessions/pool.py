@@ -14,7 +14,6 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
-from flowsession.backends.compute import procs
 from flowsession.backends.compute.base import ComputeBackend, EnvHandle, SessionHandle
 from flowsession.config import Settings
 from flowsession.environments.images import DEFAULT_IMAGE
@@ -62,7 +61,7 @@ class StandbyPool:
             with self.store.engine.begin() as c:  # the DELETE is the claim: one winner
                 won = c.execute(delete(standby).where(standby.c.id == row.id)).rowcount == 1
             handle = SessionHandle.from_json(json.loads(row.handle))
-            if won and procs.alive(handle.pid, handle.pid_start):
+            if won and self.backend.alive(handle):
                 return replace(handle, from_standby=True)
         return None
 
@@ -78,7 +77,7 @@ class StandbyPool:
             return 0
         alive = 0
         for row_handle in self.members():
-            if procs.alive(row_handle.pid, row_handle.pid_start):
+            if self.backend.alive(row_handle):
                 alive += 1
             else:
                 self._forget(row_handle.session_id)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +35,11 @@ log = logging.getLogger("flowsession.supervisor")
 LOADING, RUNNING, COMPLETED, CANCELED, FAILED = (
     "loading", "running", "completed", "canceled", "failed")
 ENDED = (COMPLETED, CANCELED, FAILED)
+RUNS = "runs"  # the runs' folders, under the state dir: runs/<id>/
+RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+AGGREGATE_FILE = "aggregate.records"  # the records an aggregate request brought
+COLLECT_BYTES = 4 * 1024 * 1024  # what one collect answers at most (by default)
+MAX_RECORD = 8 * 1024 * 1024  # a record past this is answered as a failed one
 MAX_ATTEMPTS = 3  # a line whose worker dies this many times is stored as failed
 CHUNK_SECONDS = 0.25  # a chunk's target duration: progress and balance vs. message count
 MAX_CHUNK = 512
@@ -284,3 +291,86 @@ class Batch:
     def _reply(self, req: Any, response: dict) -> None:
         if self._answer is not None:
             self._answer(req, response)
+
+
+# --- collecting: what the run's workers wrote, as data for the control plane -----------------
+
+
+def collect(run_dir: Path, cursor: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Complete records of the results files and text of the workers' logs past ``cursor``
+    (file name -> offset), about ``limit`` bytes at most. Answers ``records`` (JSON texts),
+    ``logs`` (worker -> text), the new ``cursor`` and ``more``."""
+    records: list[str] = []
+    logs: dict[str, str] = {}
+    new_cursor = {k: v for k, v in cursor.items() if isinstance(k, str) and type(v) is int}
+    budget, more = max(1, limit), False
+    names = sorted(p.name for p in run_dir.glob(bw.RESULTS_GLOB))
+    for name in names:
+        if budget <= 0:
+            more = True
+            break
+        start = new_cursor.get(name, 0)
+        got, start, budget, full = _records_from(run_dir / name, start, budget)
+        records += got
+        new_cursor[name] = start
+        more = more or full
+    log_dir = run_dir / "logs"
+    for path in sorted(log_dir.glob("*.log")) if log_dir.is_dir() else []:
+        key = f"logs/{path.name}"
+        start = new_cursor.get(key, 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(min(budget, 1 << 20)) if budget > 0 else b""
+        except OSError:
+            continue
+        if data:
+            logs[path.stem] = data.decode("utf-8", errors="replace")
+            new_cursor[key] = start + len(data)
+            budget -= len(data)
+            more = more or os.path.getsize(path) > start + len(data)
+    return {"records": records, "logs": logs, "cursor": new_cursor, "more": more}
+
+
+def _records_from(path: Path, start: int, budget: int) -> tuple[list[str], int, int, bool]:
+    """(records, new offset, budget left, stopped for the budget) of one results file."""
+    out: list[str] = []
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return out, start, budget, False
+    with f:
+        f.seek(start)
+        while True:
+            raw = f.readline(MAX_RECORD + 1)
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_RECORD:  # too large to answer: a failed record says so
+                    out.append(_oversized(raw))
+                    start += len(raw) + _skip_line(f)
+                    continue
+                return out, start, budget, False  # torn or empty: it waits (or never comes)
+            if out and len(raw) > budget:
+                return out, start, budget, True
+            out.append(raw[:-1].decode("utf-8", errors="replace"))
+            start += len(raw)
+            budget -= len(raw)
+            if budget <= 0:
+                return out, start, budget, True
+
+
+def _skip_line(f: Any) -> int:
+    """Read past the rest of a line; how many bytes that was."""
+    n = 0
+    while True:
+        chunk = f.readline(1 << 20)
+        n += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return n
+
+
+def _oversized(head: bytes) -> str:
+    m = re.match(rb'\{"i":(\d{1,12})', head)
+    pos = int(m.group(1)) if m else -1
+    return encode({"i": pos, "ok": False, "d": 0, "error": f"the line's record is over "
+                   f"{MAX_RECORD // (1024 * 1024)} MB: its outputs are too large to store"}
+                  ).decode().rstrip("\n")

@@ -58,8 +58,9 @@ class Request:
 
 
 class Server:
-    def __init__(self, socket_path: str):
-        self.socket_path = os.path.abspath(socket_path)
+    def __init__(self, socket_path: str | None, listen_fd: int | None = None):
+        self.socket_path = os.path.abspath(socket_path) if socket_path else None
+        self.listen_fd = listen_fd
         self.sel = selectors.DefaultSelector()
         self.clients: dict[Channel, Client] = {}
         self.active: set[Request] = set()  # non-ping requests not answered yet
@@ -139,6 +140,8 @@ class Server:
         self._sig_w.close()
 
     def remove_socket(self) -> None:
+        if self.socket_path is None:  # a listening socket we were handed: its owner removes it
+            return
         try:
             if os.stat(self.socket_path).st_ino == self._socket_ino:
                 os.unlink(self.socket_path)  # only ours, never a successor's
@@ -152,6 +155,12 @@ class Server:
     # --- internals -----------------------------------------------------------------------
 
     def _bind(self) -> None:
+        if self.listen_fd is not None:  # bound by whoever started us, where we cannot write
+            self.listener = socket.socket(fileno=self.listen_fd)
+            self.listener.setblocking(False)
+            self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+            log.info("supervisor %d listening on the socket it was handed", os.getpid())
+            return
         path = self.socket_path
         if os.path.exists(path) or os.path.islink(path):
             try:

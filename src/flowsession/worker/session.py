@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import selectors
+import shutil
 import socket
 import threading
 import time
@@ -54,7 +55,7 @@ _CLOSED_GRACE = 5.0  # a worker whose channel closed but which has not exited is
 
 class Supervisor(Server):
     def __init__(self, args: argparse.Namespace, state_dir: Path):
-        super().__init__(args.socket)
+        super().__init__(args.socket, args.listen_fd)
         self.state_dir = state_dir
         self.standby = args.standby
         self.flow: str | None = args.flow
@@ -91,7 +92,8 @@ class Supervisor(Server):
         return {"adopt": self._op_adopt, "test": self._op_test, "reload": self._op_reload,
                 "configure": self._op_configure, "shutdown": self._op_shutdown,
                 "run": self._op_run, "run_status": self._op_run_status,
-                "run_cancel": self._op_run_cancel, "aggregate": self._op_aggregate}
+                "run_cancel": self._op_run_cancel, "aggregate": self._op_aggregate,
+                "collect": self._op_collect, "run_forget": self._op_run_forget}
 
     def _start_import(self) -> None:
         self._imp_r, self._imp_w = socket.socketpair()
@@ -292,6 +294,7 @@ class Supervisor(Server):
         batch = self.batches.get(spec["id"])
         if batch is None or not batch.active:
             try:
+                self._keep_inputs(spec, req.msg.get("inputs"))
                 batch = bt.Batch(spec, self._spawn_batch_worker, self._batch_ended)
             except (OSError, ValueError) as exc:
                 raise BadRequest(f"the run cannot start: {exc}") from None
@@ -300,9 +303,10 @@ class Supervisor(Server):
         self.answer(req, {"ok": True, "run": batch.to_json()})
 
     def _run_spec(self, msg: dict[str, Any]) -> dict[str, Any]:
-        for key in ("id", "dir"):
-            if not isinstance(msg.get(key), str) or not msg[key]:
-                raise BadRequest(f"'{key}' must be a non-empty string")
+        """A run's settings; its folder is ours (``runs/<id>`` in the state dir)."""
+        run_id = msg.get("id")
+        if not isinstance(run_id, str) or not bt.RUN_ID.match(run_id):
+            raise BadRequest("'id' must be a run name (letters, digits, '_', '-', '.')")
         for key in ("env", "connections", "init", "node_override"):
             if not isinstance(msg.get(key) or {}, dict):
                 raise BadRequest(f"'{key}' must be an object")
@@ -310,9 +314,25 @@ class Supervisor(Server):
         if lines is not None and not (isinstance(lines, list)
                                       and all(isinstance(i, int) for i in lines)):
             raise BadRequest("'lines' must be a list of line positions")
-        return {**msg, "flow": msg.get("flow") or self.flow,
+        run_dir = self.state_dir / bt.RUNS / run_id
+        return {**msg, "dir": str(run_dir), "flow": msg.get("flow") or self.flow,
                 "workers": int(number(msg, "workers", self.n_workers)),
                 "line_timeout": number(msg, "line_timeout", self.line_timeout)}
+
+    @staticmethod
+    def _keep_inputs(spec: dict[str, Any], inputs: Any) -> None:
+        """The run's lines (``inputs``: one JSON object per line) into its folder."""
+        run_dir = Path(spec["dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if inputs is None:
+            if not (run_dir / bt.bw.INPUTS_FILE).is_file():
+                raise ValueError("no 'inputs' were sent and none are stored for this run")
+            return
+        if not isinstance(inputs, str):
+            raise ValueError("'inputs' must be the lines' JSON objects, one per line")
+        tmp = run_dir / f".{bt.bw.INPUTS_FILE}.tmp"
+        tmp.write_text(inputs)
+        os.replace(tmp, run_dir / bt.bw.INPUTS_FILE)
 
     def _op_run_status(self, req: Request) -> None:
         batch = self.batches.get(str(req.msg.get("id")))
@@ -324,28 +344,51 @@ class Supervisor(Server):
             batch.cancel()
         self.answer(req, {"ok": True, "run": batch.to_json() if batch else None})
 
+    def _op_collect(self, req: Request) -> None:
+        """The records and log text a run's workers wrote past ``cursor``, at most
+        ``max_bytes`` of them (``more`` says there is more)."""
+        spec = self._run_spec({"id": req.msg.get("id")})
+        cursor = req.msg.get("cursor") or {}
+        if not isinstance(cursor, dict):
+            raise BadRequest("'cursor' must be an object")
+        limit = int(number(req.msg, "max_bytes", bt.COLLECT_BYTES))
+        self.answer(req, {"ok": True, **bt.collect(Path(spec["dir"]), cursor, limit)})
+
+    def _op_run_forget(self, req: Request) -> None:
+        """Remove an ended run's folder (its results were collected)."""
+        spec = self._run_spec({"id": req.msg.get("id")})
+        batch = self.batches.get(spec["id"])
+        if batch is not None and batch.active:
+            self.answer(req, error(E_WRONG_PHASE, f"run {batch.id} is still {batch.state}"))
+            return
+        self.batches.pop(spec["id"], None)
+        shutil.rmtree(spec["dir"], ignore_errors=True)
+        self.answer(req, {"ok": True})
+
     def _op_aggregate(self, req: Request) -> None:
-        """The aggregation nodes over a file of records in the run's folder (``file``), on a
-        worker loaded like the run's; answers with the metrics."""
+        """The aggregation nodes over ``records`` (the run's completed lines, as the control
+        plane stored them), on a worker loaded like the run's; answers with the metrics."""
         if self.phase != READY:
             self.answer(req, error(E_WRONG_PHASE, f"only a ready session aggregates; this one "
                                    f"is {self.phase}"))
             return
         spec = self._run_spec(req.msg)
-        name = req.msg.get("file")
-        if not isinstance(name, str) or "/" in name or not name:
-            raise BadRequest("'file' must name a file in the run's folder")
+        records = req.msg.get("records")
+        if not isinstance(records, str):
+            raise BadRequest("'records' must be the run's records, one JSON object per line")
         batch = self.batches.get(spec["id"])
         if batch is not None and batch.active:
             self.answer(req, error(E_WRONG_PHASE, f"run {batch.id} is still {batch.state}"))
             return
         try:
+            self._keep_inputs(spec, req.msg.get("inputs"))
+            (Path(spec["dir"]) / bt.AGGREGATE_FILE).write_text(records)
             batch = bt.Batch({**spec, "lines": []}, self._spawn_batch_worker, self._batch_ended)
         except (OSError, ValueError) as exc:
             raise BadRequest(f"the aggregation cannot start: {exc}") from None
         self.batches[batch.id] = batch
         batch.start()
-        batch.aggregate(req, name, self.answer)
+        batch.aggregate(req, bt.AGGREGATE_FILE, self.answer)
 
     def _spawn_batch_worker(self, serve: Callable[..., int]) -> wk.Worker:
         w = wk.spawn(None, None, self.sel, self._on_worker_message, self._on_worker_closed,

@@ -24,7 +24,13 @@ from flowsession.worker.session import Supervisor
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flowsession.worker.supervisor",
                                 description="A flow session: a supervisor and warm workers.")
-    p.add_argument("--socket", required=True, help="the Unix socket to answer on")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="the Unix socket to bind and answer on")
+    where.add_argument("--listen-fd", type=int,
+                       help="a listening Unix socket to answer on, bound by the starter")
+    p.add_argument("--log-inherit", action="store_true",
+                   help="log to the stderr we were given (the starter's file), not to "
+                        "DIR/supervisor.log")
     p.add_argument("--state-dir", required=True, help="supervisor.log, exit.json, status.json")
     p.add_argument("--standby", action="store_true", help="wait for an adopt request")
     p.add_argument("--flow", help="the flow's folder (required without --standby)")
@@ -39,15 +45,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _detach_output(log_path: Path) -> None:
-    """stdin from /dev/null; stdout, stderr and logging into the state dir's log."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _detach_output(log_path: Path | None) -> None:
+    """stdin from /dev/null; stdout, stderr and logging into ``log_path`` (None: into the
+    stderr we were given)."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
     os.close(null)
+    if log_path is None:
+        os.dup2(2, 1)
+    else:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    _detach_output(state_dir / LOG_FILE)
+    _detach_output(None if args.log_inherit else state_dir / LOG_FILE)
     work = state_dir.parent / "work"
     os.chdir(work if work.is_dir() else state_dir)
     os.environ.setdefault("PF_DISABLE_TRACING", "true")

@@ -13,6 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from flowsession.backends.compute.boundary import Collected
+
 
 @dataclass(frozen=True)
 class VmSize:
@@ -70,13 +72,29 @@ class SessionSpec:
 
 
 @dataclass(frozen=True)
+class RunWork:
+    """A batch run as a session gets it: the lines travel as data (never as a path)."""
+
+    run_id: str
+    inputs: bytes  # one JSON object of inputs per line; a line's position is its index
+    lines: tuple[int, ...] | None  # the positions to run (None: every line)
+    workers: int
+    line_timeout: float
+    flow: str | None = None  # a snapshot of the control plane's (a variant): None, the session's
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    connections: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    init: Mapping[str, Any] = field(default_factory=dict)
+    node_override: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SessionHandle:
     backend: str
     session_id: str
     pid: int
     pid_start: str  # /proc/<pid>/stat start time: a reused pid is not our process
-    socket: str
-    slot: str  # the session's directory: flow/ (read-only inside), work/ (private), state/
+    socket: str  # the backend's address of the supervisor (never inside the session's reach)
+    slot: str  # the session's instance: for the local backend its folder (flow/, work/, state/)
     sandboxed: bool
     sandbox_detail: str
     limits_detail: str
@@ -142,36 +160,45 @@ class ComputeBackend(Protocol):
 
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None: ...
 
-    # --- batch runs: the supervisor runs the lines; results are files the control plane
-    # collects (``run_dirs``), so a run outlives the control plane that submitted it.
-
-    def run_dir(self, handle: SessionHandle, run_id: str) -> Path:
-        """The run's folder in the session (made if missing), as the control plane sees it;
-        ``inputs.jsonl`` goes there before ``submit_run``."""
+    async def logs(self, handle: SessionHandle, *, tail_bytes: int = 256 * 1024) -> str:
+        """The end of the session's log (supervisor and workers), as text; kept for a while
+        after the session ends."""
         ...
 
-    async def submit_run(self, handle: SessionHandle, run_id: str, work: Mapping[str, Any]
-                         ) -> dict[str, Any]:
-        """Start (or re-attach to) a run: the ``run`` op of ``flowsession.worker.protocol``
-        with ``work`` (flow, lines, workers, line_timeout, env, connections, init,
-        node_override); paths in ``work`` are the control plane's. Returns its status."""
+    def alive(self, handle: SessionHandle) -> bool:
+        """Does the session still run (cheap: no request to it)?"""
+        ...
+
+    # --- batch runs. The session runs the lines; what crosses back is data, validated and
+    # bounded by the backend (``boundary``): the control plane never reads a session's files.
+
+    async def submit_run(self, handle: SessionHandle, work: RunWork) -> dict[str, Any]:
+        """Start (or re-attach to) a run; returns its progress (``boundary.run_progress``)."""
         ...
 
     async def run_status(self, handle: SessionHandle, run_id: str) -> dict[str, Any] | None:
-        """The supervisor's view of the run, or None when it does not know it."""
+        """The session's view of the run, or None when it does not know it (or has ended)."""
+        ...
+
+    async def collect(self, handle: SessionHandle | None, run_id: str,
+                      cursor: Mapping[str, int], *, total: int) -> Collected:
+        """Records (positions below ``total``) and log text past ``cursor``: from the session
+        while it runs, else what was kept of the sessions that ran the run."""
         ...
 
     async def cancel_run(self, handle: SessionHandle, run_id: str) -> None: ...
 
-    async def aggregate_run(self, handle: SessionHandle, run_id: str,
-                            work: Mapping[str, Any], records: str) -> dict[str, Any]:
-        """The aggregation nodes over ``records`` (a file in the run's folder)."""
+    async def aggregate_run(self, handle: SessionHandle, work: RunWork,
+                            records: bytes) -> dict[str, Any]:
+        """The aggregation nodes over ``records`` (stored records, JSON lines):
+        ``{"aggregated", "metrics", "error"}``."""
         ...
 
-    def run_dirs(self, run_id: str) -> list[Path]:
-        """Every folder holding results of the run: in live sessions and salvaged."""
+    async def forget_run(self, handle: SessionHandle | None, run_id: str) -> None:
+        """The run is stored and ended: drop whatever the backend kept of it."""
         ...
 
-    def orphans(self, known_slots: set[str]) -> list[SessionHandle]:
-        """Sessions this backend runs that no record refers to (``known_slots`` are known)."""
+    def orphans(self, known: set[str]) -> list[SessionHandle]:
+        """Sessions this backend runs that no record refers to (``known``: the ``slot`` of
+        every handle that is recorded)."""
         ...
