@@ -45,6 +45,7 @@ from flowsession.sessions.state import SessionState
 from flowsession.store import Store
 
 POLL_S = 0.25
+ADVANCE_WAIT_S = 5.0  # advance_all waits this long for the runs' advances
 COLLECT_ROUNDS = 16  # collects per advance (each brings at most boundary.MAX_COLLECT)
 SUPERVISOR_ENDED = ("completed", "canceled", "failed")
 
@@ -58,6 +59,7 @@ class RunService:
         self.records = RunRecords(store, clock)
         self._files: dict[str, RunFiles] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # one advance of a run at a time (a server)
+        self._advancing: dict[str, asyncio.Task] = {}  # advance_all's tasks, by run
 
     @classmethod
     def open(cls, settings: Settings | None = None,
@@ -433,13 +435,23 @@ class RunService:
             await self.backend.cancel_run(handle, name)
         return await self.advance(name)
 
-    async def advance_all(self) -> None:
-        """For the sweep: every active run moves on (errors are the run's, not the sweep's)."""
-        for run in self.records.list(owner=None, statuses=R.ACTIVE):
+    async def advance_all(self, *, wait_s: float = ADVANCE_WAIT_S) -> None:
+        """For the sweep: every active run moves on, each in a task of its own, so a session
+        slow to answer holds up its own runs only (errors are the run's, not the sweep's).
+        Waits up to ``wait_s`` for them; a run still advancing is not started twice."""
+        async def quietly(name: str) -> None:
             try:
-                await self.advance(run.name)
+                await self.advance(name)
             except FlowSessionError:
                 pass
+            finally:
+                self._advancing.pop(name, None)
+
+        for run in self.records.list(owner=None, statuses=R.ACTIVE):
+            if run.name not in self._advancing:
+                self._advancing[run.name] = asyncio.create_task(quietly(run.name))
+        if self._advancing:
+            await asyncio.wait(list(self._advancing.values()), timeout=wait_s)
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ the same stop the API uses. Without a server, every CLI command sweeps first."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from flowsession.backends.compute import procs
@@ -16,6 +17,7 @@ from flowsession.sessions.state import LIVE, IdleView, SessionState as S, should
 if TYPE_CHECKING:
     from flowsession.sessions.service import SessionService
 
+log = logging.getLogger("flowsession.sweep")
 RECONCILER = "system:reconciler"
 CULLER = "system:idle-culler"
 
@@ -44,6 +46,8 @@ class Sweeper:
         known |= {h.slot for h in svc.pool.members()}
         stopped = []
         for handle in svc.backend.orphans(known):
+            log.warning("stopping an orphaned session (%s): no session or standby refers to "
+                        "it (known: %s)", handle.slot, sorted(known))
             await svc.backend.stop_session(handle, reason="orphaned: no session refers to it")
             stopped.append(handle.slot)
         return stopped

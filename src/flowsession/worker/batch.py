@@ -318,26 +318,30 @@ def collect(run_dir: Path, cursor: dict[str, Any], limit: int) -> dict[str, Any]
     for path in sorted(log_dir.glob("*.log")) if log_dir.is_dir() else []:
         key = f"logs/{path.name}"
         start = new_cursor.get(key, 0)
-        try:
-            with open(path, "rb") as f:
-                f.seek(start)
-                data = f.read(min(budget, 1 << 20)) if budget > 0 else b""
-        except OSError:
+        f = bw.open_regular(path)
+        if f is None:
             continue
+        want = min(budget, 1 << 20)
+        if want <= 0:
+            f.close()
+            more = True
+            break
+        with f:
+            f.seek(start)
+            data = f.read(want)
+        more = more or len(data) == want  # perhaps more to read
         if data:
             logs[path.stem] = data.decode("utf-8", errors="replace")
             new_cursor[key] = start + len(data)
             budget -= len(data)
-            more = more or os.path.getsize(path) > start + len(data)
     return {"records": records, "logs": logs, "cursor": new_cursor, "more": more}
 
 
 def _records_from(path: Path, start: int, budget: int) -> tuple[list[str], int, int, bool]:
     """(records, new offset, budget left, stopped for the budget) of one results file."""
     out: list[str] = []
-    try:
-        f = open(path, "rb")
-    except OSError:
+    f = bw.open_regular(path)
+    if f is None:
         return out, start, budget, False
     with f:
         f.seek(start)

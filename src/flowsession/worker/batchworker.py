@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,30 @@ def results_file(run_dir: Path, owner: int | str) -> Path:
     return run_dir / f"results.{owner}.jsonl"
 
 
+def open_regular(path: Path) -> Any:
+    """``path`` opened for reading if it is a regular file, else None: flow code can plant
+    anything in the run's folder, and a FIFO must not hang the session, nor a symlink lead
+    it elsewhere."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return os.fdopen(fd, "rb")
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The complete records of one results file (a torn last line is ignored)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    f = open_regular(path)
+    if f is None:
         return []
+    with f:
+        data = f.read()
     out = []
     for raw in data.split(b"\n")[:-1]:  # the last piece has no newline: torn or empty
         try:

@@ -12,6 +12,7 @@ the imported modules and load a small flow in milliseconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
@@ -330,9 +331,7 @@ class Supervisor(Server):
             return
         if not isinstance(inputs, str):
             raise ValueError("'inputs' must be the lines' JSON objects, one per line")
-        tmp = run_dir / f".{bt.bw.INPUTS_FILE}.tmp"
-        tmp.write_text(inputs)
-        os.replace(tmp, run_dir / bt.bw.INPUTS_FILE)
+        _write_new(run_dir / bt.bw.INPUTS_FILE, inputs)
 
     def _op_run_status(self, req: Request) -> None:
         batch = self.batches.get(str(req.msg.get("id")))
@@ -382,7 +381,7 @@ class Supervisor(Server):
             return
         try:
             self._keep_inputs(spec, req.msg.get("inputs"))
-            (Path(spec["dir"]) / bt.AGGREGATE_FILE).write_text(records)
+            _write_new(Path(spec["dir"]) / bt.AGGREGATE_FILE, records)
             batch = bt.Batch({**spec, "lines": []}, self._spawn_batch_worker, self._batch_ended)
         except (OSError, ValueError) as exc:
             raise BadRequest(f"the aggregation cannot start: {exc}") from None
@@ -617,3 +616,15 @@ class Supervisor(Server):
         self.flush_clients(timeout=1.0)
         raise Exit(code)
 
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Replace ``path`` with a new file holding ``text`` (whatever the flow's code left there
+    -- a symlink, a FIFO -- is removed, never followed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,337 @@
+"""The session boundary, attacked for real: a Data Scientist's flow code on a real server, in
+a real (sandboxed) session, tries to reach the server's secrets and another user's session.
+
+The attacker (bob) knows the server's layout (it is open source) and plants, in the folders his
+session can write, symlinks to the server's secret key, the Owner's ``client.json`` and the
+database: as his run's worker logs, as results files, as the files the control plane once wrote
+there, and as the session's exit and status files; then he kills his own supervisor, floods his
+log, and returns outputs too large to store. Each attack must fail, and no byte of a secret may
+appear in any answer he gets, in his run's files or in the server's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flowsession.backends.compute import procs, sandbox
+from flowsession.config import Settings
+from helpers.server import Server
+
+pytestmark = [pytest.mark.timeout(600),
+              pytest.mark.skipif(sandbox.bwrap_path() is None and not os.environ.get("CI"),
+                                 reason="the session boundary needs bubblewrap")]
+
+ATTACK_YAML = """\
+inputs:
+  targets: {type: string}
+  mode: {type: string, default: plant}
+outputs:
+  out: {type: string, reference: "${attack.output}"}
+nodes:
+- name: attack
+  type: python
+  source: {type: code, path: attack.py}
+  inputs: {targets: "${inputs.targets}", mode: "${inputs.mode}"}
+- name: summary
+  type: python
+  source: {type: code, path: summary.py}
+  inputs: {outs: "${attack.output}"}
+  aggregation: true
+"""
+
+ATTACK_PY = '''\
+import glob, os, signal, sys
+from promptflow.core import tool
+
+STATE = "/session/state"
+
+
+def plant(link, target):
+    try:
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(target, link)
+    except OSError:
+        pass
+
+
+@tool
+def attack(targets: str, mode: str) -> str:
+    targets = targets.split("|")
+    if mode == "read":  # straight at the server's files, and another session's
+        found = []
+        for t in targets:
+            try:
+                with open(t, "rb") as f:
+                    found.append(t + " READ " + f.read(64).hex())
+            except OSError as exc:
+                found.append(t + " denied " + type(exc).__name__)
+        for t in targets:  # the test checks that the server's files did not change
+            try:
+                with open(t, "ab") as f:
+                    f.write(b"pwned")
+            except OSError:
+                pass
+        for d in (sys.prefix, os.path.dirname(os.__file__)):
+            try:
+                open(os.path.join(d, "planted.txt"), "w").close()
+                found.append(d + " WRITABLE")
+            except OSError:
+                pass
+        return "\\n".join(found)
+    if mode == "flood":
+        chunk = "x" * 1023 + "\\n"
+        for _ in range(70 * 1024):
+            sys.stdout.write(chunk)
+        sys.stdout.flush()
+        return "flooded"
+    if mode == "huge":
+        return "y" * (9 * 1024 * 1024)
+    for i, t in enumerate(targets):
+        for run in glob.glob(STATE + "/runs/*"):
+            os.makedirs(run + "/logs", exist_ok=True)
+            plant(f"{run}/logs/evil{i}.log", t)
+            plant(f"{run}/results.evil{i}.jsonl", t)
+            for name in ("all.records", "status.json", "inputs.jsonl.evil"):
+                plant(f"{run}/{name}", t)
+            try:
+                os.mkfifo(f"{run}/results.fifo{i}.jsonl")
+            except OSError:
+                pass
+        plant(f"{STATE}/exit.json", t)
+        plant(f"{STATE}/status.json", t)
+        plant(f"{STATE}/supervisor.log", t)
+        plant(f"{STATE}/s.sock", t)
+    if mode == "kill":
+        os.kill(os.getppid(), signal.SIGKILL)  # the supervisor (a test line's parent)
+    return "planted"
+'''
+
+SUMMARY_PY = '''\
+from promptflow.core import log_metric, tool
+
+
+@tool
+def summary(outs: list) -> dict:
+    log_metric("lines", len(outs))
+    return {"lines": len(outs)}
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, images_dir, index):
+    home = tmp_path_factory.mktemp("boundary") / "home"
+    srv = Server(home, images_dir, index.url)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        runtime = Settings(home=home).runtime_dir
+        for pid in procs.with_argument_under(str(runtime)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def api(srv: Server, token: str) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"},
+                        timeout=300)
+
+
+class Attacker:
+    """bob, a Data Scientist: every answer he gets is kept, to look for secrets in."""
+
+    def __init__(self, srv: Server, token: str):
+        self.http = api(srv, token)
+        self.seen: list[str] = []
+
+    def call(self, method: str, path: str, **kw) -> httpx.Response:
+        r = self.http.request(method, path, **kw)
+        self.seen.append(r.text)
+        return r
+
+    def wait_operation(self, answer: httpx.Response) -> dict:
+        body = answer.json()
+        op = body.get("operation") or body  # a run's answer holds its operation
+        deadline = time.monotonic() + 300
+        while op.get("id") and op.get("status") not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, op
+            time.sleep(0.2)
+            op = self.call("GET", f"/api/operations/{op['id']}").json()
+        return op
+
+
+@pytest.fixture(scope="module")
+def bob(server) -> Attacker:
+    with api(server, server.token) as admin:
+        # the Owner keeps a secret: the server's key exists from here on
+        r = admin.post("/api/connections", json={"name": "owner_openai", "type": "custom",
+                                                 "secrets": {"key": "sk-owner-secret-0123"}})
+        assert r.status_code in (200, 201), r.text
+        r = admin.post("/api/users", json={"name": "bob", "roles": ["Data Scientist"]})
+        assert r.status_code == 201, r.text
+        token = r.json()["token"]
+    attacker = Attacker(server, token)
+    r = attacker.call("POST", "/api/flows", json={"name": "attack", "files": {
+        "flow.dag.yaml": ATTACK_YAML, "attack.py": ATTACK_PY, "summary.py": SUMMARY_PY}})
+    assert r.status_code == 201, r.text
+    return attacker
+
+
+def secrets_of(srv: Server) -> dict[str, bytes]:
+    """What must never reach bob: the key, the Owner's token, the database's header."""
+    home = srv.home
+    return {"secret.key": (home / "secret.key").read_bytes().strip(),
+            "token": srv.token.encode(),
+            "client.json": (home / "client.json").read_bytes().strip(),
+            "connection": b"sk-owner-secret-0123"}
+
+
+def targets(srv: Server) -> str:
+    home = srv.home
+    return "|".join(str(home / n) for n in ("secret.key", "client.json", "flowsession.db"))
+
+
+def assert_no_secret(srv: Server, texts: list[str | bytes], where: str) -> None:
+    for name, secret in secrets_of(srv).items():
+        for text in texts:
+            data = text.encode() if isinstance(text, str) else text
+            assert secret not in data, f"{name} leaked into {where}"
+            assert secret.hex().encode() not in data, f"{name} (hex) leaked into {where}"
+
+
+def fingerprint(srv: Server) -> dict[str, tuple[bytes, int]]:
+    return {n: ((srv.home / n).read_bytes(), (srv.home / n).stat().st_mtime_ns)
+            for n in ("secret.key", "client.json")}
+
+
+def test_planted_symlinks_in_a_run_leak_nothing_and_overwrite_nothing(server, bob):
+    before = fingerprint(server)
+    lines = [{"targets": targets(server), "mode": "plant"} for _ in range(6)]
+    r = bob.call("POST", "/api/runs", json={
+        "flow": "attack", "data_lines": lines, "name": "plant-run",
+        "column_mapping": {"targets": "${data.targets}", "mode": "${data.mode}"}})
+    assert r.status_code == 202, r.text
+    bob.wait_operation(r)
+    run = bob.call("GET", "/api/runs/plant-run").json()
+    # the run itself is unharmed: every line ran once, the aggregation ran
+    assert run["status"] == "Completed", run
+    assert (run["completed"], run["failed"]) == (6, 0)
+    assert bob.call("GET", "/api/runs/plant-run/metrics").json() == {"lines": 6}
+    logs = bob.call("GET", "/api/runs/plant-run/logs")
+    assert logs.status_code == 200
+    for path in ("/api/runs/plant-run/details", "/api/runs/plant-run/outputs",
+                 "/api/runs/plant-run"):
+        assert bob.call("GET", path).status_code == 200
+    # nothing the symlinks point at was read into an answer, or written to
+    assert fingerprint(server) == before
+    run_files = [p.read_bytes() for p in (server.home / "runs" / "plant-run").rglob("*")
+                 if p.is_file() and not p.is_symlink()]
+    assert_no_secret(server, bob.seen, "bob's answers")
+    assert_no_secret(server, run_files, "the run's files")
+    assert_no_secret(server, [server.log.read_bytes()], "the server's log")
+
+
+def test_a_killed_supervisor_with_planted_exit_files_leaks_nothing(server, bob):
+    r = bob.call("POST", "/api/flows/attack/test",
+                 json={"inputs": {"targets": targets(server), "mode": "kill"}})
+    assert r.status_code in (409, 422), r.text  # the line's session died under it
+    deadline = time.monotonic() + 60
+    while True:
+        shown = bob.call("GET", "/api/flows/attack/session").json()
+        if shown["state"] in ("FAILED", "STOPPED"):
+            break
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.5)
+    assert shown["reason"], shown
+    assert_no_secret(server, bob.seen, "bob's answers")
+    assert_no_secret(server, [server.log.read_bytes()], "the server's log")
+    # and bob can start over: reset gives him a working session
+    r = bob.call("POST", "/api/flows/attack/session/reset")
+    assert r.status_code == 202, r.text
+    assert bob.wait_operation(r)["status"] == "succeeded"
+    r = bob.call("POST", "/api/flows/attack/test",
+                 json={"inputs": {"targets": "/nonexistent", "mode": "plant"}})
+    assert r.status_code == 200 and r.json()["outputs"] == {"out": "planted"}, r.text
+
+
+def test_flow_code_cannot_read_the_servers_files_or_another_users_session(server, bob):
+    # alice, another Data Scientist, has a session with a file in its working directory
+    with api(server, server.token) as admin:
+        r = admin.post("/api/users", json={"name": "alice", "roles": ["Data Scientist"]})
+        alice = api(server, r.json()["token"])
+    marker_py = ("from promptflow.core import tool\n\n@tool\ndef mark(x: str) -> str:\n"
+                 "    open('alice-private.txt', 'w').write('alice secret ' + x)\n"
+                 "    import os\n    return os.path.abspath('alice-private.txt')\n")
+    marker_yaml = ("inputs:\n  x: {type: string}\noutputs:\n  out: {type: string, reference: "
+                   "\"${mark.output}\"}\nnodes:\n- name: mark\n  type: python\n  source: "
+                   "{type: code, path: mark.py}\n  inputs: {x: \"${inputs.x}\"}\n")
+    r = alice.post("/api/flows", json={"name": "mark", "files": {
+        "flow.dag.yaml": marker_yaml, "mark.py": marker_py}})
+    assert r.status_code == 201, r.text
+    r = alice.post("/api/flows/mark/test", json={"inputs": {"x": "42"}})
+    assert r.status_code == 200, r.text
+    runtime = Settings(home=server.home).runtime_dir
+    alice_files = [str(p) for p in runtime.glob("slots/*/work/alice-private.txt")]
+    assert alice_files, "alice's session wrote no file"
+    home = server.home
+    wanted = [str(home / "secret.key"), str(home / "client.json"), str(home / "flowsession.db"),
+              *alice_files, f"{runtime}/control", "/etc/shadow"]
+    before = fingerprint(server)
+    alice_before = [Path(p).read_bytes() for p in alice_files]
+    r = bob.call("POST", "/api/flows/attack/test",
+                 json={"inputs": {"targets": "|".join(wanted), "mode": "read"}})
+    assert r.status_code == 200, r.text
+    report = r.json()["outputs"]["out"]
+    assert " READ " not in report and "WRITABLE" not in report, report
+    assert report.count(" denied ") == len(wanted), report
+    # what he wrote to those paths went into his own sandbox, not to the files
+    assert fingerprint(server) == before
+    assert [Path(p).read_bytes() for p in alice_files] == alice_before
+    assert b"pwned" not in (server.home / "flowsession.db").read_bytes()
+    alice.close()
+
+
+def test_a_session_that_floods_its_log_is_stopped_with_the_reason(server, bob):
+    r = bob.call("POST", "/api/flows/attack/test",
+                 json={"inputs": {"targets": "-", "mode": "flood"}})
+    # cut off while the line still runs, or found at the next look: either way, said why
+    assert r.status_code == 200 or "more than 64 MB to its log" in r.text, r.text
+    deadline = time.monotonic() + 60
+    while True:  # show reconciles: the next look at the session finds the flood
+        shown = bob.call("GET", "/api/flows/attack/session")
+        if shown.status_code == 404 or shown.json()["state"] == "STOPPED":
+            break
+        assert time.monotonic() < deadline, shown.text
+        time.sleep(0.5)
+    events = bob.call("GET", "/api/flows/attack/session/events").json()
+    assert any("more than 64 MB to its log" in (e["reason"] or "") for e in events), events
+    assert httpx.get(f"{server.url}/api/health").status_code == 200
+
+
+def test_an_output_too_large_to_store_fails_its_line_only(server, bob):
+    lines = [{"targets": "-", "mode": m} for m in ("plant", "huge", "plant")]
+    r = bob.call("POST", "/api/runs", json={
+        "flow": "attack", "data_lines": lines, "name": "huge-run",
+        "column_mapping": {"targets": "${data.targets}", "mode": "${data.mode}"}})
+    assert r.status_code == 202, r.text
+    bob.wait_operation(r)
+    run = bob.call("GET", "/api/runs/huge-run").json()
+    assert (run["status"], run["completed"], run["failed"]) == ("Completed", 2, 1), run
+    details = bob.call("GET", "/api/runs/huge-run/details").json()
+    failed = [d for d in details if d["status"] == "Failed"]
+    assert [d["line_number"] for d in failed] == [1]
+    assert "too large to store" in failed[0]["error"]
+    outputs = bob.call("GET", "/api/runs/huge-run/outputs").json()
+    assert [o["line_number"] for o in outputs] == [0, 2]
