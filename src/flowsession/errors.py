@@ -142,6 +142,13 @@ class Conflict(FlowSessionError):
     status = 409
 
 
+class FlowFolderMissing(Conflict):
+    """A session's flow folder was deleted or moved: what needs it (reset, install) cannot
+    run; the session itself runs on, and can be shown and stopped."""
+
+    code = "flow_folder_missing"
+
+
 class SessionFailed(FlowSessionError):
     code = "session_failed"
     status = 409

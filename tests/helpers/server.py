@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from flowsession.client import Client
-from flowsession.errors import NotFound
+from flowsession.errors import Conflict, NotFound
 
 REPO = Path(__file__).resolve().parents[2]
 EXE = REPO / ".venv" / "bin" / "flowsession"
@@ -30,23 +30,23 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, home: Path, images: Path, index_url: str | None,
-                 port: int | None = None):
+                 port: int | None = None, env: dict[str, str] | None = None):
         self.home = home
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / "server.log"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("FLOWSESSION_URL", "FLOWSESSION_TOKEN")}
-        env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(images),
-                   FLOWSESSION_STANDBY_POOL="0", FLOWSESSION_USER=ADMIN)
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("FLOWSESSION_URL", "FLOWSESSION_TOKEN")}
+        self.env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(images),
+                        FLOWSESSION_STANDBY_POOL="0", FLOWSESSION_USER=ADMIN)
         if index_url:
-            env["FLOWSESSION_INDEX_URL"] = index_url
-        self.env = env
+            self.env["FLOWSESSION_INDEX_URL"] = index_url
+        self.env.update(env or {})  # the server's settings, e.g. FLOWSESSION_VCPU_QUOTA
         home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [str(EXE), "server", "--port", str(self.port), "--log-level", "warning"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         self.token = self._wait_ready()
 
@@ -68,12 +68,13 @@ class Server:
         raise RuntimeError("the server did not come up:\n" + self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        """Its sessions first (through the API), then the server itself."""
+        """Its sessions first (through the API, by id: a flow's folder may be gone), then the
+        server itself."""
         if self.proc.poll() is None:
             with contextlib.suppress(Exception), Client(url=self.url, token=self.token) as c:
-                for flow in c._t.request("GET", "/api/flows"):
-                    with contextlib.suppress(NotFound):
-                        c.stop_session(flow["name"])
+                for session in c.list_sessions():
+                    with contextlib.suppress(NotFound, Conflict):
+                        c.stop_session_by_id(session.id)
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)

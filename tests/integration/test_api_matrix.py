@@ -58,6 +58,14 @@ ROUTES = [
     ("POST", "/api/flows/{flow}/session/stop", "sessions:write", True),
     ("GET", "/api/flows/{flow}/session/events", "sessions:read", True),
     ("GET", "/api/flows/{flow}/session/packages", "sessions:read", True),
+    ("GET", "/api/sessions/{session}", "sessions:read", True),
+    ("PATCH", "/api/sessions/{session}", "sessions:write", True),
+    ("POST", "/api/sessions/{session}/install", "sessions:write", True),
+    ("POST", "/api/sessions/{session}/reset", "sessions:write", True),
+    ("POST", "/api/sessions/{session}/stop", "sessions:write", True),
+    ("GET", "/api/sessions/{session}/events", "sessions:read", True),
+    ("GET", "/api/sessions/{session}/packages", "sessions:read", True),
+    ("GET", "/api/sessions/{session}/logs", "sessions:read", True),
     ("GET", "/api/computes/sizes", "computes:read", False),
     ("GET", "/api/computes", "computes:read", False),
     ("POST", "/api/computes", "computes:write", False),
@@ -143,6 +151,9 @@ class World:
         r = self.client.get("/api/flows/af/environment", headers=self.h("alice"))
         assert r.status_code == 200, r.text
         self.env_id = r.json()["env_id"]
+        r = self.client.get("/api/flows/af/session", headers=self.h("alice"))
+        assert r.status_code == 200, r.text
+        self.session_id = r.json()["id"]
 
     def h(self, who: str | None) -> dict:
         return {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
@@ -168,7 +179,8 @@ class World:
         return template.format(user="bob", token_id=self.token_id, role="Reader", flow="af",
                                file="echo.py", compute="abox", run=self.run, op=self.op,
                                image="flowsession/runtime:1", env=self.env_id, conn="aconn",
-                               identity="team-id", host="pkgs.example.com")
+                               identity="team-id", host="pkgs.example.com",
+                               session=self.session_id)
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +263,7 @@ def _body(method: str, template: str) -> dict | None:
         ("POST", "/api/flows/{flow}/test"): {"inputs": {"text": "hi"}},
         ("POST", "/api/computes"): {"name": "zbox", "size": "small"},
         ("PATCH", "/api/flows/{flow}/session"): {"idle_time": "2h"},
+        ("PATCH", "/api/sessions/{session}"): {"idle_time": "2h"},
         ("POST", "/api/runs"): {"flow": "af", "data": "data.jsonl"},
         ("POST", "/api/tokens"): {"label": "x"},
         ("POST", "/api/images"): {"name": "zimg", "base": "flowsession/runtime",

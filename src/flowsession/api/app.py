@@ -142,9 +142,10 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         images,
         operations,
         runs,
+        sessions,
     )
 
-    for module in (flows, runs, computes, access, operations, images, environments,
+    for module in (flows, sessions, runs, computes, access, operations, images, environments,
                    connections, identities):
         app.include_router(module.router, prefix="/api")
 

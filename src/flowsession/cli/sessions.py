@@ -1,10 +1,16 @@
 """``flowsession session ...`` and ``flowsession flow test``: through the server (the local one
-unless FLOWSESSION_URL says otherwise; see ``cli/connect.py``)."""
+unless FLOWSESSION_URL says otherwise; see ``cli/connect.py``).
+
+A session is named by its flow (a folder) or by its id: an argument that looks like a session
+id (``ses-`` and ten hex digits) and is neither a folder here nor a registered flow's name is
+the session's id, so a session whose flow folder was deleted or moved can still be shown,
+stopped and read."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json as jsonlib
+import sys
 from pathlib import Path
 
 import typer
@@ -12,18 +18,43 @@ import typer
 from flowsession.cli.connect import client
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_duration, parse_duration
+from flowsession.errors import Forbidden, NotFound
+from flowsession.sessions.records import looks_like_session_id
 
 app = typer.Typer(no_args_is_help=True)
 flow_app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
 FLOW = typer.Argument(..., help="The flow folder.")
+TARGET = typer.Argument(..., metavar="FLOW|SESSION_ID",
+                        help="The flow folder, or the session's id (ses-...).")
 
 
 def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
 
 
+def _target(c, arg: str) -> tuple[str | None, Path | str | None]:
+    """``(session_id, None)`` when ``arg`` names a session by its id: it looks like one and is
+    neither a folder here nor a registered flow's name. Otherwise ``(None, flow)``: the folder
+    (as before), or the flow of that name."""
+    if not looks_like_session_id(arg) or Path(arg).exists():
+        return None, Path(arg)
+    try:
+        c.get_flow(arg)
+    except (NotFound, Forbidden):
+        return arg, None
+    return None, arg
+
+
+def _session_id(c, arg: str) -> str:
+    session_id, flow = _target(c, arg)
+    return session_id or c.get_session(flow).id
+
+
 def _print_session(data: dict) -> None:
+    if data.get("flow_missing"):
+        data = {**data, "flow": f"{data['flow']} (the folder is missing: the session can be "
+                                "shown and stopped, not reset)"}
     keys = ["id", "flow", "state", "reason", "compute_type", "compute_id", "vm_size", "image",
             "identity", "idle_time", "env_id", "sandbox", "limits", "owner", "created",
             "last_activity"]
@@ -67,10 +98,11 @@ def start(
 
 @app.command()
 @handle_errors
-def show(flow: Path = FLOW, json: bool = JSON) -> None:
-    """Show the flow's session."""
+def show(target: str = TARGET, json: bool = JSON) -> None:
+    """Show the flow's session, or the session of that id."""
     with client() as c:
-        session = c.get_session(flow)
+        session_id, flow = _target(c, target)
+        session = c.get_session_by_id(session_id) if session_id else c.get_session(flow)
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
@@ -92,10 +124,13 @@ def list_(all_: bool = typer.Option(False, "--all", help="Include stopped sessio
 
 @app.command()
 @handle_errors
-def events(flow: Path = FLOW, json: bool = JSON) -> None:
-    """The flow's session state changes: who, when, why."""
+def events(target: str = TARGET, json: bool = JSON) -> None:
+    """The state changes of the flow's sessions (or of the session of that id): who, when,
+    why."""
     with client() as c:
-        rows = [{**e, "when": _when(e["at"])} for e in c.session_events(flow)]
+        session_id, flow = _target(c, target)
+        found = c.session_events_by_id(session_id) if session_id else c.session_events(flow)
+        rows = [{**e, "when": _when(e["at"])} for e in found]
     if json:
         return emit_json(rows)
     several = len({r["session_id"] for r in rows}) > 1  # the flow's earlier sessions too
@@ -104,11 +139,13 @@ def events(flow: Path = FLOW, json: bool = JSON) -> None:
 
 @app.command()
 @handle_errors
-def install(flow: Path = FLOW, json: bool = JSON) -> None:
+def install(target: str = TARGET, json: bool = JSON) -> None:
     """Save and install: install what the requirements file now says. Atomic: on failure the
     session keeps running unchanged."""
     with client() as c, progress("installing (the session keeps running meanwhile) ...") as p:
-        session = c.install(flow, on_progress=p)
+        session_id, flow = _target(c, target)
+        session = (c.install_by_id(session_id, on_progress=p) if session_id
+                   else c.install(flow, on_progress=p))
     if json:
         return emit_json(_session_dict(session))
     out.print(f"installed: session {session.id} runs environment {session.env_id}",
@@ -117,10 +154,12 @@ def install(flow: Path = FLOW, json: bool = JSON) -> None:
 
 @app.command()
 @handle_errors
-def packages(flow: Path = FLOW, json: bool = JSON) -> None:
+def packages(target: str = TARGET, json: bool = JSON) -> None:
     """View installed packages: name, version, origin (image or requirements)."""
     with client() as c:
-        rows = c.session_packages(flow)
+        session_id, flow = _target(c, target)
+        rows = (c.session_packages_by_id(session_id) if session_id
+                else c.session_packages(flow))
     if json:
         return emit_json(rows)
     table(rows, ["name", "version", "origin"])
@@ -128,11 +167,13 @@ def packages(flow: Path = FLOW, json: bool = JSON) -> None:
 
 @app.command()
 @handle_errors
-def reset(flow: Path = FLOW, json: bool = JSON) -> None:
+def reset(target: str = TARGET, json: bool = JSON) -> None:
     """Delete and recreate the session with the same settings (picks up a changed image or
-    requirements file)."""
+    requirements file). Needs the flow's folder."""
     with client() as c, progress("resetting ...") as on_progress:
-        session = c.reset_session(flow, on_progress=on_progress)
+        session_id, flow = _target(c, target)
+        session = (c.reset_session_by_id(session_id, on_progress=on_progress) if session_id
+                   else c.reset_session(flow, on_progress=on_progress))
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
@@ -140,10 +181,12 @@ def reset(flow: Path = FLOW, json: bool = JSON) -> None:
 
 @app.command()
 @handle_errors
-def stop(flow: Path = FLOW, json: bool = JSON) -> None:
-    """Delete the flow's session (a serverless compute with no session left is deleted)."""
+def stop(target: str = TARGET, json: bool = JSON) -> None:
+    """Delete the session (a serverless compute with no session left is deleted); by id,
+    whatever became of the flow's folder."""
     with client() as c:
-        session = c.stop_session(flow)
+        session_id, flow = _target(c, target)
+        session = c.stop_session_by_id(session_id) if session_id else c.stop_session(flow)
     if json:
         return emit_json(_session_dict(session))
     out.print(f"stopped session {session.id}", highlight=False)
@@ -152,7 +195,7 @@ def stop(flow: Path = FLOW, json: bool = JSON) -> None:
 @app.command()
 @handle_errors
 def update(
-    flow: Path = FLOW,
+    target: str = TARGET,
     vm_size: str = typer.Option(None, "--vm-size", help="A new VM size (resets the session)."),
     idle_time: str = typer.Option(None, "--idle-time", help="A new idle time (in place)."),
     identity: str = typer.Option(None, "--identity", help="A new identity (in place)."),
@@ -162,12 +205,30 @@ def update(
     """Change the session's settings."""
     if idle_time:
         parse_duration(idle_time, name="--idle-time")  # a bad value: said here, as --idle-time
+    changes = {"vm_size": vm_size, "identity": identity, "instance": instance,
+               "idle_time": idle_time}
     with client() as c, err.status("updating ..."):
-        session = c.update_session(flow, vm_size=vm_size, identity=identity,
-                                   instance=instance, idle_time=idle_time)
+        session_id, flow = _target(c, target)
+        session = (c.update_session_by_id(session_id, **changes) if session_id
+                   else c.update_session(flow, **changes))
     if json:
         return emit_json(_session_dict(session))
     _print_session(_session_dict(session))
+
+
+@app.command()
+@handle_errors
+def logs(target: str = TARGET,
+         tail_bytes: int = typer.Option(64 * 1024, "--tail-bytes", min=1, max=1024 * 1024,
+                                        help="Show at most this much of the log's end."),
+         json: bool = JSON) -> None:
+    """The session's supervisor and worker log (its end)."""
+    with client() as c:
+        session_id = _session_id(c, target)
+        text = c.session_logs(session_id, tail_bytes=tail_bytes)
+    if json:
+        return emit_json({"session_id": session_id, "text": text})
+    sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
 
 
 def _inputs(pairs: list[str]) -> dict:

@@ -254,7 +254,48 @@ class Client:
         return self._t.update_session(flow, {"idle_time": idle_time, "vm_size": vm_size,
                                              "instance": instance, "identity": identity})
 
+    # --- sessions by id: whatever became of the flow's folder -------------------------------
+
+    def get_session_by_id(self, session_id: str) -> Session:
+        """The session ``session_id`` (``ses-...``): yours, or anyone's if you manage
+        everything; ``flow_missing`` says whether its flow's folder is gone."""
+        return self._t.get_session_by_id(session_id)
+
+    def session_events_by_id(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's own state changes (``session_events`` has the flow's every session)."""
+        return self._t.session_events_by_id(session_id)
+
+    def session_packages_by_id(self, session_id: str) -> list[dict[str, Any]]:
+        return self._t.session_packages_by_id(session_id)
+
+    def session_logs(self, session_id: str, *, tail_bytes: int = 64 * 1024) -> str:
+        """The end of the session's supervisor and worker log (at most ``tail_bytes``)."""
+        return self._t.session_logs(session_id, tail_bytes=tail_bytes)
+
+    def stop_session_by_id(self, session_id: str) -> Session:
+        """Stop the session and release its compute; never needs the flow's folder."""
+        return self._t.stop_session_by_id(session_id)
+
+    def reset_session_by_id(self, session_id: str, *, on_progress: Progress = None) -> Session:
+        """Reset the session (its flow's folder must still be there)."""
+        return self._t.reset_session_by_id(session_id, on_progress=on_progress)
+
+    def install_by_id(self, session_id: str, *, on_progress: Progress = None) -> Session:
+        """Save and install what the session's flow folder's requirements now say."""
+        return self._t.install_by_id(session_id, on_progress=on_progress)
+
+    def update_session_by_id(self, session_id: str, *, idle_time: str | None = None,
+                             vm_size: str | None = None, instance: str | None = None,
+                             identity: str | None = None) -> Session:
+        return self._t.update_session_by_id(session_id, {
+            "idle_time": idle_time, "vm_size": vm_size, "instance": instance,
+            "identity": identity})
+
     # --- flows -----------------------------------------------------------------------------
+
+    def get_flow(self, name: str) -> dict[str, Any]:
+        """A registered flow: ``name``, ``owner``, ``path``, ``uploaded``."""
+        return self._t.get_flow(name)
 
     def register_flow(self, name: str, path: str | Path, *,
                       on_server: bool = False) -> dict[str, Any]:

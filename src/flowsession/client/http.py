@@ -71,6 +71,7 @@ class ServerSession(Session):
     limits: Any = None
     pid: int | None = None
     from_standby: bool | None = None
+    flow_missing: bool | None = None  # the server's word, not this machine's (a field here)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -83,7 +84,8 @@ def session_from_dict(d: Mapping[str, Any]) -> ServerSession:
     values = {k: d.get(k) for k in _SESSION_FIELDS}
     values.update(handle=None, operator=None)
     return ServerSession(**values, sandbox=d.get("sandbox"), limits=d.get("limits"),
-                         pid=d.get("pid"), from_standby=d.get("from_standby"))
+                         pid=d.get("pid"), from_standby=d.get("from_standby"),
+                         flow_missing=d.get("flow_missing"))
 
 
 def error_from_dict(data: Mapping[str, Any]) -> FlowSessionError:

@@ -1,6 +1,7 @@
-"""The HTTP transport's methods for the server's other resources: computes, images,
-environments, connections, feed secrets, managed identities, and users, tokens, roles and the
-audit log. (``HttpTransport`` in ``http.py`` holds the requests, flows, sessions and runs.)"""
+"""The HTTP transport's methods for the server's other resources: sessions by id, computes,
+images, environments, connections, feed secrets, managed identities, and users, tokens, roles
+and the audit log. (``HttpTransport`` in ``http.py`` holds the requests, flows, flows' sessions
+and runs.)"""
 
 from __future__ import annotations
 
@@ -23,6 +24,54 @@ def _q(part: str) -> str:
 
 class HttpResources:
     """Mixed into ``HttpTransport``: uses its ``request``, ``wait_operation``, ``flow_name``."""
+
+    # --- sessions by id: whatever became of the flow's folder -------------------------------
+
+    def get_flow(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/flows/{_q(name)}")
+
+    def _session(self, method: str, session_id: str, tail: str = "", **kwargs: Any) -> Any:
+        return self.request(method, f"/api/sessions/{_q(session_id)}{tail}", **kwargs)
+
+    def get_session_by_id(self, session_id: str):
+        from flowsession.client.http import session_from_dict
+
+        return session_from_dict(self._session("GET", session_id))
+
+    def session_events_by_id(self, session_id: str) -> list[dict[str, Any]]:
+        return self._session("GET", session_id, "/events")
+
+    def session_packages_by_id(self, session_id: str) -> list[dict[str, Any]]:
+        return self._session("GET", session_id, "/packages")
+
+    def session_logs(self, session_id: str, *, tail_bytes: int) -> str:
+        return self._session("GET", session_id, "/logs",
+                             params={"tail_bytes": tail_bytes})["text"]
+
+    def stop_session_by_id(self, session_id: str):
+        from flowsession.client.http import session_from_dict
+
+        return session_from_dict(self._session("POST", session_id, "/stop",
+                                               timeout=max(self.timeout, LONG_S)))
+
+    def reset_session_by_id(self, session_id: str, *, on_progress: Progress = None):
+        from flowsession.client.http import session_from_dict
+
+        op = self._session("POST", session_id, "/reset")
+        return session_from_dict(self.wait_operation(op["id"], on_event=on_progress))
+
+    def install_by_id(self, session_id: str, *, on_progress: Progress = None):
+        from flowsession.client.http import session_from_dict
+
+        op = self._session("POST", session_id, "/install")
+        return session_from_dict(self.wait_operation(op["id"], on_event=on_progress))
+
+    def update_session_by_id(self, session_id: str, changes: dict[str, Any]):
+        from flowsession.client.http import SUBMIT_TIMEOUT_S, session_from_dict
+
+        body = {k: v for k, v in changes.items() if v is not None}
+        return session_from_dict(self._session("PATCH", session_id, json=body,
+                                               timeout=SUBMIT_TIMEOUT_S))
 
     # --- computes --------------------------------------------------------------------------
 

@@ -153,7 +153,51 @@ class LocalTransport(LocalResources):
             identity=changes.get("identity"), instance=changes.get("instance"),
             idle_timeout_s=parse_duration(idle, name="idle_time") if idle else None))
 
+    # --- sessions by id ------------------------------------------------------------------
+
+    def _by_id(self, session_id: str):
+        return self._sessions.get(session_id, user=self.user)
+
+    def get_session_by_id(self, session_id: str):
+        return asyncio.run(self._sessions.refresh(self._by_id(session_id)))
+
+    def session_events_by_id(self, session_id: str) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(e)
+                for e in self._sessions.session_events(self._by_id(session_id))]
+
+    def session_packages_by_id(self, session_id: str) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(p)
+                for p in self._sessions.session_packages(self._by_id(session_id))]
+
+    def session_logs(self, session_id: str, *, tail_bytes: int) -> str:
+        return asyncio.run(self._sessions.session_logs(self._by_id(session_id),
+                                                       tail_bytes=tail_bytes))
+
+    def stop_session_by_id(self, session_id: str):
+        return asyncio.run(self._sessions.stop_session(self._by_id(session_id),
+                                                       actor=self.user))
+
+    def reset_session_by_id(self, session_id: str, *, on_progress: Progress = None):
+        return asyncio.run(self._sessions.reset_session(self._by_id(session_id),
+                                                        actor=self.user))
+
+    def install_by_id(self, session_id: str, *, on_progress: Progress = None):
+        return asyncio.run(self._sessions.install_session(self._by_id(session_id),
+                                                          actor=self.user))
+
+    def update_session_by_id(self, session_id: str, changes: Mapping[str, Any]):
+        from flowsession.config import parse_duration
+
+        idle = changes.get("idle_time")
+        return asyncio.run(self._sessions.update_session(
+            self._by_id(session_id), actor=self.user, vm_size=changes.get("vm_size"),
+            identity=changes.get("identity"), instance=changes.get("instance"),
+            idle_timeout_s=parse_duration(idle, name="idle_time") if idle else None))
+
     # --- flows, computes, who am I ---------------------------------------------------------
+
+    def get_flow(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(self.registry.get(name, owner=self.user))
 
     def register_flow(self, name: str, path: str | Path, *, on_server: bool) -> dict[str, Any]:
         folder = str(Path(path).expanduser().resolve())

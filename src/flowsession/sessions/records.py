@@ -5,10 +5,12 @@ The sessions service is the only writer of ``sessions``, ``session_events``, ``f
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +20,16 @@ from flowsession.errors import Conflict, NotFound
 from flowsession.sessions.state import ACTIVE, SessionState, can_transition
 from flowsession.store import Store
 from flowsession.store.tables import flow_bindings, session_events, sessions
+
+SESSION_ID = re.compile(r"^ses-[0-9a-f]{10}$")  # what ``new_session_id`` makes
+
+
+def new_session_id() -> str:
+    return f"ses-{uuid.uuid4().hex[:10]}"
+
+
+def looks_like_session_id(text: str) -> bool:
+    return bool(SESSION_ID.match(text))
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,12 @@ class Session:
         return SessionHandle.from_json(json.loads(self.handle)) if self.handle else None
 
     @property
+    def flow_missing(self) -> bool:
+        """Is the flow's folder gone (deleted or moved)? The session runs on regardless (it
+        has its own snapshot), can be shown and stopped, but not reset or installed."""
+        return not Path(self.flow).is_dir()
+
+    @property
     def holder(self) -> str:
         """The name this session holds its environment under."""
         return f"session:{self.id}"
@@ -59,6 +77,7 @@ class Session:
         d["limits"] = handle.limits_detail if handle else None
         d["pid"] = handle.pid if handle else None
         d["from_standby"] = handle.from_standby if handle else None
+        d["flow_missing"] = self.flow_missing
         return d
 
 
@@ -119,7 +138,7 @@ class SessionRecords:
     def create_bound(self, *, flow: str, actor: str, **values) -> tuple[Session, bool]:
         """A new session bound to ``flow`` — or the one already bound (one flow, one session).
         Returns (session, created)."""
-        session_id = f"ses-{uuid.uuid4().hex[:10]}"
+        session_id = new_session_id()
         now = self.clock()
         try:
             with self.store.engine.begin() as c:

@@ -1,8 +1,14 @@
 """The sessions service: every operation of the reference documents on a session.
 
 start (default or advanced settings), show, list, events, install (Save and install: atomic),
-packages, reset, stop, update, and a test line. One flow binds to one session; a session runs on
-one compute of its owner. Only ``SessionRecords.transition`` changes a state.
+packages, logs, reset, stop, update, and a test line. One flow binds to one session; a session
+runs on one compute of its owner. Only ``SessionRecords.transition`` changes a state.
+
+A session is addressed by its id (``get``) or by its flow (``of_flow``, which loads the flow's
+folder to find its key). Each operation is written once, on a ``Session`` (``refresh``,
+``session_events``, ``stop_session``, ...); the flow forms (``show``, ``events``, ``stop``, ...)
+find the flow's session and call it. Showing, stopping, listing and the sweep need nothing but
+the record, so a session whose flow folder was deleted or moved still shows and stops.
 """
 
 from __future__ import annotations
@@ -20,14 +26,24 @@ from flowsession.computes.service import Compute, ComputeService
 from flowsession.config import Settings
 from flowsession.environments.cache import Environment
 from flowsession.environments.service import EnvironmentService, Package, Prepared
-from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound, SessionFailed
-from flowsession.flows.flowfile import load_flow
+from flowsession.errors import (
+    Conflict,
+    FlowFolderMissing,
+    FlowNotFound,
+    FlowSessionError,
+    InvalidInput,
+    NotFound,
+    SessionFailed,
+)
+from flowsession.flows.flowfile import FlowDefinition, load_flow
 from flowsession.flows.snapshot import make_snapshot
 from flowsession.sessions.pool import StandbyPool
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
 from flowsession.sessions.state import SessionState as S
 from flowsession.sessions.sweep import Sweeper
 from flowsession.store import Store, open_store
+
+LOG_TAIL_BYTES = 64 * 1024  # what ``session_logs`` shows unless asked for more (or less)
 
 
 @dataclass(frozen=True)
@@ -64,13 +80,60 @@ class SessionService:
         return cls(settings, store, envs=envs, computes=ComputeService(settings, store, backend),
                    backend=backend)
 
-    # --- reading ---------------------------------------------------------------------------
+    # --- addressing: a session by its id, or the one bound to a flow -----------------------
 
     def flow_key(self, flow: str | Path) -> str:
         return str(load_flow(flow).folder)
 
+    def get(self, session_id: str, *, user: str | None) -> Session:
+        """Session ``session_id``, if it is ``user``'s (None: anyone's, for those who manage
+        everything). Another user's session is NotFound exactly like one that does not
+        exist. Needs nothing but the record."""
+        try:
+            session = self.records.get(session_id)
+        except NotFound:
+            session = None
+        if session is None or (user is not None and session.owner != user):
+            raise NotFound(f"session {session_id} does not exist",
+                           hint="list your sessions: flowsession session list",
+                           details={"session": session_id})
+        return session
+
+    def of_flow(self, flow: str | Path, *, user: str) -> Session:
+        """The session bound to the flow folder ``flow`` (loaded, to find its key)."""
+        return self.bound(self.flow_key(flow), user=user)
+
+    def bound(self, key: str, *, user: str) -> Session:
+        """The session bound to the flow key ``key`` (a flow folder's path as stored), without
+        loading the flow."""
+        session = self.records.bound_to(key)
+        if session is None or session.owner != user:
+            raise NotFound(f"flow {key} has no session",
+                           hint="start one: flowsession session start FLOW")
+        return session
+
+    def session_flow(self, session: Session, *, needed_by: str) -> FlowDefinition:
+        """The session's flow, loaded from its folder: FlowFolderMissing (409, nothing
+        changed) when the folder was deleted or moved, for what needs it (a reset, an
+        install)."""
+        try:
+            return load_flow(session.flow)
+        except FlowNotFound:
+            raise FlowFolderMissing(
+                f"the flow folder of session {session.id} no longer exists: {session.flow} "
+                f"(deleted or moved); {needed_by} needs it",
+                hint=f"stop the session (flowsession session stop {session.id}), or restore "
+                     f"the folder at {session.flow} and try again",
+                details={"session": session.id, "flow": session.flow,
+                         "state": session.state}) from None
+
+    # --- reading ---------------------------------------------------------------------------
+
     async def show(self, flow: str | Path, *, user: str) -> Session:
-        session = self._bound(self.flow_key(flow), user)
+        return await self.refresh(self.of_flow(flow, user=user))
+
+    async def refresh(self, session: Session) -> Session:
+        """The session as it is now: its backend asked first (the record is a belief)."""
         await self.sweeper.reconcile_one(session)
         return self.records.get(session.id)
 
@@ -80,6 +143,7 @@ class SessionService:
         return self.records.list(owner=user, states=states)
 
     def events(self, flow: str | Path, *, user: str) -> list[Event]:
+        """The state changes of every session the flow has had."""
         key = self.flow_key(flow)
         ids = [sid for sid in self.records.history(key) if self.records.get(sid).owner == user]
         if not ids:
@@ -87,12 +151,29 @@ class SessionService:
                            hint="start one: flowsession session start FLOW")
         return self.records.events(ids)
 
+    def session_events(self, session: Session) -> list[Event]:
+        """The session's own state changes: who, when, from, to, why."""
+        return self.records.events([session.id])
+
     def packages(self, flow: str | Path, *, user: str) -> list[Package]:
-        """View installed packages: what the running session's environment holds."""
-        session = self._bound(self.flow_key(flow), user)
-        if not session.env_id:
-            raise Conflict(f"session {session.id} is {session.state}: it has no environment yet")
+        return self.session_packages(self.of_flow(flow, user=user))
+
+    def session_packages(self, session: Session) -> list[Package]:
+        """View installed packages: what the session's environment holds."""
+        if not session.env_id or session.state == S.STOPPED:
+            raise Conflict(f"session {session.id} is {session.state}: it has no environment"
+                           + ("" if session.state == S.STOPPED else " yet"),
+                           details={"state": session.state})
         return self.envs.packages(self.envs.cache.get(session.env_id))
+
+    async def session_logs(self, session: Session, *, tail_bytes: int = LOG_TAIL_BYTES) -> str:
+        """The end of the session's supervisor and worker log, as text the backend bounded."""
+        handle = session.session_handle
+        if handle is None:
+            raise Conflict(f"session {session.id} is {session.state}: it has no supervisor, "
+                           "so no log", hint="its events say what happened: flowsession "
+                           f"session events {session.id}", details={"state": session.state})
+        return await self.backend.logs(handle, tail_bytes=tail_bytes)
 
     # --- start -----------------------------------------------------------------------------
 
@@ -187,10 +268,22 @@ class SessionService:
     # --- operations on a running session ---------------------------------------------------
 
     async def install(self, flow: str | Path, *, user: str) -> Session:
+        return await self.install_session(self.of_flow(flow, user=user), actor=user)
+
+    def check_install(self, session: Session) -> None:
+        """Save and install needs a RUNNING session and its flow's folder (409 otherwise)."""
+        if session.state != S.RUNNING:
+            raise Conflict(f"session {session.id} is {session.state}: Save and install needs "
+                           "a RUNNING session", hint="reset it, or start it again",
+                           details={"state": session.state})
+        self.session_flow(session, needed_by="Save and install")
+
+    async def install_session(self, session: Session, *, actor: str) -> Session:
         """Save and install: build the new environment beside the running one; switch only
         when it is ready. On failure the session keeps running unchanged."""
-        session = await self._running(flow, user)
-        session = self.records.transition(session, S.INSTALLING, actor=user,
+        session = await self.refresh(session)
+        self.check_install(session)
+        session = self.records.transition(session, S.INSTALLING, actor=actor,
                                           reason="installing the requirements",
                                           operator=procs.identity(), expect=[S.RUNNING])
         new_env: Environment | None = None
@@ -202,7 +295,7 @@ class SessionService:
                                                image=session.image)
             if prepared.env_id == session.env_id:
                 return self.records.transition(
-                    session, S.RUNNING, actor=user, operator=None, expect=[S.INSTALLING],
+                    session, S.RUNNING, actor=actor, operator=None, expect=[S.INSTALLING],
                     reason="nothing to install: the requirements are unchanged")
             standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
             new_env = await self.envs.ensure(prepared, identity=self._secrets_of(session),
@@ -218,7 +311,7 @@ class SessionService:
                 self.envs.cache.release(new_env.id, f"{session.holder}:next")
             why = exc.message if isinstance(exc, FlowSessionError) else repr(exc)
             try:
-                self.records.transition(session, S.RUNNING, actor=user, operator=None,
+                self.records.transition(session, S.RUNNING, actor=actor, operator=None,
                                         reason=f"install failed, nothing changed: "
                                                f"{why.splitlines()[0]}", expect=[S.INSTALLING])
             except Conflict:
@@ -227,7 +320,7 @@ class SessionService:
         old = session
         try:
             session = self.records.transition(
-                session, S.RUNNING, actor=user, reason="installed; switched to the new "
+                session, S.RUNNING, actor=actor, reason="installed; switched to the new "
                 f"environment {new_env.id}", expect=[S.INSTALLING], operator=None,
                 handle=new_handle.json_text(), env_id=new_env.id, snapshot_id=prepared.snapshot.id,
                 last_activity_at=self.clock())
@@ -245,19 +338,29 @@ class SessionService:
         return session
 
     async def reset(self, flow: str | Path, *, user: str, reason: str = "reset") -> Session:
+        return await self.reset_session(self.of_flow(flow, user=user), actor=user,
+                                        reason=reason)
+
+    async def reset_session(self, session: Session, *, actor: str,
+                            reason: str = "reset") -> Session:
         """Delete and recreate with the same settings; a changed image or requirements file is
-        picked up."""
-        session = self._bound(self.flow_key(flow), user)
-        session = self.records.transition(session, S.RESETTING, actor=user, reason=reason,
+        picked up. Without the flow's folder nothing changes (FlowFolderMissing)."""
+        self.session_flow(session, needed_by="a reset")
+        session = self.records.transition(session, S.RESETTING, actor=actor, reason=reason,
                                           operator=procs.identity(),
                                           expect=[S.RUNNING, S.FAILED])
         await self._release_runtime(session)
         session = self.records.set_and_get(session.id, handle=None, env_id=None)
-        return await self._launch(session, Path(session.flow), actor=user, reason="reset")
+        return await self._launch(session, Path(session.flow), actor=actor, reason="reset")
 
     async def stop(self, flow: str | Path, *, user: str, reason: str = "stopped") -> Session:
-        session = self._bound(self.flow_key(flow), user)
-        return await self._stop(session, actor=user, reason=reason)
+        return await self.stop_session(self.of_flow(flow, user=user), actor=user, reason=reason)
+
+    async def stop_session(self, session: Session, *, actor: str,
+                           reason: str = "stopped") -> Session:
+        """Delete the session and release its compute (its vCPUs are free at once). Needs
+        nothing but the record: never the flow's folder."""
+        return await self._stop(self.records.get(session.id), actor=actor, reason=reason)
 
     async def _stop(self, session: Session, *, actor: str, reason: str) -> Session:
         if session.state != S.STOPPING:
@@ -280,14 +383,28 @@ class SessionService:
     async def update(self, flow: str | Path, *, user: str, vm_size: str | None = None,
                      idle_timeout_s: float | None = None, identity: str | None = None,
                      instance: str | None = None) -> Session:
-        """Change settings: idle time and identity in place; a VM size or instance resets."""
-        session = self._bound(self.flow_key(flow), user)
+        return await self.update_session(self.of_flow(flow, user=user), actor=user,
+                                         vm_size=vm_size, idle_timeout_s=idle_timeout_s,
+                                         identity=identity, instance=instance)
+
+    async def update_session(self, session: Session, *, actor: str, vm_size: str | None = None,
+                             idle_timeout_s: float | None = None, identity: str | None = None,
+                             instance: str | None = None) -> Session:
+        """Change settings: idle time and identity in place; a VM size or instance resets
+        (which needs the flow's folder: checked before anything changes)."""
+        session = self.records.get(session.id)
+        if session.state == S.STOPPED:
+            raise Conflict(f"session {session.id} is STOPPED: there is nothing to change",
+                           hint="start a new session: flowsession session start FLOW",
+                           details={"state": session.state})
         if session.compute_type == "instance" and (vm_size or identity):
             raise InvalidInput("a session on a compute instance uses the instance's VM size and "
                                "identity", hint="change the instance, or use --instance")
         if session.compute_type == "serverless" and instance:
             raise InvalidInput("--instance moves a session to a compute instance: stop this "
                                "serverless session and start one with --compute-type instance")
+        if vm_size or instance:
+            self.session_flow(session, needed_by="moving it to another compute (a reset)")
         if idle_timeout_s is not None:
             self.records.set(session.id, idle_timeout_s=idle_timeout_s)
             if session.session_handle and session.state == S.RUNNING:
@@ -296,14 +413,14 @@ class SessionService:
         if identity:
             self.records.set(session.id, identity=identity)
         if vm_size or instance:
-            target = (self.computes.get(instance, user=user) if instance
+            target = (self.computes.get(instance, user=session.owner) if instance
                       else None)
             size = self.computes.size(vm_size) if vm_size else None
             self.records.set(session.id, vm_size=size.name if size else session.vm_size,
                              compute_id=target.id if target else None)
             old_compute = session.compute_id
-            session = await self.reset(flow, user=user,
-                                       reason=f"moved to {instance or size.name}")
+            session = await self.reset_session(session, actor=actor,
+                                               reason=f"moved to {instance or size.name}")
             if old_compute != session.compute_id:
                 await self.computes.release_if_unused(old_compute)
         return self.records.get(session.id)
@@ -444,17 +561,3 @@ class SessionService:
                                                            identity=session.identity)
         self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
         return compute
-
-    def _bound(self, key: str, user: str) -> Session:
-        session = self.records.bound_to(key)
-        if session is None or session.owner != user:
-            raise NotFound(f"flow {key} has no session",
-                           hint="start one: flowsession session start FLOW")
-        return session
-
-    async def _running(self, flow: str | Path, user: str) -> Session:
-        session = await self.show(flow, user=user)
-        if session.state != S.RUNNING:
-            raise Conflict(f"session {session.id} is {session.state}",
-                           hint="the operation needs a RUNNING session", details={"state": session.state})
-        return session

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -18,10 +16,10 @@ from flowsession.api.context import (
     require,
     services,
 )
+from flowsession.api.routers import sessions
 from flowsession.config import parse_duration
-from flowsession.errors import Conflict, NotFound
+from flowsession.errors import NotFound
 from flowsession.flows.registry import FlowRegistry, RegisteredFlow
-from flowsession.sessions.records import ACTIVE_STATES
 from flowsession.sessions.service import StartOptions
 
 router = APIRouter(tags=["flows and sessions"])
@@ -48,13 +46,6 @@ class StartIn(Strict):
     idle_time: str | None = Field(default=None, description="e.g. 30m, 2h")
     identity: str | None = None
     image: str | None = None
-
-
-class UpdateIn(Strict):
-    idle_time: str | None = None
-    vm_size: str | None = None
-    instance: str | None = None
-    identity: str | None = None
 
 
 class TestIn(Strict):
@@ -122,10 +113,12 @@ def get_flow(name: str, who: Principal = Depends(require("flows:read")),
 async def delete_flow(name: str, who: Principal = Depends(require("flows:write")),
                       svc: Services = Depends(services)) -> dict:
     flow, owner = flow_of(svc, who, name)
-    try:
-        await svc.sessions.stop(flow.path, user=owner, reason="flow unregistered")
+    try:  # by the stored key: a flow whose folder is gone is still unregistered
+        session = svc.sessions.bound(flow.path, user=owner)
     except NotFound:
         pass
+    else:
+        await svc.sessions.stop_session(session, actor=owner, reason="flow unregistered")
     registry(svc).unregister(flow)
     return {"name": name, "deleted": True}
 
@@ -147,22 +140,13 @@ def write_file(name: str, path: str, body: FileIn,
     return {"path": path, "saved": True}
 
 
-# --- the flow's session --------------------------------------------------------------------
-
-@router.get("/sessions")
-async def list_sessions(all: bool = False, who: Principal = Depends(require("sessions:read")),
-                        svc: Services = Depends(services)) -> list[dict]:
-    """The server's sweep keeps these current (no sweep per request)."""
-    owner = None if who.manages_all else who.user
-    states = None if all else ACTIVE_STATES
-    return [s.to_dict() for s in svc.sessions.records.list(owner=owner, states=states)]
-
+# --- the flow's session (the operations are sessions.py's, shared with /api/sessions/{id}) ---
 
 @router.get("/flows/{name}/session")
 async def get_session(name: str, who: Principal = Depends(require("sessions:read")),
                       svc: Services = Depends(services)) -> dict:
     flow, owner = flow_of(svc, who, name)
-    return (await svc.sessions.show(flow.path, user=owner)).to_dict()
+    return await sessions.show(svc, svc.sessions.of_flow(flow.path, user=owner))
 
 
 @router.post("/flows/{name}/session", status_code=202)
@@ -184,9 +168,10 @@ async def start_session(name: str, request: Request, body: StartIn | None = None
 
     async def work(emit) -> dict:
         emit({"event": "progress", "message": "starting the session"})
-        session = await _watching(svc, flow.path, emit, svc.sessions.start(
-            flow.path, user=owner, options=options))
-        _fill_pool(request, svc)
+        session = await sessions.watching(
+            svc, lambda: svc.sessions.records.bound_to(flow.path), emit,
+            svc.sessions.start(flow.path, user=owner, options=options))
+        sessions.fill_pool(request, svc)
         return session.to_dict()
 
     return request.app.state.operations.start("session.start", name, who.user, work)
@@ -199,96 +184,38 @@ async def install(name: str, request: Request,
     """Save and install: the flow's requirements into a new environment, switched to only
     when it works."""
     flow, owner = flow_of(svc, who, name)
-    session = await svc.sessions.show(flow.path, user=owner)  # no session: 404 now
-    if session.state != "RUNNING":  # the wrong state: 409 now, not in the operation
-        raise Conflict(f"session {session.id} is {session.state}: Save and install needs a "
-                       "RUNNING session", hint="reset it, or start it again",
-                       details={"state": session.state})
-
-    async def work(emit) -> dict:
-        emit({"event": "progress", "message": "installing the flow's requirements"})
-        session = await svc.sessions.install(flow.path, user=owner)
-        _fill_pool(request, svc)
-        return session.to_dict()
-
-    return request.app.state.operations.start("session.install", name, who.user, work)
+    session = svc.sessions.of_flow(flow.path, user=owner)  # no session: 404 now
+    return await sessions.install(request, svc, who, session, owner, name)
 
 
 @router.post("/flows/{name}/session/reset", status_code=202)
 async def reset(name: str, request: Request, who: Principal = Depends(require("sessions:write")),
                 svc: Services = Depends(services)) -> dict:
     flow, owner = flow_of(svc, who, name)
-    await svc.sessions.show(flow.path, user=owner)
-
-    async def work(emit) -> dict:
-        session = await _watching(svc, flow.path, emit, svc.sessions.reset(
-            flow.path, user=owner, reason=f"reset by {who.user}"))
-        _fill_pool(request, svc)
-        return session.to_dict()
-
-    return request.app.state.operations.start("session.reset", name, who.user, work)
-
-
-async def _watching(svc: Services, flow: str, emit, coro):
-    """Await ``coro`` (a start or a reset), emitting each state the flow's session goes
-    through (building the environment, starting the supervisor) as progress."""
-    async def watch() -> None:
-        last = None
-        while True:
-            session = svc.sessions.records.bound_to(flow)
-            if session is not None and (session.state, session.reason) != last:
-                last = (session.state, session.reason)
-                emit({"event": "progress", "state": session.state,
-                      "message": session.reason or session.state.lower()})
-            await asyncio.sleep(0.2)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await coro
-    finally:
-        watcher.cancel()
-
-
-def _fill_pool(request: Request, svc: Services) -> None:
-    """Start standby supervisors in the background after a start, so the next start adopts
-    one (one fill at a time)."""
-    state = request.app.state
-    if getattr(state, "pool_fill", None) is not None and not state.pool_fill.done():
-        return
-
-    async def fill() -> None:
-        try:
-            await svc.sessions.pool.fill()
-        except Exception:  # noqa: BLE001 - a standby is an optimisation: log it, go on
-            logging.getLogger("flowsession.server").exception("filling the standby pool")
-
-    state.pool_fill = asyncio.get_running_loop().create_task(fill())
+    session = svc.sessions.of_flow(flow.path, user=owner)
+    return await sessions.reset(request, svc, who, session, owner, name)
 
 
 @router.post("/flows/{name}/session/stop")
 async def stop(name: str, who: Principal = Depends(require("sessions:write")),
                svc: Services = Depends(services)) -> dict:
     flow, owner = flow_of(svc, who, name)
-    return (await svc.sessions.stop(flow.path, user=owner, reason=f"stopped by {who.user}")
-            ).to_dict()
+    return await sessions.stop(svc, who, svc.sessions.of_flow(flow.path, user=owner), owner)
 
 
 @router.patch("/flows/{name}/session")
-async def update(name: str, body: UpdateIn, who: Principal = Depends(require("sessions:write")),
+async def update(name: str, body: sessions.UpdateIn,
+                 who: Principal = Depends(require("sessions:write")),
                  svc: Services = Depends(services)) -> dict:
     flow, owner = flow_of(svc, who, name)
-    check_identity(svc, who, body.identity)
-    session = await svc.sessions.update(
-        flow.path, user=owner, vm_size=body.vm_size, instance=body.instance,
-        identity=body.identity,
-        idle_timeout_s=parse_duration(body.idle_time, name="idle_time") if body.idle_time
-        else None)
-    return session.to_dict()
+    session = svc.sessions.of_flow(flow.path, user=owner)
+    return await sessions.update(svc, who, session, owner, body)
 
 
 @router.get("/flows/{name}/session/events")
 def events(name: str, who: Principal = Depends(require("sessions:read")),
            svc: Services = Depends(services)) -> list[dict]:
+    """The state changes of every session the flow has had."""
     flow, owner = flow_of(svc, who, name)
     return [dataclasses.asdict(e) for e in svc.sessions.events(flow.path, user=owner)]
 
@@ -297,7 +224,7 @@ def events(name: str, who: Principal = Depends(require("sessions:read")),
 def packages(name: str, who: Principal = Depends(require("sessions:read")),
              svc: Services = Depends(services)) -> list[dict]:
     flow, owner = flow_of(svc, who, name)
-    return [dataclasses.asdict(p) for p in svc.sessions.packages(flow.path, user=owner)]
+    return sessions.packages(svc, svc.sessions.of_flow(flow.path, user=owner))
 
 
 @router.post("/flows/{name}/test")
