@@ -111,12 +111,9 @@ def error_from_response(response: httpx.Response) -> FlowSessionError:
             hint="pass token= to Client, or set FLOWSESSION_TOKEN; an Owner can issue one "
                  "(POST /api/users or /api/tokens)", details={"server": str(response.url)})
     if response.status_code == 403:
-        err = PermissionDenied(data.pop("message", "forbidden"), hint=data.pop("hint", ""))
         data.pop("code", None)
-        err.details = data
-        for key, value in data.items():
-            setattr(err, key, value)
-        return err
+        return PermissionDenied(data.pop("message", "forbidden"), hint=data.pop("hint", ""),
+                                details=data)
     return error_from_dict(data)
 
 
