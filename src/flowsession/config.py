@@ -167,6 +167,11 @@ class Settings:
         return self.home / "envs"
 
     @property
+    def flows_dir(self) -> Path:
+        """Uploaded flows: ``<flows_dir>/<owner>/<name>/``."""
+        return self.home / "flows"
+
+    @property
     def snapshots_dir(self) -> Path:
         return self.home / "snapshots"
 
