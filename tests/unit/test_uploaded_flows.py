@@ -261,3 +261,48 @@ def test_a_file_of_a_folder_of_the_servers_machine_may_be_a_symlink(tmp_path):
     assert file_in(folder, "link.txt", confined=False).read_text() == "shared\n"
     with pytest.raises(InvalidInput):
         file_in(folder, "link.txt", confined=True)
+
+
+# --- what the CLI and the SDK upload ----------------------------------------------------------
+
+
+def test_a_local_flows_includes_are_bundled_so_the_upload_snapshots_like_the_folder(
+        tmp_path, registry, store):
+    from flowsession.client.upload import collect_files
+
+    (tmp_path / "requirements.txt").write_text("tinyalpha==1.0\n")
+    (tmp_path / "shared_code" / "pkg").mkdir(parents=True)
+    (tmp_path / "shared_code" / "pkg" / "util.py").write_text("X = 1\n")
+    (tmp_path / "shared_code" / "__pycache__").mkdir()
+    (tmp_path / "shared_code" / "__pycache__" / "x.pyc").write_bytes(b"\0\1")
+    yaml_text = ("environment:\n  python_requirements_txt: requirements.txt\n" + DAG +
+                 "additional_includes:  # from the folder above\n- ../requirements.txt\n"
+                 "- '../shared_code/'\n- extra/local.txt\n")
+    local = make_upload(tmp_path / "flow", yaml_text, {"extra/local.txt": "here\n"})
+    files = collect_files(local)
+    assert files["_includes/requirements.txt"] == "tinyalpha==1.0\n"
+    assert files["_includes/shared_code/pkg/util.py"] == "X = 1\n"
+    assert not any("__pycache__" in rel for rel in files)
+    assert "# from the folder above" in files["flow.dag.yaml"]
+    assert load_flow(local).additional_includes == ("../requirements.txt", "../shared_code/",
+                                                     "extra/local.txt")
+    uploaded = registry.register("flow", owner="bob", files=files)
+    flow = load_flow(uploaded.path, root=uploaded.path)
+    assert flow.additional_includes == ("_includes/requirements.txt", "_includes/shared_code",
+                                        "extra/local.txt")
+    from_upload = make_snapshot(flow, store / "a")
+    from_folder = make_snapshot(load_flow(local), store / "b")
+    listed = {p.relative_to(from_folder.path).as_posix()
+              for p in from_folder.path.rglob("*") if p.is_file()}
+    for rel in listed - {"flow.dag.yaml"}:
+        assert (from_upload.path / rel).read_bytes() == (from_folder.path / rel).read_bytes()
+    assert from_upload.flow.requirements_path.read_text() == "tinyalpha==1.0\n"
+
+
+def test_a_local_include_that_is_missing_is_named_before_anything_is_sent(tmp_path):
+    from flowsession.client.upload import collect_files
+
+    local = make_upload(tmp_path / "flow", dag("../nope.txt"))
+    with pytest.raises(FlowFileError) as err:
+        collect_files(local)
+    assert err.value.field == "additional_includes[0]" and "'../nope.txt'" in err.value.message

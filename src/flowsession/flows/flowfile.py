@@ -13,6 +13,7 @@ composing the YAML into PyYAML's node tree and walking it along the field path.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -417,6 +418,24 @@ class _Checker:
             raise self.fail(field_path, f"the requirements file '{name}' leads outside the "
                             "uploaded flow", OUTSIDE_HINT)
         return path
+
+
+def replace_includes(text: str, new: dict[int, str]) -> str:
+    """The flow file ``text`` with ``additional_includes[i]`` replaced by ``new[i]``; every
+    other character (comments, order, quoting) is kept."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)  # its marks count characters
+    items = None
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "additional_includes":
+                items = value
+    if not isinstance(items, yaml.SequenceNode):
+        raise ValueError("the flow file has no list of additional_includes")
+    spans = sorted(((items.value[i].start_mark.index, items.value[i].end_mark.index, path)
+                    for i, path in new.items()), reverse=True)
+    for start, end, path in spans:  # from the end, so earlier positions stay right
+        text = text[:start] + json.dumps(path) + text[end:]
+    return text
 
 
 def include_name(include: str) -> str:
