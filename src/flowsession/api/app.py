@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)``; ``flowsession server`` serves it.
 
 Every route needs a token (``Authorization: Bearer fs_...``). Errors are one JSON shape,
-``{"error": {"code", "message", "hint", ...}}``, with the status of the error's class. A request passes ``RequestGuard`` first (a bounded
+``{"error": {"code", "message", "hint", ...}}``, with the status of the error's class, told as
+the caller may see it (``api/public.py``). A request passes ``RequestGuard`` first (a bounded
 body, a URL without NUL bytes). Every change and every refusal or failure (any 4xx or 5xx, the
 guard's included) goes to the audit log. The server also runs the reconciler and the idle
 culler (``Sweeper.sweep``) and moves runs along (``RunService.advance_all``).
@@ -25,6 +26,7 @@ from flowsession.access.accounts import OWNER
 from flowsession.api.context import Services, audit
 from flowsession.api.guard import BodyTooLarge, RequestGuard
 from flowsession.api.operations import Operations
+from flowsession.api.public import PublicErrors
 from flowsession.config import Settings
 from flowsession.errors import FlowSessionError
 from flowsession.flows.registry import FlowRegistry
@@ -77,12 +79,14 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                   description="Self-hosted compute sessions for prompt flow.")
     app.state.services = svc
     app.state.operations = ops
+    app.state.public = public = PublicErrors(settings)
 
     @app.exception_handler(FlowSessionError)
     async def _flowsession_error(request: Request, exc: FlowSessionError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         request.state.error_code = exc.code
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+        error = public.for_caller(exc.to_dict(), getattr(request.state, "principal", None))
+        return JSONResponse({"error": error}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
