@@ -31,10 +31,9 @@ def check_no_nul(text: str, *, field: str, what: str = "path") -> str:
     return text
 
 
-def check_path_text(text: str, *, field: str, what: str = "path") -> str:
-    """``text`` unchanged, or InvalidInput naming ``field`` when it is no fit name for a file
-    a user sends: a NUL byte or another control character, a name over 255 bytes, a path over
-    1024 characters."""
+def check_no_control(text: str, *, field: str, what: str = "name") -> str:
+    """``text`` unchanged, or InvalidInput naming ``field`` when it holds a NUL byte or another
+    control character (no name of a flow, a run or a file has one)."""
     check_no_nul(text, field=field, what=what)
     bad = _CONTROL.search(text)
     if bad:
@@ -42,6 +41,14 @@ def check_path_text(text: str, *, field: str, what: str = "path") -> str:
                            f"{bad.group()!r}",
                            hint=f"give a {what} without control characters",
                            details={"field": field})
+    return text
+
+
+def check_path_text(text: str, *, field: str, what: str = "path") -> str:
+    """``text`` unchanged, or InvalidInput naming ``field`` when it is no fit name for a file
+    a user sends: a NUL byte or another control character, a name over 255 bytes, a path over
+    1024 characters."""
+    check_no_control(text, field=field, what=what)
     if len(text) > MAX_PATH_CHARS:
         raise InvalidInput(f"{field}: the {what} is longer than {MAX_PATH_CHARS} characters",
                            hint=f"give a shorter {what}", details={"field": field})

@@ -24,7 +24,7 @@ from flowsession.api.context import (
 )
 from flowsession.api.routers.flows import flow_of
 from flowsession.errors import FlowSessionError, InvalidInput, NotFound
-from flowsession.flows.paths import check_path_text, inside
+from flowsession.flows.paths import check_no_control, check_path_text, inside
 from flowsession.runs.records import ENDED, Run
 from flowsession.runs.spec import RunSpec, spec_from_dict
 
@@ -84,6 +84,9 @@ async def create_run(body: RunIn, request: Request,
                      svc: Services = Depends(services)) -> dict:
     """Submit a run; it goes on in the flow's session. Returns the run and an operation that
     ends with the run (stream it: GET /api/operations/{id}/events)."""
+    for field in ("name", "run", "resume_from"):  # run names, looked up before they are checked
+        if getattr(body, field) is not None:
+            check_no_control(getattr(body, field), field=field, what="run name")
     flow_name = body.flow
     if flow_name is None:
         if not body.resume_from:
@@ -94,7 +97,7 @@ async def create_run(body: RunIn, request: Request,
             raise NotFound(f"the flow of run {base.name!r} is no longer registered",
                            details={"field": "flow"})
         flow_name = f"{found.owner}:{found.name}"
-    flow, owner = flow_of(svc, who, flow_name)
+    flow, owner = flow_of(svc, who, flow_name, field="flow")
     if owner != who.user:
         raise Forbidden("runs are submitted by the flow's owner", details={"flow": flow_name})
     check_identity(svc, who, body.identity)
