@@ -306,3 +306,18 @@ def test_a_local_include_that_is_missing_is_named_before_anything_is_sent(tmp_pa
     with pytest.raises(FlowFileError) as err:
         collect_files(local)
     assert err.value.field == "additional_includes[0]" and "'../nope.txt'" in err.value.message
+
+
+def test_an_include_that_is_a_symlink_out_of_the_local_folder_is_bundled_too(tmp_path,
+                                                                             registry):
+    from flowsession.client.upload import collect_files
+
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "util.py").write_text("X = 2\n")
+    local = make_upload(tmp_path / "flow", dag("common"))
+    (local / "common").symlink_to(tmp_path / "common", target_is_directory=True)
+    files = collect_files(local)
+    assert files["_includes/common/util.py"] == "X = 2\n"
+    assert '- "_includes/common"' in files["flow.dag.yaml"]
+    assert not any(rel.startswith("common/") for rel in files)
+    registry.register("linked", owner="bob", files=files)

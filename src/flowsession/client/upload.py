@@ -33,7 +33,7 @@ def collect_files(folder: Path) -> dict[str, str]:
                            details={"flow": str(folder)})
     flow = load_flow(folder)
     outside = {i: inc for i, inc in enumerate(flow.additional_includes)
-               if not _within(inc)}
+               if not _within(folder, inc)}
     if not outside:
         return files
     if any(rel.split("/", 1)[0] == BUNDLE for rel in files):
@@ -64,10 +64,13 @@ def collect_files(folder: Path) -> dict[str, str]:
     return files
 
 
-def _within(include: str) -> bool:
-    """Does the include name something inside the flow folder (uploaded with it anyway)?"""
+def _within(folder: Path, include: str) -> bool:
+    """Does the include name something inside the flow folder, symlinks followed (so it is
+    uploaded with the folder anyway)?"""
     p = PurePosixPath(os.path.normpath(include.replace("\\", "/")))
-    return not p.is_absolute() and p.parts[:1] != ("..",) and str(p) != "."
+    if p.is_absolute() or p.parts[:1] == ("..",) or str(p) == ".":
+        return False
+    return (folder / p).resolve().is_relative_to(folder.resolve())
 
 
 def _text_files(folder: Path, prefix: str) -> dict[str, str]:

@@ -5,10 +5,12 @@ file), ``additional_includes``, and the shape of ``nodes`` / ``entry`` / ``input
 Everything else stays in ``raw`` for prompt flow itself to judge.
 
 Every problem becomes a ``FlowFileError`` naming the file, the 1-based line and the field, so
-a user can go straight to the spot. A flow loaded with a ``root`` (an uploaded flow: its own
-folder) may only include what resolves inside that root, and its errors name its files by
-their path inside the flow folder, never by where the server keeps them. Lines are found lazily (only when something is wrong) by
+a user can go straight to the spot. Lines are found lazily (only when something is wrong) by
 composing the YAML into PyYAML's node tree and walking it along the field path.
+
+A flow loaded with a ``root`` (an uploaded flow: its own folder) may only include what resolves
+inside that root, and its errors name its files by their path inside the flow folder, never by
+where the server keeps them.
 """
 
 from __future__ import annotations
@@ -412,8 +414,8 @@ class _Checker:
             "additional_includes",
         )
 
-
     def confined(self, field_path: str, name: str, path: Path) -> Path:
+        """``path`` of the requirements file, when the flow may draw on it."""
         if self.root is not None and not inside(self.root, path):
             raise self.fail(field_path, f"the requirements file '{name}' leads outside the "
                             "uploaded flow", OUTSIDE_HINT)
@@ -434,7 +436,7 @@ def replace_includes(text: str, new: dict[int, str]) -> str:
     spans = sorted(((items.value[i].start_mark.index, items.value[i].end_mark.index, path)
                     for i, path in new.items()), reverse=True)
     for start, end, path in spans:  # from the end, so earlier positions stay right
-        text = text[:start] + json.dumps(path) + text[end:]
+        text = text[:start] + json.dumps(path, ensure_ascii=False) + text[end:]
     return text
 
 
