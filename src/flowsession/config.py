@@ -119,6 +119,8 @@ class Settings:
     standby_pool_size: int = 1
     # Where sessions' directories and sockets live: short, private, per home.
     runtime_path: Path | None = None
+    # The largest request body the API takes (an upload, a run's inline data): 413 beyond.
+    max_body: int = 64 * 10**6
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -152,6 +154,8 @@ class Settings:
             s = replace(s, runtime_path=Path(v))
         if v := env.get("FLOWSESSION_ENV_DISK_BUDGET"):
             s = replace(s, env_disk_budget=parse_size(v, name="FLOWSESSION_ENV_DISK_BUDGET"))
+        if v := env.get("FLOWSESSION_MAX_BODY"):
+            s = replace(s, max_body=parse_size(v, name="FLOWSESSION_MAX_BODY"))
         return s
 
     @property
@@ -165,6 +169,11 @@ class Settings:
     @property
     def envs_dir(self) -> Path:
         return self.home / "envs"
+
+    @property
+    def flows_dir(self) -> Path:
+        """Uploaded flows: ``<flows_dir>/<owner>/<name>/``."""
+        return self.home / "flows"
 
     @property
     def snapshots_dir(self) -> Path:

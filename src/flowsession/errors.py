@@ -2,12 +2,22 @@
 
 Every error carries a stable ``code`` (what the SDK maps back to a class), an HTTP ``status``
 (used by the API layer only), a ``message`` for the user that names the file, field or package,
-and a ``hint`` that says what to do. Tracebacks go to logs, never into these messages.
+and a ``hint`` that says what to do. Anything more (the field, the file, a build log's tail) is
+in ``details``, and only there: a detail can never shadow ``code``, ``message``, ``hint`` or
+``status``; classes that offer a detail as an attribute (``FlowFileError.line``) read it from
+``details``. Tracebacks go to logs, never into these messages.
+
+Something that does not exist -- or exists but is not yours -- is a ``NotFound`` (404), whatever
+kind of thing it is (``FlowNotFound``, ``ImageNotFound``), so ``except NotFound`` catches them all.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+
+#: What ``to_dict`` says itself; a detail of the same name is dropped, never shadows it.
+RESERVED = frozenset({"code", "message", "hint", "status"})
 
 
 class FlowSessionError(Exception):
@@ -18,27 +28,36 @@ class FlowSessionError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
-        self.details = details or {}
+        self.details = {k: v for k, v in (details or {}).items() if k not in RESERVED}
 
     def __str__(self) -> str:
         return self.message
 
+    def __getattr__(self, name: str) -> Any:
+        """A detail read as an attribute (``exc.scope``, ``exc.column``). Only called when
+        nothing real has that name, so ``code``, ``message``, ``hint`` and ``status`` always
+        win over a detail."""
+        details = self.__dict__.get("details")
+        if name.startswith("_") or not details or name not in details:
+            raise AttributeError(f"{type(self).__name__} has no attribute or detail {name!r}")
+        return details[name]
+
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "hint": self.hint, **self.details}
+        return {"code": self.code, "message": self.message, "hint": self.hint,
+                **{k: v for k, v in self.details.items() if k not in RESERVED}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowSessionError:
-        """Rebuild an error from ``to_dict()`` (a stored failure, or an API response)."""
+        """Rebuild an error from ``to_dict()`` (a stored failure, or an API response): the
+        class of its code, everything but code, message and hint in ``details``."""
         data = dict(data)
         code = data.pop("code", "error")
         klass = cls.by_code(code)
         err = klass.__new__(klass)  # subclasses' constructors differ; the fields do not
-        FlowSessionError.__init__(err, data.pop("message", ""), hint=data.pop("hint", ""),
-                                  details=data)
+        FlowSessionError.__init__(err, str(data.pop("message", "")),
+                                  hint=str(data.pop("hint", "") or ""), details=data)
         if klass.code != code:
             err.code = code  # a code without a class of its own (e.g. "interrupted") is kept
-        for key, value in data.items():
-            setattr(err, key, value)
         return err
 
     @classmethod
@@ -66,11 +85,6 @@ class InvalidInput(FlowSessionError):
     status = 422
 
 
-class FlowNotFound(InvalidInput):
-    code = "flow_not_found"
-    status = 404
-
-
 class FlowFileError(InvalidInput):
     """A flow's YAML is missing, malformed, or has a field with a bad value."""
 
@@ -88,18 +102,24 @@ class FlowFileError(InvalidInput):
         where = file if line is None else f"{file}, line {line}"
         full = f"{where}: {message}" if field is None else f"{where}: field '{field}': {message}"
         super().__init__(full, hint=hint, details={"file": file, "line": line, "field": field})
-        self.file, self.line, self.field = file, line, field
+
+    @property
+    def file(self) -> str | None:
+        return self.details.get("file")
+
+    @property
+    def line(self) -> int | None:
+        return self.details.get("line")
+
+    @property
+    def field(self) -> str | None:
+        return self.details.get("field")
 
 
 class RequirementsError(InvalidInput):
     """A line of a requirements file breaks a rule (pinned promptflow, local wheel, ...)."""
 
     code = "requirements_invalid"
-
-
-class ImageNotFound(InvalidInput):
-    code = "image_not_found"
-    status = 404
 
 
 class ImageExists(InvalidInput):
@@ -128,6 +148,21 @@ class Forbidden(FlowSessionError):
 class NotFound(FlowSessionError):
     code = "not_found"
     status = 404
+
+
+class FlowNotFound(NotFound):
+    code = "flow_not_found"
+
+
+class ImageNotFound(NotFound):
+    code = "image_not_found"
+
+
+class PayloadTooLarge(InvalidInput):
+    """A request body over the server's limit (``limit`` in bytes)."""
+
+    code = "payload_too_large"
+    status = 413
 
 
 class QuotaExceeded(FlowSessionError):
@@ -178,8 +213,14 @@ class EnvironmentError_(FlowSessionError):  # trailing underscore: do not shadow
                  **details: Any):
         super().__init__(message, hint=hint,
                          details={"log_tail": log_tail, "log_path": log_path, **details})
-        self.log_tail = log_tail
-        self.log_path = log_path
+
+    @property
+    def log_tail(self) -> str:
+        return self.details.get("log_tail") or ""
+
+    @property
+    def log_path(self) -> str:
+        return self.details.get("log_path") or ""
 
 
 class Unsatisfiable(EnvironmentError_):

@@ -11,11 +11,9 @@ appear in any answer he gets, in his run's files or in the server's log.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import textwrap
 import time
 from pathlib import Path
 

@@ -1,9 +1,11 @@
 """The FastAPI application: ``create_app(settings)``; ``flowsession server`` serves it.
 
 Every route needs a token (``Authorization: Bearer fs_...``). Errors are one JSON shape,
-``{"error": {"code", "message", "hint", ...}}``, with the status of the error's class. Every
-change and every refusal goes to the audit log. The server also runs the reconciler and the
-idle culler (``Sweeper.sweep``) and moves runs along (``RunService.advance_all``).
+``{"error": {"code", "message", "hint", ...}}``, with the status of the error's class, told as
+the caller may see it (``api/public.py``). A request passes ``RequestGuard`` first (a bounded
+body, a URL without NUL bytes). Every change and every refusal or failure (any 4xx or 5xx, the
+guard's included) goes to the audit log. The server also runs the reconciler and the idle
+culler (``Sweeper.sweep``) and moves runs along (``RunService.advance_all``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flowsession import __version__
 from flowsession.access.accounts import OWNER
 from flowsession.api.context import Services, audit
+from flowsession.api.guard import BodyTooLarge, RequestGuard
 from flowsession.api.operations import Operations
+from flowsession.api.public import PublicErrors
 from flowsession.config import Settings
 from flowsession.errors import FlowSessionError
 from flowsession.flows.registry import FlowRegistry
@@ -75,11 +79,19 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                   description="Self-hosted compute sessions for prompt flow.")
     app.state.services = svc
     app.state.operations = ops
+    app.state.public = public = PublicErrors(settings)
 
     @app.exception_handler(FlowSessionError)
     async def _flowsession_error(request: Request, exc: FlowSessionError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+        request.state.error_code = exc.code
+        error = public.for_caller(exc.to_dict(), getattr(request.state, "principal", None))
+        return JSONResponse({"error": error}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        request.state.error_code = exc.error.code
+        return JSONResponse({"error": exc.error.to_dict()}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,6 +101,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         message = f"field '{where}': {first.get('msg')}"
         if first.get("type") == "json_invalid":
             where, message = "body", f"the request body is not valid JSON: {first.get('msg')}"
+        request.state.error_code = "invalid_input"
         return JSONResponse({"error": {
             "code": "invalid_input", "message": message,
             "hint": "fix the request (see /docs)", "field": where,
@@ -98,6 +111,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        request.state.error_code = code
         return JSONResponse({"error": {"code": code, "message": str(exc.detail), "hint": ""}},
                             status_code=exc.status_code)
 
@@ -109,28 +123,40 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                                        "hint": "the server log has the details"}},
                             status_code=500)
 
+    # inside the audit (added after it is declared, a middleware would wrap it)
+    app.add_middleware(RequestGuard, max_body=settings.max_body)
+
     @app.middleware("http")
     async def _audit(request: Request, call_next):
-        response = await call_next(request)
-        status = response.status_code
-        if request.method != "GET" or status in (401, 403):
-            who = getattr(request.state, "principal", None)
-            if who is None:  # refused before authentication ran (a malformed body, say)
-                scheme, _, token = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() == "bearer":
-                    who = svc.accounts.authenticate(token.strip())
-            route = getattr(request.scope.get("route"), "path", request.url.path)
-            if not route.startswith("/api"):
-                route = "/api" + route
-            action = f"{request.method} {route}"
-            result = ("ok" if status < 400 else "denied" if status in (401, 403)
-                      else "not_found" if status == 404 else f"error {status}")
-            try:
-                audit(svc, actor=who.user if who else "anonymous", action=action,
-                      resource=request.url.path, status=status, result=result)
-            except Exception:  # noqa: BLE001 - the audit must never turn a success into a 500
-                log.exception("audit write failed")
+        try:
+            response = await call_next(request)
+        except Exception:  # answered 500 by the server's outermost handler: said here too
+            _record(request, 500)
+            raise
+        if request.method != "GET" or response.status_code >= 400:
+            _record(request, response.status_code)
         return response
+
+    def _record(request: Request, status: int) -> None:
+        """One audit entry: who, which route and resource, the status and the result (the
+        error's code, when there was one, as the detail)."""
+        who = getattr(request.state, "principal", None)
+        if who is None:  # refused before authentication ran (a malformed body, say)
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() == "bearer":
+                who = svc.accounts.authenticate(token.strip())
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        if not route.startswith("/api"):
+            route = "/api" + route
+        result = ("ok" if status < 400 else "denied" if status in (401, 403)
+                  else "not_found" if status == 404 else f"error {status}")
+        try:
+            audit(svc, actor=who.user if who else "anonymous",
+                  action=_printable(f"{request.method} {route}"),
+                  resource=_printable(request.url.path), status=status, result=result,
+                  detail=str(request.scope.get("state", {}).get("error_code", "")))
+        except Exception:  # noqa: BLE001 - the audit must never turn a success into a 500
+            log.exception("audit write failed")
 
     from flowsession.api.routers import (
         access,
@@ -155,6 +181,14 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         return {"ok": True, "version": __version__}
 
     return app
+
+
+def _printable(text: str, limit: int = 500) -> str:
+    """``text`` for the audit log: control characters (a NUL a database cannot store) escaped,
+    and cut to ``limit`` characters."""
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                  for ch in text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 def _follow_run(svc: Services, name: str):

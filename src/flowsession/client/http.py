@@ -2,9 +2,10 @@
 with a token.
 
 Flows live on the server by name. A local flow folder given where a flow is expected is
-uploaded once (its text files; name = the folder's name) and reused afterwards; when it is
-already registered by you, files that differ from the local ones are saved to it (Save only:
-a changed ``requirements.txt`` takes effect with ``install``). Local data files are read here
+uploaded once (its text files and its includes: ``client/upload.py``; name = the folder's
+name) and reused afterwards; when it is already registered by you, files that differ from the
+local ones are saved to it (Save only: a changed ``requirements.txt`` takes effect with
+``install``). Local data files are read here
 and sent inline (``data_lines``); a data path that is not a local file is taken as a file of
 the flow's folder on the server. Errors come back as the ``flowsession.errors`` class of their
 code."""
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 
 from flowsession.client.http_resources import HttpResources
+from flowsession.client.upload import collect_files
 from flowsession.errors import Conflict, FlowSessionError, Forbidden, InvalidInput, Unauthorized
 from flowsession.runs.records import ENDED, Run
 from flowsession.runs.spec import RunSpec
@@ -31,9 +33,6 @@ from flowsession.sessions.records import Session
 
 SUBMIT_TIMEOUT_S = 900.0  # a run's submission starts the flow's session when none runs
 POLL_S = 0.5
-# folders and files never uploaded (the server refuses names starting with ".")
-_SKIP_DIRS = {"__pycache__", "node_modules", ".git", ".venv", "venv", ".promptflow"}
-_SKIP_SUFFIXES = {".pyc", ".pyo"}
 
 
 AuthenticationError = Unauthorized  # the server refused the token (401)
@@ -113,12 +112,9 @@ def error_from_response(response: httpx.Response) -> FlowSessionError:
             hint="pass token= to Client, or set FLOWSESSION_TOKEN; an Owner can issue one "
                  "(POST /api/users or /api/tokens)", details={"server": str(response.url)})
     if response.status_code == 403:
-        err = PermissionDenied(data.pop("message", "forbidden"), hint=data.pop("hint", ""))
         data.pop("code", None)
-        err.details = data
-        for key, value in data.items():
-            setattr(err, key, value)
-        return err
+        return PermissionDenied(data.pop("message", "forbidden"), hint=data.pop("hint", ""),
+                                details=data)
     return error_from_dict(data)
 
 
@@ -546,25 +542,3 @@ class HttpTransport(HttpResources):
         name = self.flow_name(flow)
         op = self.request("POST", f"/api/flows/{name}/session/install")
         return session_from_dict(self.wait_operation(op["id"], on_event=on_progress))
-
-def collect_files(folder: Path) -> dict[str, str]:
-    """A flow folder's text files (relative POSIX path -> text) to upload; hidden files,
-    caches and virtual environments left out. A binary file is refused, named."""
-    files: dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") or part in _SKIP_DIRS for part in rel.parts):
-            continue
-        if not path.is_file() or path.suffix in _SKIP_SUFFIXES:
-            continue
-        try:
-            files[rel.as_posix()] = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{path} is not a UTF-8 text file: the server takes a flow's "
-                               "text files only", hint="remove it from the flow folder, or "
-                               "register a folder on the server's machine (on_server=True)",
-                               details={"file": str(rel)}) from None
-    if not files:
-        raise InvalidInput(f"flow folder {folder} has no files to upload",
-                           details={"flow": str(folder)})
-    return files

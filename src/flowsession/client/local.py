@@ -204,9 +204,9 @@ class LocalTransport(LocalResources):
         return dataclasses.asdict(self.registry.register(name, owner=self.user, path=folder))
 
     def read_flow_file(self, flow: str | Path, path: str) -> str:
-        from flowsession.flows.registry import _inside
+        from flowsession.flows.paths import file_in
 
-        target = _inside(Path(self.flow_arg(flow)), path)
+        target = file_in(Path(self.flow_arg(flow)), path, confined=False)
         try:
             return target.read_text()
         except FileNotFoundError:
@@ -214,9 +214,9 @@ class LocalTransport(LocalResources):
                            details={"flow": str(flow), "file": path}) from None
 
     def write_flow_file(self, flow: str | Path, path: str, content: str) -> None:
-        from flowsession.flows.registry import _inside
+        from flowsession.flows.paths import file_in
 
-        target = _inside(Path(self.flow_arg(flow)), path)
+        target = file_in(Path(self.flow_arg(flow)), path, confined=False)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
 

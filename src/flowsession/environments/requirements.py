@@ -92,17 +92,18 @@ def parse_requirements(
     allow_local: bool = False,
     image_versions: dict[str, str] | None = None,
     allow_includes: bool = True,
+    root: Path | None = None,
 ) -> FlowRequirements:
     """Parse ``path``. ``image_versions`` (name -> version) makes refusals say what the image has.
     ``allow_includes=False`` refuses ``-r``/``-c`` (text sent over the API must not read other
-    files of the server)."""
+    files of the server); with ``root`` (an uploaded flow's snapshot) they must stay inside it."""
     display = display or path.name
     reqs: list[str] = []
     cons: list[str] = []
     feeds: list[Feed] = []
     dropped: list[str] = []
     _read(path, display, allow_local, image_versions or {}, reqs, cons, feeds, dropped, depth=0,
-          allow_includes=allow_includes)
+          allow_includes=allow_includes, root=root.resolve() if root is not None else None)
     return FlowRequirements(
         source=display,
         requirements=tuple(reqs),
@@ -115,13 +116,13 @@ def parse_requirements(
 
 
 def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped, *, depth,
-          allow_includes=True):
+          allow_includes=True, root=None):
     if depth > 10:
         raise RequirementsError(f"{display}: -r/-c includes nest too deeply (a cycle?)",
                                 hint="remove the include that leads back to an earlier file")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise RequirementsError(
             f"requirements file {display} does not exist",
             hint="create it, or point environment.python_requirements_txt at the right file",
@@ -133,7 +134,7 @@ def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped
         where = f"{display}, line {lineno}"
         if line.startswith("-"):
             _option(line, where, path, display, allow_local, image_versions,
-                    reqs, cons, feeds, dropped, depth, allow_includes)
+                    reqs, cons, feeds, dropped, depth, allow_includes, root)
             continue
         if _is_local(line) and not allow_local:
             raise RequirementsError(
@@ -167,7 +168,7 @@ def _read(path, display, allow_local, image_versions, reqs, cons, feeds, dropped
 
 
 def _option(line, where, path, display, allow_local, image_versions, reqs, cons, feeds, dropped,
-            depth, allow_includes=True):
+            depth, allow_includes=True, root=None):
     head, _, rest = line.partition(" ")
     if head.startswith("--") and "=" in head:  # --index-url=URL
         head, _, value = head.partition("=")
@@ -192,11 +193,17 @@ def _option(line, where, path, display, allow_local, image_versions, reqs, cons,
         if not allow_includes:
             raise RequirementsError(f"{where}: '{opt}' includes another file, which is not "
                                     "allowed here", hint="list the packages themselves")
+        if "\x00" in args[0]:
+            raise RequirementsError(f"{where}: '{opt}' names a file with a NUL byte",
+                                    hint="name the file without control characters")
         inc = (path.parent / args[0]).resolve()
+        if root is not None and not inc.is_relative_to(root):
+            raise RequirementsError(f"{where}: '{opt} {args[0]}' leads outside the uploaded flow",
+                                    hint="include only files of the flow (upload them with it)")
         inc_display = f"{args[0]} (included from {display})"
         into = reqs if opt in ("-r", "--requirement") else cons
         _read(inc, inc_display, allow_local, image_versions, into, cons, feeds, dropped,
-              depth=depth + 1)
+              depth=depth + 1, root=root)
         return
     if opt in ("-e", "--editable"):
         raise RequirementsError(

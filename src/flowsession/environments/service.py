@@ -25,6 +25,7 @@ from flowsession.environments.cache import Environment, EnvironmentCache
 from flowsession.environments.images import DEFAULT_IMAGE, ImageService
 from flowsession.environments.requirements import FlowRequirements, parse_requirements
 from flowsession.flows.flowfile import load_flow
+from flowsession.flows.registry import upload_root
 from flowsession.flows.snapshot import Snapshot, make_snapshot
 from flowsession.store import Store, open_store
 from flowsession.store.tables import resolutions
@@ -67,7 +68,7 @@ class EnvironmentService:
                       refresh: bool = False, image: str | None = None) -> Prepared:
         """Snapshot the flow and resolve its requirements against its image (no build yet).
         ``image`` overrides the flow's ``environment.image`` (a session's advanced setting)."""
-        snapshot = make_snapshot(load_flow(flow), self.settings.snapshots_dir)
+        snapshot = self.snapshot(flow)
         image = await self.images.ensure_built(image or snapshot.flow.image or DEFAULT_IMAGE)
         layers = self.images.layers(image)
         reqs = self._requirements(snapshot, layers)
@@ -75,6 +76,13 @@ class EnvironmentService:
                                    name=snapshot.flow.folder.name)
         spec = EnvSpec(image=layers, lock=lock, requirements=reqs)
         return Prepared(snapshot, layers, reqs, spec, self.builder.env_id(spec))
+
+    def snapshot(self, flow: str | Path) -> Snapshot:
+        """The flow's snapshot, as every session runs it. An uploaded flow draws only on its
+        own folder (includes and symlinks that lead out are refused); a folder of the server's
+        machine keeps prompt flow's behaviour."""
+        root = upload_root(self.settings, flow)
+        return make_snapshot(load_flow(flow, root=root), self.settings.snapshots_dir)
 
     async def ensure_for_flow(self, flow: str | Path, *, identity: str = USER_IDENTITY,
                               holder: str | None = None, refresh: bool = False) -> Environment:
@@ -117,7 +125,8 @@ class EnvironmentService:
         if path is None:
             return FlowRequirements(source=flow.requirements_file, base_dir=snapshot.path)
         return parse_requirements(path, display=flow.requirements_file,
-                                  image_versions=image.versions())
+                                  image_versions=image.versions(),
+                                  root=snapshot.path if flow.root is not None else None)
 
     async def _resolve(self, image: ImageLayers, reqs: FlowRequirements, *, identity: str,
                        refresh: bool, name: str) -> str:

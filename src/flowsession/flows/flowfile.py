@@ -7,19 +7,26 @@ Everything else stays in ``raw`` for prompt flow itself to judge.
 Every problem becomes a ``FlowFileError`` naming the file, the 1-based line and the field, so
 a user can go straight to the spot. Lines are found lazily (only when something is wrong) by
 composing the YAML into PyYAML's node tree and walking it along the field path.
+
+A flow loaded with a ``root`` (an uploaded flow: its own folder) may only include what resolves
+inside that root, and its errors name its files by their path inside the flow folder, never by
+where the server keeps them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
 
-from flowsession.errors import FlowFileError, FlowNotFound
+from flowsession.errors import FlowFileError, FlowNotFound, InvalidInput
+from flowsession.flows.paths import check_no_nul, check_path_text, inside
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -40,6 +47,10 @@ class FlowDefinition:
     loaded: the requirements file inside the folder, or the one an ``additional_includes``
     entry brings in under the same name; ``None`` when the default ``requirements.txt`` is
     simply absent (a flow with no extra requirements).
+
+    ``root``: the folder everything the flow draws on (includes, symlinks, the requirements
+    file) must resolve inside, and the reason its messages name files relative to its folder;
+    ``None`` for a folder of the machine it is read on (prompt flow's behaviour).
     """
 
     folder: Path
@@ -54,6 +65,16 @@ class FlowDefinition:
     outputs: dict[str, Any] = field(default_factory=dict, hash=False)
     nodes: tuple[dict[str, Any], ...] = field(default=(), hash=False)
     raw: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    root: Path | None = None
+
+    def show(self, path: str | os.PathLike[str]) -> str:
+        """How a message names ``path``: relative to the flow folder when the flow has a root
+        (an upload: the server's folders are not the user's business), else as it is."""
+        return _show(Path(path), self.folder, self.root)
+
+    def confines(self, path: str | os.PathLike[str]) -> bool:
+        """May the flow draw on ``path``? Always without a root; else when it resolves inside."""
+        return self.root is None or inside(self.root, path)
 
     def line_of(self, field_path: str) -> int | None:
         """The 1-based line of ``field_path`` (e.g. ``additional_includes[0]``) in the file."""
@@ -65,27 +86,57 @@ class FlowDefinition:
     def error(self, message: str, *, field: str | None = None, hint: str = "") -> FlowFileError:
         """A ``FlowFileError`` about this flow's file, pointing at ``field``'s line."""
         line = self.line_of(field) if field else None
-        return FlowFileError(message, file=str(self.file), line=line, field=field, hint=hint)
+        return FlowFileError(message, file=self.show(self.file), line=line, field=field,
+                             hint=hint)
+
+
+def _show(path: Path, folder: Path, root: Path | None) -> str:
+    if root is None:
+        return str(path)
+    rel = os.path.relpath(os.path.abspath(path), folder)
+    return Path(rel).as_posix() if not rel.startswith("..") else "(outside the flow)"
+
+
+def outside_root(include: str) -> str:
+    """The message for an include of an uploaded flow that leads outside it."""
+    return (f"the include '{include}' is outside the uploaded flow: an uploaded flow can "
+            "include only its own files")
+
+
+OUTSIDE_HINT = ("upload what the flow needs with it and name it by its path inside the flow "
+                "(flowsession and the SDK do this for a local flow's includes)")
 
 
 # --- finding and parsing the file ------------------------------------------------------------
 
 
-def load_flow(path: str | os.PathLike[str]) -> FlowDefinition:
-    """Load the flow at ``path`` (its folder, or its YAML file) and check it."""
-    given = Path(path).expanduser()
+def load_flow(path: str | os.PathLike[str], *,
+              root: str | os.PathLike[str] | None = None) -> FlowDefinition:
+    """Load the flow at ``path`` (its folder, or its YAML file) and check it. With ``root``
+    (an uploaded flow's own folder), its includes and requirements file must resolve inside
+    ``root`` and messages name files relative to the flow folder."""
+    given = Path(check_no_nul(os.fspath(path), field="flow")).expanduser()
+    real_root = _root(root)
     if not given.exists():
+        if real_root is not None:
+            raise FlowNotFound("the flow's folder does not exist (any more)",
+                               hint="upload the flow again")
         raise FlowNotFound(
             f"no flow at '{given}': the path does not exist",
             hint="check the path; it should name a flow folder or its flow.dag.yaml",
         )
-    flow_file, kind = _find_flow_file(given.resolve())
+    if real_root is not None and not inside(real_root, given):
+        raise InvalidInput("the flow is not inside its own folder",
+                           hint="upload the flow again")
+    base = given.resolve() if given.is_dir() else given.resolve().parent
+    flow_file, kind = _find_flow_file(given.resolve(), lambda p: _show(p, base, real_root))
     try:
         text = flow_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise FlowFileError(
-            f"cannot read the file ({exc.__class__.__name__}: {exc})",
-            file=str(flow_file),
+            f"cannot read the file ({exc.__class__.__name__}: {reason})",
+            file=_show(flow_file, flow_file.parent, real_root),
             hint="make sure the file is readable and saved as UTF-8",
         ) from None
     try:
@@ -100,19 +151,47 @@ def load_flow(path: str | os.PathLike[str]) -> FlowDefinition:
             what = f"{what} ({exc.context}{at})"
         raise FlowFileError(
             f"the YAML cannot be parsed: {what}",
-            file=str(flow_file),
+            file=_show(flow_file, flow_file.parent, real_root),
             line=line,
             hint="fix the YAML at that line: indentation, a missing ':' or an unquoted "
             "special character (':', '#', '{') are the usual causes",
         ) from None
     except yaml.YAMLError as exc:
-        raise FlowFileError(f"the YAML cannot be parsed: {exc}", file=str(flow_file)) from None
+        raise FlowFileError(f"the YAML cannot be parsed: {exc}",
+                            file=_show(flow_file, flow_file.parent, real_root)) from None
     if kind is None:  # a custom file name: a flex flow is the one with an entry
         kind = "flex" if isinstance(data, dict) and "entry" in data else "dag"
-    return _Checker(flow_file, text, kind).check(data)
+    return _Checker(flow_file, text, kind, real_root).check(data)
 
 
-def _find_flow_file(path: Path) -> tuple[Path, FlowKind | None]:
+def check_saved_includes(text: str, file: Path, root: Path) -> None:
+    """Saving ``text`` as the flow file ``file`` of the uploaded flow at ``root``: its includes
+    must stay inside the upload. (A file that does not parse yet is the user's to fix; the
+    flow's next use says what is wrong.)"""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return
+    includes = data.get("additional_includes") if isinstance(data, dict) else None
+    if not isinstance(includes, list):
+        return
+    checker = _Checker(file, text, "dag", _root(root))
+    for i, inc in enumerate(includes):
+        if isinstance(inc, str) and inc.strip():
+            checker.check_include(f"additional_includes[{i}]", inc.strip(), file.parent)
+
+
+def _root(root: str | os.PathLike[str] | None) -> Path | None:
+    """``root`` resolved; a root that is itself a symlink is refused (it could point anywhere)."""
+    if root is None:
+        return None
+    if Path(root).is_symlink():
+        raise InvalidInput("the flow's folder is a symlink", hint="upload the flow again")
+    return Path(root).resolve()
+
+
+def _find_flow_file(path: Path, show: Callable[[Path], str] = str
+                    ) -> tuple[Path, FlowKind | None]:
     """The flow YAML for a folder or file path, and its kind (None: decide from content)."""
     if path.is_file():
         for kind in ("dag", "flex"):  # flow.dag.yaml, but also my.dag.yaml
@@ -122,7 +201,7 @@ def _find_flow_file(path: Path) -> tuple[Path, FlowKind | None]:
             return path, None
         raise FlowFileError(
             "this is not a flow file",
-            file=str(path),
+            file=show(path),
             hint="point at the flow's folder, or at its flow.dag.yaml / flow.flex.yaml",
         )
     found = [
@@ -131,14 +210,14 @@ def _find_flow_file(path: Path) -> tuple[Path, FlowKind | None]:
     if not found:
         raise FlowFileError(
             "the flow folder has no flow.dag.yaml (or flow.flex.yaml)",
-            file=str(path / "flow.dag.yaml"),
+            file=show(path / "flow.dag.yaml"),
             hint="create flow.dag.yaml (or flow.flex.yaml) in it, or point at the flow's folder",
         )
     if len(found) > 1:
         names = " and ".join(p.name for p, _ in found)
         raise FlowFileError(
             f"the folder has more than one flow file ({names})",
-            file=str(found[0][0]),
+            file=show(found[0][0]),
             hint="keep one of them, or point at the one you mean",
         )
     return found[0]  # type: ignore[return-value]
@@ -206,8 +285,9 @@ _HINTS = {
 class _Checker:
     """Checks parsed YAML and builds the FlowDefinition; every failure names field and line."""
 
-    def __init__(self, file: Path, text: str, kind: FlowKind):
-        self.file, self.text, self.kind = file, text, kind
+    def __init__(self, file: Path, text: str, kind: FlowKind, root: Path | None = None):
+        self.file, self.text, self.kind, self.root = file, text, kind, root
+        self.shown = _show(file, file.parent, root)
 
     def fail(self, field_path: str, message: str, hint: str | None = None) -> FlowFileError:
         try:
@@ -215,7 +295,7 @@ class _Checker:
         except yaml.YAMLError:
             line = None
         hint = hint or _HINTS.get(re.sub(r"\[\d+\]", "[]", field_path), "")
-        return FlowFileError(message, file=str(self.file), line=line, field=field_path, hint=hint)
+        return FlowFileError(message, file=self.shown, line=line, field=field_path, hint=hint)
 
     def typed(self, data: dict, key: str, kind: type, where: str | None = None) -> Any:
         """``data[key]`` if it is a ``kind`` (``None`` when absent), else a FlowFileError."""
@@ -230,7 +310,7 @@ class _Checker:
             what = "empty" if data is None else f"{_kind_of(data)}, not a mapping"
             raise FlowFileError(
                 f"the flow file is {what}",
-                file=str(self.file),
+                file=self.shown,
                 line=None if data is None else 1,
                 hint="a flow file is a mapping with keys like inputs, outputs, nodes, environment",
             )
@@ -247,6 +327,8 @@ class _Checker:
                 raise self.fail(f"additional_includes[{i}]", "must be a path (a string)")
         includes = tuple(inc.strip() for inc in includes)
         folder = self.file.parent
+        for i, inc in enumerate(includes):
+            self.check_include(f"additional_includes[{i}]", inc, folder)
         return FlowDefinition(
             folder=folder,
             file=self.file,
@@ -260,7 +342,19 @@ class _Checker:
             outputs=self.typed(data, "outputs", dict) or {},
             nodes=self.check_nodes(data) if self.kind == "dag" else (),
             raw=data,
+            root=self.root,
         )
+
+    def check_include(self, field_path: str, include: str, folder: Path) -> None:
+        """An include is a path; an uploaded flow's stays inside the upload."""
+        check = check_path_text if self.root is not None else check_no_nul
+        try:
+            check(include, field=field_path, what="include")
+        except InvalidInput as exc:
+            raise self.fail(field_path, exc.message.removeprefix(f"{field_path}: "),
+                            exc.hint) from None
+        if self.root is not None and not inside(self.root, folder / include):
+            raise self.fail(field_path, outside_root(include), OUTSIDE_HINT)
 
     def check_nodes(self, data: dict) -> tuple[dict, ...]:
         nodes = self.typed(data, "nodes", list) or []
@@ -304,20 +398,46 @@ class _Checker:
                 f"its file name '{rel.name}'",
             )
         if (folder / rel).is_file():
-            return folder / rel
+            return self.confined(field_path, name, folder / rel)
         for inc in includes:  # "requirements.txt" brought in by "- ../requirements.txt"
             if rel.parts and include_name(inc) == rel.parts[0]:
                 via = (folder / inc).joinpath(*rel.parts[1:])
                 if via.is_file():
-                    return via.resolve()
+                    return self.confined(field_path, name, via.resolve())
         if req is None:
             return None  # the default file is optional
+        where = "the flow folder" if self.root is not None else str(folder)
         raise self.fail(
             field_path,
-            f"the requirements file '{name}' does not exist in {folder}",
+            f"the requirements file '{name}' does not exist in {where}",
             f"create {name} in the flow folder, fix the name, or bring it in with "
             "additional_includes",
         )
+
+    def confined(self, field_path: str, name: str, path: Path) -> Path:
+        """``path`` of the requirements file, when the flow may draw on it."""
+        if self.root is not None and not inside(self.root, path):
+            raise self.fail(field_path, f"the requirements file '{name}' leads outside the "
+                            "uploaded flow", OUTSIDE_HINT)
+        return path
+
+
+def replace_includes(text: str, new: dict[int, str]) -> str:
+    """The flow file ``text`` with ``additional_includes[i]`` replaced by ``new[i]``; every
+    other character (comments, order, quoting) is kept."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)  # its marks count characters
+    items = None
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "additional_includes":
+                items = value
+    if not isinstance(items, yaml.SequenceNode):
+        raise ValueError("the flow file has no list of additional_includes")
+    spans = sorted(((items.value[i].start_mark.index, items.value[i].end_mark.index, path)
+                    for i, path in new.items()), reverse=True)
+    for start, end, path in spans:  # from the end, so earlier positions stay right
+        text = text[:start] + json.dumps(path, ensure_ascii=False) + text[end:]
+    return text
 
 
 def include_name(include: str) -> str:

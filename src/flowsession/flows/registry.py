@@ -1,5 +1,10 @@
-"""Flows registered on a server by name: uploaded (kept under ``<home>/flows/<name>/``) or a
-folder already on the server's machine. The only writer of the ``flows`` table.
+"""Flows registered on a server by name: uploaded (kept under ``<home>/flows/<owner>/<name>/``)
+or a folder already on the server's machine. The only writer of the ``flows`` table.
+
+An uploaded flow is confined to its own folder (``upload_root``): its files are plain files
+written by the server (never symlinks), and its includes and symlinks must resolve inside it;
+its errors name its files by their path in the flow. A folder of the server's machine (an
+Owner's) keeps prompt flow's behaviour.
 
 Writing a file is prompt flow's "Save": it changes the flow's folder, never a running session
 (a changed ``requirements.txt`` takes effect with "Save and install"; other files at the next
@@ -7,19 +12,22 @@ line, as on the flow page)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from flowsession.config import Settings
 from flowsession.errors import Conflict, InvalidInput, NotFound
-from flowsession.flows.flowfile import load_flow
+from flowsession.flows.flowfile import FLOW_FILE_NAMES, check_saved_includes, load_flow
+from flowsession.flows.paths import check_no_nul, file_in
+from flowsession.flows.snapshot import check_contents
 from flowsession.store import Store
 from flowsession.store.tables import flows
 
@@ -42,7 +50,7 @@ class FlowRegistry:
 
     @property
     def root(self) -> Path:
-        return self.settings.home / "flows"
+        return self.settings.flows_dir
 
     def register(self, name: str, *, owner: str, path: str | None = None,
                  files: dict[str, str] | None = None) -> RegisteredFlow:
@@ -55,6 +63,9 @@ class FlowRegistry:
             raise InvalidInput("register a flow with either a path on the server or its files",
                                details={"field": "path"})
         uploaded = files is not None
+        if uploaded and not files:
+            raise InvalidInput("an uploaded flow needs its files (flow.dag.yaml or "
+                               "flow.flex.yaml at least)", details={"field": "files"})
         if uploaded:
             folder = self.root / owner / name
             if folder.exists():
@@ -62,18 +73,17 @@ class FlowRegistry:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = folder.parent / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            for rel, text in files.items():
-                target = _inside(tmp, rel)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
             try:
-                load_flow(tmp)  # a bad flow is refused before it is registered
+                for rel, text in files.items():
+                    _write(file_in(tmp, rel, confined=True, field="files"), rel, text)
+                # a bad flow is refused before it is registered, its includes first of all
+                check_contents(load_flow(tmp, root=tmp))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             os.rename(tmp, folder)
         else:
-            folder = load_flow(path).folder
+            folder = load_flow(check_no_nul(path, field="path")).folder
         try:
             with self.store.engine.begin() as conn:
                 conn.execute(insert(flows).values(name=name, owner=owner, path=str(folder),
@@ -120,25 +130,28 @@ class FlowRegistry:
 
     def read(self, flow: RegisteredFlow, rel: str) -> str:
         name = flow.name
-        target = _inside(Path(flow.path), rel)
+        target = file_in(Path(flow.path), rel, confined=flow.uploaded)
         try:
             return target.read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"flow {name!r} has no file {rel!r}",
                            details={"flow": name, "file": rel}) from None
+        except IsADirectoryError:
+            raise InvalidInput(f"{rel} is a folder, not a file", details={"file": rel}) from None
         except UnicodeDecodeError:
             raise InvalidInput(f"{rel} is not a text file", details={"file": rel}) from None
 
     def write(self, flow: RegisteredFlow, rel: str, text: str) -> None:
-        """Save only: the file changes; a running session is not touched."""
+        """Save only: the file changes; a running session is not touched. An uploaded flow's
+        flow file may not name includes outside the flow."""
         if len(text.encode()) > MAX_FILE:
             raise InvalidInput(f"{rel} is larger than {MAX_FILE // (1024 * 1024)} MB",
                                details={"file": rel})
-        target = _inside(Path(flow.path), rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.rename(tmp, target)
+        folder = Path(flow.path)
+        target = file_in(folder, rel, confined=flow.uploaded)
+        if flow.uploaded and rel in _FLOW_FILES:
+            check_saved_includes(text, target, folder)
+        _write(target, rel, text)
 
     def unregister(self, flow: RegisteredFlow) -> None:
         with self.store.engine.begin() as conn:
@@ -148,11 +161,35 @@ class FlowRegistry:
             shutil.rmtree(flow.path, ignore_errors=True)
 
 
-def _inside(folder: Path, rel: str) -> Path:
-    p = PurePosixPath(rel)
-    if not rel or p.is_absolute() or ".." in p.parts or any(part.startswith(".") for part in
-                                                            p.parts):
-        raise InvalidInput(f"file path {rel!r} is not allowed",
-                           hint="a relative path inside the flow's folder, without '..'",
-                           details={"file": rel})
-    return folder / p
+_FLOW_FILES = frozenset(n for names in FLOW_FILE_NAMES.values() for n in names)
+
+
+def upload_root(settings: Settings, flow: str | os.PathLike[str]) -> Path | None:
+    """The folder the flow at ``flow`` is confined to when it is an upload: its own
+    ``<flows_dir>/<owner>/<name>``. None for any other folder (a folder of the server's
+    machine, prompt flow's behaviour). Judged by where the path is, before and after symlinks,
+    so no link makes an upload look like something else."""
+    base = settings.flows_dir
+    for top, path in ((Path(os.path.abspath(base)), Path(os.path.abspath(flow))),
+                      (base.resolve(), Path(flow).resolve())):
+        if path.is_relative_to(top) and len(path.relative_to(top).parts) >= 2:
+            owner, name = path.relative_to(top).parts[:2]
+            return top / owner / name
+    return None
+
+
+def _write(target: Path, rel: str, text: str) -> None:
+    """Write ``text`` to ``target`` through a temp file and a rename (a Save is whole)."""
+    if target.is_dir():
+        raise InvalidInput(f"{rel} is a folder, not a file", details={"file": rel})
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.rename(tmp, target)
+    except (NotADirectoryError, FileExistsError):  # a file where the path needs a folder
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise InvalidInput(f"file path {rel!r} runs through a file of the flow",
+                           hint="a file and a folder cannot have the same name",
+                           details={"file": rel}) from None

@@ -14,6 +14,10 @@ folders carry no content and are not copied. Snapshots are built in a temp folde
 store and renamed into place, so a snapshot folder that exists is complete; then made
 read-only. Symlinks are followed (their target's content is copied) but may only point into
 the flow folder or an additional include.
+
+A flow with a ``root`` (an uploaded flow, see ``load_flow``) is confined to it: every include and
+every symlink must resolve inside the root, and messages name files by their path inside the
+flow, never by where the server keeps them. The snapshot of such a flow is confined to itself.
 """
 
 from __future__ import annotations
@@ -24,13 +28,19 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from flowsession.errors import FlowFileError
-from flowsession.flows.flowfile import FlowDefinition, include_name, load_flow
+from flowsession.flows.flowfile import (
+    OUTSIDE_HINT,
+    FlowDefinition,
+    include_name,
+    load_flow,
+    outside_root,
+)
 
 SKIPPED_NAMES = frozenset({"__pycache__", ".git", ".promptflow", ".venv", ".runs"})
 SKIPPED_SUFFIXES = (".pyc",)
@@ -55,6 +65,7 @@ class _Entry:
     rel: str  # posix path inside the snapshot
     src: Path  # where its bytes come from (symlinks followed)
     executable: bool
+    shown: str  # how messages name it
 
 
 def make_snapshot(flow: FlowDefinition, store_dir: str | os.PathLike[str]) -> Snapshot:
@@ -65,14 +76,14 @@ def make_snapshot(flow: FlowDefinition, store_dir: str | os.PathLike[str]) -> Sn
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
     entries = _manifest(flow, skip=store)
-    digest = _combine(entries, [_file_digest(e.src) for e in entries])
+    digest = _combine(entries, [_file_digest(e) for e in entries])
     if not _already_made(store / digest[:ID_LENGTH]):
         digest = _build(entries, store)  # the content may have moved on since we hashed it
     path = store / digest[:ID_LENGTH]
     return Snapshot(
         id=digest[:ID_LENGTH],
         path=path,
-        flow=load_flow(path / flow.file.name),
+        flow=load_flow(path / flow.file.name, root=path if flow.root is not None else None),
         source=flow.folder,
         digest=digest,
     )
@@ -85,7 +96,13 @@ def snapshot_id_of(flow: FlowDefinition, *, store_dir: str | os.PathLike[str] | 
     """
     skip = Path(store_dir).resolve() if store_dir is not None else None
     entries = _manifest(flow, skip=skip)
-    return _combine(entries, [_file_digest(e.src) for e in entries])[:ID_LENGTH]
+    return _combine(entries, [_file_digest(e) for e in entries])[:ID_LENGTH]
+
+
+def check_contents(flow: FlowDefinition) -> None:
+    """Refuse what ``make_snapshot`` would refuse (an include that is missing, collides or
+    leaves the flow's root, a symlink out, a socket), without reading or copying a file."""
+    _manifest(flow, skip=None)
 
 
 # --- what goes in ----------------------------------------------------------------------------
@@ -104,9 +121,12 @@ def _manifest(flow: FlowDefinition, *, skip: Path | None) -> list[_Entry]:
                 field=field,
                 hint="name the file or folder itself, e.g. ../common/ or ../requirements.txt",
             )
+        if not flow.confines(src):  # checked before anything about it is told
+            raise flow.error(outside_root(inc), field=field, hint=OUTSIDE_HINT)
         if not src.exists():
+            looked = f" (looked for {src.resolve()})" if flow.root is None else ""
             raise flow.error(
-                f"the include '{inc}' does not exist (looked for {src.resolve()})",
+                f"the include '{inc}' does not exist{looked}",
                 field=field,
                 hint="fix the path; it is relative to the flow folder",
             )
@@ -119,7 +139,9 @@ def _manifest(flow: FlowDefinition, *, skip: Path | None) -> list[_Entry]:
             )
         includes.append((field, inc, name, src))
 
-    walker = _Walker([folder] + [src.resolve() for *_, src in includes], skip)
+    allowed = [flow.root] if flow.root is not None else [folder] + [
+        src.resolve() for *_, src in includes]
+    walker = _Walker(allowed, skip, flow.show, confined=flow.root is not None)
     entries = walker.walk(flow.folder, "")
     owners = {
         e.rel.split("/", 1)[0]: f"the flow folder's '{e.rel.split('/', 1)[0]}'" for e in entries
@@ -137,15 +159,16 @@ def _manifest(flow: FlowDefinition, *, skip: Path | None) -> list[_Entry]:
         if src.is_dir():
             entries += walker.walk(src, name + "/")
         else:
-            entries.append(_Entry(name, src, _is_executable(src.stat().st_mode)))
+            entries.append(_Entry(name, src, _is_executable(src.stat().st_mode), flow.show(src)))
     return sorted(entries, key=lambda e: e.rel)
 
 
 class _Walker:
     """Lists the files under a folder, following symlinks that stay inside ``allowed`` roots."""
 
-    def __init__(self, allowed: list[Path], skip: Path | None):
-        self.allowed, self.skip = allowed, skip
+    def __init__(self, allowed: list[Path], skip: Path | None, show: Callable[[Path], str],
+                 *, confined: bool):
+        self.allowed, self.skip, self.show, self.confined = allowed, skip, show, confined
 
     def walk(
         self, directory: Path, prefix: str, _stack: frozenset[Path] = frozenset()
@@ -153,8 +176,8 @@ class _Walker:
         real = directory.resolve()
         if real in _stack:
             raise FlowFileError(
-                f"the symlink loops back to {real}",
-                file=str(directory),
+                f"the symlink loops back to {self.show(real)}",
+                file=self.show(directory),
                 hint="remove the symlink loop from the flow folder",
             )
         stack = _stack | {real}
@@ -166,33 +189,42 @@ class _Walker:
                 continue
             path, rel = Path(item.path), prefix + item.name
             if item.is_symlink():
-                self._check_link(path)
+                self.check_link(path)
             mode = path.stat().st_mode
             if stat.S_ISDIR(mode):
                 if self.skip is None or path.resolve() != self.skip:
                     out += self.walk(path, rel + "/", stack)
             elif stat.S_ISREG(mode):
-                out.append(_Entry(rel, path, _is_executable(mode)))
+                out.append(_Entry(rel, path, _is_executable(mode), self.show(path)))
             else:
                 raise FlowFileError(
                     "is not a regular file or folder (a socket, pipe or device?)",
-                    file=str(path),
+                    file=self.show(path),
                     hint="move it out of the flow folder",
                 )
         return out
 
-    def _check_link(self, path: Path) -> None:
+    def check_link(self, path: Path) -> None:
+        """A symlink must lead somewhere allowed; an uploaded flow's is not told where it
+        leads (that would tell the server's folders)."""
         target = path.resolve()
-        if not target.exists():
+        if self.confined and not any(target.is_relative_to(root) for root in self.allowed):
             raise FlowFileError(
-                f"is a broken symlink (to {target})",
-                file=str(path),
+                "is a symlink that leads outside the uploaded flow",
+                file=self.show(path),
+                hint="upload the file itself instead of a link to it",
+            )
+        if not target.exists():
+            to = "" if self.confined else f" (to {target})"
+            raise FlowFileError(
+                f"is a broken symlink{to}",
+                file=self.show(path),
                 hint="fix or remove the symlink",
             )
         if not any(target.is_relative_to(root) for root in self.allowed):
             raise FlowFileError(
                 f"is a symlink to {target}, outside the flow folder",
-                file=str(path),
+                file=self.show(path),
                 hint="copy the file into the flow folder, or list it (or its folder) in "
                 "additional_includes",
             )
@@ -206,22 +238,22 @@ def _is_executable(mode: int) -> bool:
 
 
 @contextlib.contextmanager
-def _read(path: Path) -> Iterator[BinaryIO]:
+def _read(entry: _Entry) -> Iterator[BinaryIO]:
     """Open a flow file for reading; an unreadable file is the flow's problem, said so."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        f = open(entry.src, "rb")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise FlowFileError(
             f"cannot read the file ({exc.strerror})",
-            file=str(path),
+            file=entry.shown,
             hint="make it readable, or move it out of the flow folder",
         ) from None
     with f:
         yield f
 
 
-def _file_digest(path: Path) -> str:
-    with _read(path) as f:
+def _file_digest(entry: _Entry) -> str:
+    with _read(entry) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -268,7 +300,7 @@ def _copy(entry: _Entry, dst: Path) -> str:
     """Copy one file, returning the sha256 of the bytes written; the copy is read-only."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    with _read(entry.src) as src, open(dst, "xb") as out:
+    with _read(entry) as src, open(dst, "xb") as out:
         while chunk := src.read(_CHUNK):
             h.update(chunk)
             out.write(chunk)

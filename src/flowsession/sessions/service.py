@@ -36,7 +36,6 @@ from flowsession.errors import (
     SessionFailed,
 )
 from flowsession.flows.flowfile import FlowDefinition, load_flow
-from flowsession.flows.snapshot import make_snapshot
 from flowsession.sessions.pool import StandbyPool
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
 from flowsession.sessions.state import SessionState as S
@@ -511,7 +510,7 @@ class SessionService:
     async def _load_changes(self, session: Session) -> Session:
         """Edited flow files take effect at the next line, as on the flow page: a changed
         snapshot is loaded by fresh workers. (Changed requirements need Save and install.)"""
-        snapshot = make_snapshot(load_flow(session.flow), self.settings.snapshots_dir)
+        snapshot = self.envs.snapshot(session.flow)
         if snapshot.id == session.snapshot_id:
             return session
         await self.backend.reload(session.session_handle, snapshot.path)

@@ -39,9 +39,11 @@ def envs(svc: Services) -> EnvironmentService:
 
 def _dict(svc: Services, who: Principal, env: Environment) -> dict:
     d = env.to_dict()
-    if who.manages_all:  # which sessions hold it, and where its build log is on the server
+    if who.manages_all:  # which sessions hold it, and where it and its log are on the server
         d["holders"] = envs(svc).cache.holders(env.id)
         d["log"] = str(envs(svc).cache.log_path(env.id))
+    else:
+        d.pop("path", None)
     return d
 
 

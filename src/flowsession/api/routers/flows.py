@@ -19,6 +19,7 @@ from flowsession.api.context import (
 from flowsession.api.routers import sessions
 from flowsession.config import parse_duration
 from flowsession.errors import NotFound
+from flowsession.flows.paths import check_no_control
 from flowsession.flows.registry import FlowRegistry, RegisteredFlow
 from flowsession.sessions.service import StartOptions
 
@@ -59,10 +60,13 @@ def registry(svc: Services) -> FlowRegistry:
     return svc.extra["flows"]
 
 
-def flow_of(svc: Services, who: Principal, name: str) -> tuple[RegisteredFlow, str]:
+def flow_of(svc: Services, who: Principal, name: str, *, field: str = "name"
+            ) -> tuple[RegisteredFlow, str]:
     """The flow and the user to act as (its owner). Names are per owner: ``name`` is yours;
     those who manage everything may also name another's flow (``owner:name``, or just the name
-    when only one user has it). Anyone else's flow is NotFound, as if it did not exist."""
+    when only one user has it). Anyone else's flow is NotFound, as if it did not exist. A name
+    with a NUL byte or another control character is a 422 naming ``field``."""
+    check_no_control(name, field=field, what="flow name")
     owner, sep, short = name.rpartition(":")
     if sep and owner != who.user and not who.manages_all:
         raise NotFound(f"flow {name!r} does not exist", details={"flow": name})

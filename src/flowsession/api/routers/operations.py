@@ -1,4 +1,5 @@
-"""Long operations: poll one, or stream its events (server-sent events)."""
+"""Long operations: poll one, or stream its events (server-sent events). A failed one's error
+is told as its caller may see it (``api/public.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ router = APIRouter(tags=["operations"])
 @router.get("/operations/{op_id}")
 def get_operation(op_id: str, request: Request, who: Principal = Depends(principal)) -> dict:
     ops = request.app.state.operations
-    return ops.get(op_id, owner=None if who.manages_all else who.user)
+    op = ops.get(op_id, owner=None if who.manages_all else who.user)
+    return {**op, "error": request.app.state.public.for_caller(op["error"], who)}
 
 
 @router.get("/operations/{op_id}/events")
@@ -25,8 +27,12 @@ def operation_events(op_id: str, request: Request,
     ops = request.app.state.operations
     ops.get(op_id, owner=None if who.manages_all else who.user)  # 404 before streaming
 
+    public = request.app.state.public
+
     async def gen():
         async for event in ops.stream(op_id):
+            if event.get("error") is not None:
+                event = {**event, "error": public.for_caller(event["error"], who)}
             yield f"data: {json.dumps(event, default=str)}\n\n"
         yield "event: end\ndata: {}\n\n"
 

@@ -24,6 +24,7 @@ from flowsession.api.context import (
 )
 from flowsession.api.routers.flows import flow_of
 from flowsession.errors import FlowSessionError, InvalidInput, NotFound
+from flowsession.flows.paths import check_no_control, check_path_text, inside
 from flowsession.runs.records import ENDED, Run
 from flowsession.runs.spec import RunSpec, spec_from_dict
 
@@ -51,6 +52,16 @@ def _scratch(svc: Services) -> Path:
     return path
 
 
+def _as_sent(exc: FlowSessionError, sent: dict[str, str]) -> FlowSessionError:
+    """``exc`` naming the data as the client sent it (a file of the flow, or data_lines),
+    not where the server keeps it."""
+    for server_path, as_sent in sorted(sent.items(), key=lambda kv: -len(kv[0])):
+        exc.message = exc.message.replace(server_path, as_sent)
+        exc.details = {k: v.replace(server_path, INLINE if as_sent == "data_lines" else as_sent)
+                       if isinstance(v, str) else v for k, v in exc.details.items()}
+    return exc
+
+
 def run_of(svc: Services, who: Principal, name: str) -> Run:
     run = svc.runs.records.find(name)
     if run is None:
@@ -62,7 +73,7 @@ def run_of(svc: Services, who: Principal, name: str) -> Run:
 def _run_dict(run: Run, svc: Services | None = None) -> dict:
     d = run.to_dict()
     d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
-    if svc is not None:  # where its files are, on the server's machine
+    if svc is not None:  # where its files are on the server's machine (for its managers)
         d["output_path"] = str(svc.runs.files(run.name).root)
     return d
 
@@ -73,6 +84,9 @@ async def create_run(body: RunIn, request: Request,
                      svc: Services = Depends(services)) -> dict:
     """Submit a run; it goes on in the flow's session. Returns the run and an operation that
     ends with the run (stream it: GET /api/operations/{id}/events)."""
+    for field in ("name", "run", "resume_from"):  # run names, looked up before they are checked
+        if getattr(body, field) is not None:
+            check_no_control(getattr(body, field), field=field, what="run name")
     flow_name = body.flow
     if flow_name is None:
         if not body.resume_from:
@@ -83,7 +97,7 @@ async def create_run(body: RunIn, request: Request,
             raise NotFound(f"the flow of run {base.name!r} is no longer registered",
                            details={"field": "flow"})
         flow_name = f"{found.owner}:{found.name}"
-    flow, owner = flow_of(svc, who, flow_name)
+    flow, owner = flow_of(svc, who, flow_name, field="flow")
     if owner != who.user:
         raise Forbidden("runs are submitted by the flow's owner", details={"flow": flow_name})
     check_identity(svc, who, body.identity)
@@ -94,32 +108,33 @@ async def create_run(body: RunIn, request: Request,
     if body.data_lines is not None and body.data is not None:
         raise InvalidInput("give data or data_lines, not both", details={"field": "data"})
     inline: Path | None = None
+    sent: dict[str, str] = {}  # a server path -> what the client sent, for error messages
     if body.data_lines is not None:
         inline = Path(tempfile.mkdtemp(prefix="run-data-", dir=_scratch(svc))) / INLINE
         inline.write_text("".join(json.dumps(r) + "\n" for r in body.data_lines))
         fields["data"] = str(inline)
+        sent[str(inline)] = "data_lines"
     elif body.data is not None:
-        path = Path(body.data)
+        path = Path(check_path_text(body.data, field="data", what="data path"))
         if path.is_absolute():
             if not who.manages_all:
                 raise Forbidden("a data path on the server needs all:manage",
                                 hint="send data_lines, or a file of the flow's folder",
                                 details={"scope": "all:manage"})
         else:
-            if ".." in path.parts:
+            folder = Path(flow.path)
+            if ".." in path.parts or (flow.uploaded and not inside(folder.resolve(),
+                                                                    folder / path)):
                 raise InvalidInput("data must stay inside the flow's folder",
                                    details={"field": "data"})
-            path = Path(flow.path) / path
+            path = folder / path
+            sent[str(path)] = body.data
         fields["data"] = str(path)
     try:
         spec, warnings = spec_from_dict(fields, source="the run")
         run = await svc.runs.create(spec, user=owner, submit=False)  # the session: in the op
     except FlowSessionError as exc:
-        if inline is not None:  # the client sent the lines: no server path in the error
-            exc.message = exc.message.replace(str(inline), "data_lines")
-            exc.details = {k: (INLINE if v == str(inline) else v)
-                           for k, v in exc.details.items()}
-        raise
+        raise _as_sent(exc, sent) from None
     finally:
         if inline is not None:  # the run keeps its own copy of the inputs
             shutil.rmtree(inline.parent, ignore_errors=True)
@@ -155,7 +170,7 @@ async def get_run(name: str, who: Principal = Depends(require("runs:read")),
     run = run_of(svc, who, name)
     if run.status not in ENDED:
         run = await svc.runs.advance(name)
-    return _run_dict(run, svc)
+    return _run_dict(run, svc if who.manages_all else None)  # server paths: its managers'
 
 
 @router.get("/runs/{name}/details")
