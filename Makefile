@@ -12,7 +12,7 @@ setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: pyproject.toml uv.lock
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check 'uv>=0.5,<1'
-	$(PYTHON) -m uv sync --frozen --compile-bytecode
+	$(PYTHON) -m uv sync --frozen --compile-bytecode --extra ray
 	@# bubblewrap sandboxes sessions; without it they run unsandboxed (session show says so)
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 \
