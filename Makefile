@@ -6,7 +6,7 @@ VENV := .venv
 FS := $(VENV)/bin/flowsession
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup run demo test bench
+.PHONY: setup run demo test test-ray bench
 
 setup: $(VENV)/.setup-done
 
@@ -51,7 +51,14 @@ demo: setup
 	$(FS) session stop examples/flows/hello
 
 test: setup
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --ignore=tests/ray
+	$(MAKE) --no-print-directory test-ray
+
+# The Ray tests start a real cluster (a head and a second node) on 127.0.0.1. Ray binds the
+# machine's own address wherever it finds one, so they run in a network namespace holding only
+# loopback (tests/helpers/netns.py: unshare --net, lo up, and whatever is left in it killed).
+test-ray: setup
+	$(VENV)/bin/python tests/helpers/netns.py $(VENV)/bin/python -m pytest tests/ray $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python bench/env_build.py
