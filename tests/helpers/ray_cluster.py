@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.netns import loopback_only
-
 from flowsession.backends.compute.procs import alive, start_time
+from helpers.netns import loopback_only
 
 RAY = Path(sys.executable).with_name("ray")
 IP = "127.0.0.1"
@@ -206,9 +205,9 @@ class RayCluster:
         for node in self.nodes.values():
             for pid in node.pids():
                 pss += pss_bytes(pid)
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    with open(f"/proc/{pid}/statm") as fh:
-                        rss += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                with contextlib.suppress(OSError, IndexError, ValueError), \
+                        open(f"/proc/{pid}/statm") as fh:
+                    rss += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return {"pss": pss, "rss": rss}
 
     def processes(self) -> dict[str, list[tuple[int, str]]]:

@@ -29,9 +29,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _say(config, text: str) -> None:
+    """Print past pytest's capture: the measurements show in every run."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    if capture is None:
+        reporter.write_line("\n" + text)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("\n" + text)
+
+
+@pytest.fixture
+def say(request):
+    """``say(text)``: a measurement, printed in every run (not only with -s)."""
+    return lambda text: _say(request.config, text)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +59,7 @@ def ray_cluster(request):
         time.sleep(2)  # let both nodes settle before measuring them
         mem = cluster.memory()
         _say(request.config,
-             f"\nray cluster at {cluster.address}: head up in "
+             f"ray cluster at {cluster.address}: head up in "
              f"{cluster.nodes['head'].started_s:.1f} s, node b in "
              f"{cluster.nodes['b'].started_s:.1f} s ({time.monotonic() - t0:.1f} s in all); "
              f"idle: {mem['pss'] / MiB:.0f} MiB PSS, {mem['rss'] / MiB:.0f} MiB RSS "
@@ -55,7 +68,7 @@ def ray_cluster(request):
     finally:
         t1 = time.monotonic()
         cluster.stop()
-        _say(request.config, f"\nray cluster stopped in {time.monotonic() - t1:.1f} s")
+        _say(request.config, f"ray cluster stopped in {time.monotonic() - t1:.1f} s")
 
 
 @pytest.fixture(scope="session")
