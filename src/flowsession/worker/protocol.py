@@ -132,14 +132,43 @@ import signal
 import socket
 import time
 from collections.abc import Iterator, Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
 PROTOCOL_VERSION = 1
 
-# phases
-IMPORTING, STANDBY, LOADING, READY, FAILED = "importing", "standby", "loading", "ready", "failed"
-PHASES = (IMPORTING, STANDBY, LOADING, READY, FAILED)
+
+class Phase(StrEnum):
+    """A supervisor's phase (``ping``'s ``phase``)."""
+
+    IMPORTING = "importing"
+    STANDBY = "standby"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class WorkerState(StrEnum):
+    """A worker's state (``ping``'s ``workers[].state``)."""
+
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class RunState(StrEnum):
+    """A batch run's state in its supervisor (``run``'s ``state``)."""
+
+    LOADING = "loading"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELED = "canceled"
+    FAILED = "failed"
+
+
+RUN_ENDED = frozenset({RunState.COMPLETED, RunState.CANCELED, RunState.FAILED})
 
 # error types
 E_BAD_REQUEST = "bad_request"  # not JSON, unknown op, a field of the wrong type

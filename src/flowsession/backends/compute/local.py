@@ -169,7 +169,7 @@ class LocalBackend:
         try:
             self._join_limits(compute, standby)
             flow_inside = self._place_flow(standby, Path(spec.flow_dir))
-            await self._wait_for(standby, {protocol.STANDBY}, STARTUP_TIMEOUT_S)
+            await self._wait_for(standby, {protocol.Phase.STANDBY}, STARTUP_TIMEOUT_S)
             answer = await asyncio.to_thread(protocol.request, standby.socket, {
                 "op": "adopt", "flow": flow_inside, "site_dirs": list(env.site_dirs),
                 "idle_timeout": spec.idle_timeout_s, "workers": spec.workers,
@@ -233,10 +233,10 @@ class LocalBackend:
         except (OSError, protocol.ProtocolError) as exc:
             return BackendStatus(BackendState.STARTING, detail=f"not answering: {exc}")
         phase = ping.get("phase")
-        if phase == protocol.FAILED:
+        if phase == protocol.Phase.FAILED:
             return BackendStatus(BackendState.RUNNING, failed=True,
                                  detail=boundary.reason(ping.get("error") or "failed"))
-        state = BackendState.RUNNING if phase == protocol.READY else BackendState.STARTING
+        state = BackendState.RUNNING if phase == protocol.Phase.READY else BackendState.STARTING
         busy, idle = ping.get("busy"), ping.get("idle_seconds")
         return BackendStatus(state, detail=boundary.reason(phase or ""),
                              busy=busy if type(busy) is int and busy >= 0 else 0,
@@ -320,7 +320,7 @@ class LocalBackend:
         msg = {"op": "run", **self._run_msg(handle, work),
                "lines": list(work.lines) if work.lines is not None else None}
         answer = await self._request(handle, msg, 120.0)
-        return boundary.run_progress(answer.get("run")) or {"state": "failed",
+        return boundary.run_progress(answer.get("run")) or {"state": protocol.RunState.FAILED,
                                                             "error": "no status"}
 
     async def run_status(self, handle: SessionHandle, run_id: str) -> dict[str, Any] | None:
@@ -507,7 +507,7 @@ class LocalBackend:
                 ping = await asyncio.to_thread(protocol.request, handle.socket, {"op": "ping"}, 5)
                 if ping.get("phase") in phases:
                     return ping
-                if ping.get("phase") == protocol.FAILED:
+                if ping.get("phase") == protocol.Phase.FAILED:
                     raise BuildFailed(f"the session failed to start: "
                                       f"{boundary.reason(ping.get('error'))}")
             except (OSError, protocol.ProtocolError):
