@@ -22,7 +22,7 @@ from flowsession.backends.compute import procs
 from flowsession.client import AuthenticationError, Client, PermissionDenied
 from flowsession.config import Settings
 from flowsession.errors import Conflict, InvalidInput, NotFound, Unsatisfiable
-from flowsession.runs.records import COMPLETED, Run
+from flowsession.runs.records import Run, RunStatus
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS = REPO / "tests" / "flows"
@@ -131,7 +131,7 @@ def test_a_local_folder_is_uploaded_then_tested(admin):
 
 def test_run_over_a_local_data_file(admin, echo_run):
     run = echo_run
-    assert isinstance(run, Run) and run.status == COMPLETED, run.error
+    assert isinstance(run, Run) and run.status == RunStatus.COMPLETED, run.error
     assert (run.total, run.completed, run.failed) == (4, 4, 0)
     expected = [json.loads(line)["text"] for line in
                 (FLOWS / "echo" / "data.jsonl").read_text().splitlines()]
@@ -143,7 +143,7 @@ def test_run_over_a_local_data_file(admin, echo_run):
     assert [d["outputs"]["out"] for d in details] == expected
     assert len(admin.get_details(run, all_results=False, max_results=2)) == 2
     again = admin.get_run(run.name)
-    assert again.name == run.name and again.status == COMPLETED and again.summary() == \
+    assert again.name == run.name and again.status == RunStatus.COMPLETED and again.summary() == \
         "4 of 4 line(s) completed"
     assert run.name in [r.name for r in admin.list_runs()]
 
@@ -153,13 +153,13 @@ def test_run_by_name_with_the_servers_data_file_and_stream(admin, echo_run):
                         tags={"via": "sdk"})
     assert created.name == "echo-by-name" and created.tags == {"via": "sdk"}
     run = admin.stream(created)
-    assert run.status == COMPLETED and run.completed == 4
+    assert run.status == RunStatus.COMPLETED and run.completed == 4
     assert admin.get_outputs(run)[1]["out"] == "prompt flow"
 
 
 def test_metrics_of_an_aggregation(admin):
     run = admin.run(flow=FLOWS / "aggregate", data=FLOWS / "aggregate" / "data.jsonl")
-    assert run.status == COMPLETED, run.error
+    assert run.status == RunStatus.COMPLETED, run.error
     assert admin.get_metrics(run) == {"accuracy": 0.75}
     assert [d["outputs"]["grade"] for d in admin.get_details(run)] == \
         ["correct", "correct", "wrong", "correct"]

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from flowsession.errors import FlowSessionError, Forbidden, Unauthorized
-from flowsession.runs.records import Run
+from flowsession.runs.records import Run, RunStatus
 from flowsession.sessions.records import Session
 
 SUBMIT_TIMEOUT_S = 900.0  # a run's submission starts the flow's session when none runs
@@ -42,6 +42,7 @@ _SESSION_FIELDS = [f.name for f in dataclasses.fields(Session)]
 def run_from_dict(d: Mapping[str, Any]) -> Run:
     """A ``Run`` from the API's JSON (``Run.to_dict()``; ``operator`` is not sent)."""
     values = {k: d.get(k) for k in _RUN_FIELDS}
+    values["status"] = RunStatus(values["status"])
     values["tags"] = values["tags"] or {}
     values["spec"] = values["spec"] or {}
     values["errors"] = values["errors"] or []

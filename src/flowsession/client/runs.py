@@ -18,7 +18,7 @@ import httpx
 
 from flowsession.client.http import POLL_S, SUBMIT_TIMEOUT_S, Http, q, run_from_dict
 from flowsession.errors import FlowSessionError, InvalidInput
-from flowsession.runs.records import ENDED, Run
+from flowsession.runs.records import ENDED, Run, RunStatus
 from flowsession.runs.spec import RunSpec, spec_from_dict
 
 OnRun = Callable[[Run], None] | None
@@ -78,7 +78,7 @@ class Runs:
             if now == last[1]:
                 return  # the server repeats unchanged progress
             last[1] = now
-            last[0] = dataclasses.replace(last[0], status=now[0], total=now[1] or 0,
+            last[0] = dataclasses.replace(last[0], status=RunStatus(now[0]), total=now[1] or 0,
                                           completed=now[2] or 0, failed=now[3] or 0)
             if on_progress is not None:
                 on_progress(last[0])
