@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from flowsession.api.operations import OperationStatus
 from flowsession.errors import FlowSessionError, Forbidden, Unauthorized
 from flowsession.runs.records import Run, RunStatus
 from flowsession.sessions.records import Session
@@ -219,9 +220,9 @@ class Http:
                     if not isinstance(event, dict):
                         continue
                     kind = event.get("event")
-                    if kind == "succeeded":
+                    if kind == OperationStatus.SUCCEEDED:
                         return event.get("result")
-                    if kind == "failed":
+                    if kind == OperationStatus.FAILED:
                         raise error_from_dict(event.get("error") or {})
                     if on_event is not None and kind not in (None, "heartbeat"):
                         on_event(event)
@@ -229,8 +230,8 @@ class Http:
             pass  # the stream broke: the outcome is in the operation's record
         while True:
             op = self.request("GET", f"/api/operations/{op_id}")
-            if op["status"] == "succeeded":
+            if op["status"] == OperationStatus.SUCCEEDED:
                 return op["result"]
-            if op["status"] == "failed":
+            if op["status"] == OperationStatus.FAILED:
                 raise error_from_dict(op["error"] or {})
             time.sleep(POLL_S)
