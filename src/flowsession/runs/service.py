@@ -28,6 +28,7 @@ import yaml
 from flowsession.access.connections import ConnectionService
 from flowsession.backends.compute import procs
 from flowsession.backends.compute.base import RunWork, SessionHandle
+from flowsession.computes.service import ComputeKind
 from flowsession.config import Settings
 from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
 from flowsession.flows.flowfile import FlowDefinition, load_flow
@@ -517,7 +518,7 @@ def _merge(spec: RunSpec, old: Run) -> RunSpec:
 def _start_options(spec: RunSpec) -> StartOptions:
     res = spec.resources or {}
     if res.get("compute"):
-        return StartOptions(compute_type="instance", instance=str(res["compute"]))
+        return StartOptions(compute_type=ComputeKind.INSTANCE, instance=str(res["compute"]))
     return StartOptions(vm_size=res.get("instance_type") or None, identity=spec.identity)
 
 
