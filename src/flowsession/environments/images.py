@@ -24,6 +24,7 @@ from flowsession.config import Settings
 from flowsession.environments import fsops
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.requirements import FlowRequirements, parse_requirements
+from flowsession.environments.state import BuildState
 from flowsession.errors import (
     BuildFailed,
     ContainerImageUnsupported,
@@ -45,7 +46,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
 class Image:
     name: str
     version: int
-    state: str  # DEFINED (known, not built yet) | BUILDING | READY | FAILED
+    state: BuildState
     parent: str | None
     builtin: bool
     description: str
@@ -59,6 +60,9 @@ class Image:
     error: str | None
     created_at: float
     built_at: float | None
+
+    def __post_init__(self) -> None:  # a row holds the value
+        object.__setattr__(self, "state", BuildState(self.state))
 
     @property
     def ref(self) -> str:
@@ -139,7 +143,7 @@ class ImageService:
         chain: list[Image] = []
         node: Image | None = image
         while node is not None:
-            if node.state != "READY":
+            if node.state != BuildState.READY:
                 raise BuildFailed(f"image {node.ref} is not built (state {node.state})",
                                   hint=f"build it: flowsession image build {node.ref}")
             chain.append(node)
@@ -164,18 +168,18 @@ class ImageService:
         ``requirements`` carries a custom image's feeds; a rebuild without them (after a
         failed or killed build) installs its pinned layer from the default index."""
         image = self.get(ref)
-        if image.state == "READY" and image.path and Path(image.path).exists():
+        if image.state == BuildState.READY and image.path and Path(image.path).exists():
             return image
         final = self._path(image)
         lock = self.settings.images_dir / ".locks" / f"{final.parent.name}-{image.version}.lock"
         async with fsops.exclusive(lock):
             image = self.get(image.ref)
-            if image.state == "READY" and image.path and Path(image.path).exists():
+            if image.state == BuildState.READY and image.path and Path(image.path).exists():
                 return image
             fsops.clear_stale(final)
             if self._adopt(image, final):
                 return self.get(image.ref)
-            self._set(image, state="BUILDING", error=None)
+            self._set(image, state=BuildState.BUILDING, error=None)
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
             try:
@@ -195,10 +199,10 @@ class ImageService:
                     log.step(f"image {image.ref} ready at {final}")
             except BaseException as exc:
                 fsops.discard(tmp)
-                self._set(image, state="FAILED", error=str(exc)[:4000])
+                self._set(image, state=BuildState.FAILED, error=str(exc)[:4000])
                 raise
-            self._set(image, state="READY", path=str(final), built_at=time.time(), error=None,
-                      **record)
+            self._set(image, state=BuildState.READY, path=str(final), built_at=time.time(),
+                      error=None, **record)
             return self.get(image.ref)
 
     async def create(self, name: str, *, base: str, requirements: Path, description: str = "",
@@ -236,8 +240,8 @@ class ImageService:
                     latest = c.execute(select(func.max(images.c.version))
                                        .where(images.c.name == name)).scalar()
                     c.execute(insert(images).values(
-                        name=name, version=(latest or 0) + 1, builtin=False, state="DEFINED",
-                        created_at=time.time(), **values))
+                        name=name, version=(latest or 0) + 1, builtin=False,
+                        state=BuildState.DEFINED, created_at=time.time(), **values))
                     return (latest or 0) + 1
             except IntegrityError:
                 continue  # another creator took that number: take the next one
@@ -272,7 +276,7 @@ class ImageService:
             return False
         if (marker.get("ref"), marker.get("digest")) != (image.ref, self._digest(image)):
             return False
-        self._set(image, state="READY", path=str(final), built_at=time.time(), error=None,
+        self._set(image, state=BuildState.READY, path=str(final), built_at=time.time(), error=None,
                   **marker["record"])
         return True
 
@@ -305,9 +309,9 @@ class ImageService:
                         name=name, version=version, parent=None, builtin=True,
                         description="Python, promptflow-core and promptflow-tools",
                         requirements=lock.with_name("requirements.in").read_text(),
-                        layer_lock="", state="DEFINED", created_at=time.time()))
+                        layer_lock="", state=BuildState.DEFINED, created_at=time.time()))
         for image in self.list():  # built already (by another home sharing the images)?
-            if image.builtin and image.state == "DEFINED":
+            if image.builtin and image.state == BuildState.DEFINED:
                 self._adopt(image, self._path(image))
 
 

@@ -18,6 +18,7 @@ from flowsession.backends.compute.base import ComputeBackend, EnvHandle, Session
 from flowsession.config import Settings
 from flowsession.environments.images import DEFAULT_IMAGE
 from flowsession.environments.service import EnvironmentService
+from flowsession.environments.state import BuildState
 from flowsession.store import Store
 from flowsession.store.tables import standby
 
@@ -41,7 +42,7 @@ class StandbyPool:
         if self.settings.standby_pool_size <= 0:
             return None
         image = self.envs.images.get(DEFAULT_IMAGE)
-        return image.ref if image.state == "READY" else None
+        return image.ref if image.state == BuildState.READY else None
 
     async def claim_or_start(self, image_ref: str) -> SessionHandle:
         """A standby supervisor for ``image_ref``: one from the pool, or a new one."""
