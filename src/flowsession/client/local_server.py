@@ -16,7 +16,6 @@ token of its administrator to ``client.json`` (mode 0600: ``cli/server.py``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import httpx
 
 from flowsession.backends.compute import procs
 from flowsession.config import Settings
+from flowsession.environments import fsops
 from flowsession.errors import FlowSessionError, InvalidInput
 
 START_TIMEOUT_S = float(os.environ.get("FLOWSESSION_SERVER_START_TIMEOUT", "60"))
@@ -197,16 +197,9 @@ def _running(settings: Settings, wait: float = START_TIMEOUT_S) -> LocalServer |
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
-def _lock(settings: Settings):
+def _lock(settings: Settings) -> AbstractContextManager[None]:
     """One process at a time decides whether to start this home's server."""
-    settings.home.mkdir(parents=True, exist_ok=True)
-    with open(settings.home / "server.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return fsops.locked(settings.home / "server.lock")
 
 
 def _free_port() -> int:

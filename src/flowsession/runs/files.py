@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.backends.compute.boundary import Collected
+from flowsession.environments import fsops
 
 INPUTS, LINE_NUMBERS, LINES, CURSORS = ("inputs.jsonl", "line_numbers.json", "lines.jsonl",
                                         "collect.json")
@@ -92,15 +93,8 @@ class RunFiles:
 
     # --- collecting ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return fsops.locked(self.root / ".lock")
 
     @contextlib.contextmanager
     def finishing(self) -> Iterator[bool]:
