@@ -276,7 +276,8 @@ def test_flow_code_cannot_read_the_servers_files_or_another_users_session(server
                    "\"${mark.output}\"}\nnodes:\n- name: mark\n  type: python\n  source: "
                    "{type: code, path: mark.py}\n  inputs: {x: \"${inputs.x}\"}\n")
     r = alice.post("/api/flows", json={"name": "mark", "files": {
-        "flow.dag.yaml": marker_yaml, "mark.py": marker_py}})
+        "flow.dag.yaml": marker_yaml, "mark.py": marker_py,
+        "requirements.txt": "tinysecret\n"}})  # her environment has a package of its own
     assert r.status_code == 201, r.text
     r = alice.post("/api/flows/mark/test", json={"inputs": {"x": "42"}})
     assert r.status_code == 200, r.text
@@ -284,6 +285,10 @@ def test_flow_code_cannot_read_the_servers_files_or_another_users_session(server
     alice_files = [str(p) for p in runtime.glob("slots/*/work/alice-private.txt")]
     assert alice_files, "alice's session wrote no file"
     home = server.home
+    alice_packages = [str(p) for p in home.glob("envs/*/lib/python*/site-packages/tinysecret*/*")
+                      if p.is_file()]
+    assert alice_packages, "alice's environment has no package of its own"
+    alice_files += alice_packages[:2]
     wanted = [str(home / "secret.key"), str(home / "client.json"), str(home / "flowsession.db"),
               *alice_files, f"{runtime}/control", "/etc/shadow"]
     before = fingerprint(server)
