@@ -238,6 +238,14 @@ def test_planted_symlinks_in_a_run_leak_nothing_and_overwrite_nothing(server, bo
                  if p.is_file() and not p.is_symlink()]
     assert_no_secret(server, bob.seen, "bob's answers")
     assert_no_secret(server, run_files, "the run's files")
+    # the only server paths bob is told are those of his own flow folders
+    assert run["spec"]["data"] == "data_lines"
+    home = str(server.home)
+    for text in bob.seen:
+        rest = text.replace(f"{home}/flows/bob/", "")
+        for mine in targets(server).split("|"):  # what he sent himself
+            rest = rest.replace(mine, "")
+        assert home not in rest, rest[max(0, rest.find(home) - 200):rest.find(home) + 200]
     assert_no_secret(server, [server.log.read_bytes()], "the server's log")
 
 
