@@ -94,6 +94,12 @@ def attack(targets: str, mode: str) -> str:
         return "flooded"
     if mode == "huge":
         return "y" * (9 * 1024 * 1024)
+    if mode == "junk":  # records of no line, and lines that are not records
+        for run in glob.glob(STATE + "/runs/*"):
+            with open(run + "/results.junk.jsonl", "w") as f:
+                for i in range(12000):
+                    f.write('{"i": -%d, "ok": true}\\n' % (i + 1) if i % 2 else "not json\\n")
+        return "junk"
     for i, t in enumerate(targets):
         for run in glob.glob(STATE + "/runs/*"):
             os.makedirs(run + "/logs", exist_ok=True)
@@ -346,3 +352,19 @@ def test_an_output_too_large_to_store_fails_its_line_only(server, bob):
     assert "too large to store" in failed[0]["error"]
     outputs = bob.call("GET", "/api/runs/huge-run/outputs").json()
     assert [o["line_number"] for o in outputs] == [0, 2]
+
+
+def test_a_session_sending_junk_records_has_its_run_stopped_with_the_reason(server, bob):
+    lines = [{"targets": "-", "mode": m} for m in ("junk", "plant", "plant")]
+    r = bob.call("POST", "/api/runs", json={
+        "flow": "attack", "data_lines": lines, "name": "junk-run",
+        "column_mapping": {"targets": "${data.targets}", "mode": "${data.mode}"}})
+    assert r.status_code == 202, r.text
+    bob.wait_operation(r)
+    run = bob.call("GET", "/api/runs/junk-run").json()
+    assert run["status"] == "Failed", run
+    assert "records that are not valid data" in run["error"], run
+    # what was valid was kept, each line once
+    details = bob.call("GET", "/api/runs/junk-run/details").json()
+    assert [d["line_number"] for d in details] == [0, 1, 2]
+    assert httpx.get(f"{server.url}/api/health").status_code == 200
