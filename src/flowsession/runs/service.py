@@ -48,6 +48,7 @@ from flowsession.worker.protocol import RUN_ENDED, RunState
 POLL_S = 0.25
 ADVANCE_WAIT_S = 5.0  # advance_all waits this long for the runs' advances
 COLLECT_ROUNDS = 16  # collects per advance (each brings at most boundary.MAX_COLLECT)
+MAX_REFUSED = 10_000  # invalid records a run's sessions may send before it is stopped
 
 
 class RunService:
@@ -60,6 +61,7 @@ class RunService:
         self._files: dict[str, RunFiles] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # one advance of a run at a time (a server)
         self._advancing: dict[str, asyncio.Task] = {}  # advance_all's tasks, by run
+        self._refused: dict[str, int] = {}  # invalid records a run's sessions sent
 
     @classmethod
     def open(cls, settings: Settings | None = None,
@@ -258,6 +260,7 @@ class RunService:
                                              total=run.total)
             new += files.store(got)
             if got.refused:
+                self._refused[run.name] = self._refused.get(run.name, 0) + got.refused
                 files.log(f"{got.refused} record(s) from the session were not valid and "
                           "were left out")
             if not got.more:
@@ -277,6 +280,7 @@ class RunService:
             run = await self._advance(name)
         if run.status in ENDED:
             self._locks.pop(name, None)  # a server lives long: no lock per ended run
+            self._refused.pop(name, None)
         return run
 
     async def _advance(self, name: str) -> Run:
@@ -301,6 +305,12 @@ class RunService:
         status = await self.backend.run_status(handle, name) if handle else None
         await self._collect(run, handle)
         run = self._update_counts(run)
+        if self._refused.get(name, 0) > MAX_REFUSED:  # a session sending junk: cut it off
+            if handle is not None:
+                await self.backend.cancel_run(handle, name)
+            return await self._finish(run, RunStatus.FAILED, error=(
+                f"the session sent more than {MAX_REFUSED} records that are not valid data: "
+                "the run was stopped (its flow code writes into the run's folder?)"))
         if run.status == RunStatus.CANCELING:
             if status is None or status.get("state") in RUN_ENDED:
                 return await self._finish(run, RunStatus.CANCELED)

@@ -34,8 +34,7 @@ class StandbyPool:
         image = self.envs.images.get(image_ref)
         return EnvHandle(env_id="", python=str(Path(image.path) / "bin" / "python"),
                          image_ref=image.ref, site_dirs=(),
-                         read_only_paths=(str(self.settings.images_dir),
-                                          str(self.settings.envs_dir)))
+                         read_only_paths=(str(self.settings.images_dir),))
 
     def pooled_image(self) -> str | None:
         """The image the pool keeps standbys for (the newest default image, once built)."""

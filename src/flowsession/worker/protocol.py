@@ -7,12 +7,15 @@ Starting a session
 ------------------
 ::
 
-    python -m flowsession.worker.supervisor --socket PATH --state-dir DIR
-        [--standby] [--flow DIR] [--site-dir DIR ...] [--idle-timeout S] [--workers N]
-        [--line-timeout S]
+    python -m flowsession.worker.supervisor (--socket PATH | --listen-fd N) --state-dir DIR
+        [--log-inherit] [--standby] [--flow DIR] [--site-dir DIR ...] [--idle-timeout S]
+        [--workers N] [--line-timeout S]
 
-The socket is bound (mode 0600) before promptflow is imported, so ``ping`` answers within
-milliseconds of the start, with phase ``importing``. Poll ``ping`` until the phase is ``ready``
+With ``--socket`` the supervisor binds the socket (mode 0600) itself; with ``--listen-fd`` it
+answers on a listening socket its starter bound where the session cannot write (so flow code
+cannot replace it), and with ``--log-inherit`` it logs to the stderr it was given instead of
+``DIR/supervisor.log``. Either way it listens before promptflow is imported, so ``ping``
+answers within milliseconds of the start, with phase ``importing``. Poll ``ping`` until the phase is ``ready``
 (or ``standby``, or ``failed``). Everything the supervisor and its workers print or log goes to
 ``DIR/supervisor.log``. ``--idle-timeout`` 0 (the default) means never; it counts in the
 standby, ready and failed phases (never while a request is active or a line runs).
@@ -89,23 +92,31 @@ Batch runs (``flowsession.worker.batch``)
 ----------------------------------------
 A run has its own workers, loaded with the run's flow (``flow``: a copy with a variant chosen,
 default the session's), ``env``, ``connections`` (promptflow's dict form: in memory only),
-``init`` and ``node_override``. Its folder ``dir`` holds ``inputs.jsonl`` (one object per line;
-a line's position is its line number there); each worker appends records to
-``dir/results.<pid>.jsonl`` (``flowsession.worker.batchworker``). Positions already recorded
-there are not run again::
+``init`` and ``node_override``. Its lines travel in the request (``inputs``: one JSON object per
+line; a line's position is its line number there); the supervisor keeps them, and the records
+its workers write, in the run's folder ``DIR/runs/<id>/`` -- its own: nobody outside the session
+reads it by path. Positions already recorded there are not run again::
 
-    -> {"op": "run", "id": str, "dir": DIR, "flow": DIR (optional), "lines": [pos, ...] | null
-        (null: every line), "workers": n, "line_timeout": s, "env": {...},
-        "connections": {...}, "init": {...}, "node_override": {...}}
+    -> {"op": "run", "id": str, "inputs": str (optional once sent), "flow": DIR (optional),
+        "lines": [pos, ...] | null (null: every line), "workers": n, "line_timeout": s,
+        "env": {...}, "connections": {...}, "init": {...}, "node_override": {...}}
     <- {"ok": true, "run": {"id", "state": "loading"|"running"|"completed"|"canceled"|"failed",
         "total", "done", "ran", "failed", "skipped", "errors": [[pos, message], ...],
         "error", "workers", "restarts", "aggregation", "started_at", "ended_at",
         "lines_per_second"}}          (answers at once; a run already going answers its status)
     -> {"op": "run_status", "id": str}      <- {"ok": true, "run": {...} | null}
     -> {"op": "run_cancel", "id": str}      <- {"ok": true, "run": {...} | null}
-    -> {"op": "aggregate", <the run's fields>, "file": NAME}
+    -> {"op": "collect", "id": str, "cursor": {name: offset}, "max_bytes": n}
+    <- {"ok": true, "records": [JSON text, ...], "logs": {worker: text}, "cursor": {...},
+        "more": bool}     (what the workers wrote past ``cursor``; a record over 8 MB comes as a
+                           failed one saying so; FIFOs, symlinks and devices are skipped)
+    -> {"op": "run_forget", "id": str}      <- {"ok": true}   (an ended run's folder removed)
+    -> {"op": "aggregate", <the run's fields>, "records": str (JSON lines)}
     <- {"ok": true, "aggregated": bool, "metrics": {...}, "output": {...}, "error": str|null}
-       (the aggregation nodes over the records in ``dir/NAME``; answers when done)
+       (the aggregation nodes over those records; answers when done)
+
+Whatever a session answers is untrusted: the control plane validates and bounds it
+(``flowsession.backends.compute.boundary``).
 
 A running run counts as activity (no idle exit; ``busy`` counts its working workers).
 

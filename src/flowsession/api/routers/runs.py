@@ -73,6 +73,9 @@ def run_of(svc: Services, who: Principal, name: str) -> Run:
 def _run_dict(run: Run, svc: Services | None = None) -> dict:
     d = run.to_dict()
     d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
+    data = d["spec"].get("data")
+    if isinstance(data, str) and Path(data).name == INLINE and "run-data" in Path(data).parts:
+        d["spec"]["data"] = "data_lines"  # sent in the request: no server path to show
     if svc is not None:  # where its files are on the server's machine (for its managers)
         d["output_path"] = str(svc.runs.files(run.name).root)
     return d

@@ -169,9 +169,10 @@ class LocalBackend:
         try:
             self._join_limits(compute, standby)
             flow_inside = self._place_flow(standby, Path(spec.flow_dir))
+            sites = await asyncio.to_thread(self._place_env, standby, env)
             await self._wait_for(standby, {protocol.Phase.STANDBY}, STARTUP_TIMEOUT_S)
             answer = await asyncio.to_thread(protocol.request, standby.socket, {
-                "op": "adopt", "flow": flow_inside, "site_dirs": list(env.site_dirs),
+                "op": "adopt", "flow": flow_inside, "site_dirs": sites,
                 "idle_timeout": spec.idle_timeout_s, "workers": spec.workers,
                 "env": dict(spec.env_vars), "connections": dict(spec.connections)},
                 STARTUP_TIMEOUT_S)
@@ -496,6 +497,21 @@ class LocalBackend:
             os.rename(tmp, target)
         return f"{INSIDE}/flow/{snapshot.name}" if handle.sandboxed else str(target)
 
+    def _place_env(self, handle: SessionHandle, env: EnvHandle) -> list[str]:
+        """The environment's own packages, linked into the slot's read-only folder: a session
+        sees its environment and no other (another user's private packages stay his). Hard
+        links where the slot and the environment share a file system, else copies."""
+        inside = []
+        for i, site in enumerate(env.site_dirs):
+            target = Path(handle.slot) / "flow" / f".env-{env.env_id}-{i}"
+            if not target.exists():
+                tmp = target.with_name(f"{target.name}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(site, tmp, symlinks=True, copy_function=_link_or_copy)
+                os.rename(tmp, target)
+            inside.append(f"{INSIDE}/flow/{target.name}" if handle.sandboxed else str(target))
+        return inside
+
     async def _wait_for(self, handle: SessionHandle, phases: set[str], timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while True:
@@ -538,6 +554,13 @@ class LocalBackend:
                     str(self.settings.secret_key_file)],
         )
         return sandbox.wrap(argv, box, bwrap=self.bwrap), {}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
