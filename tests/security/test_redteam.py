@@ -213,3 +213,196 @@ def test_an_environment_built_from_another_users_index_is_never_shared(
     assert r.json()["outputs"] == {"y": "the index"}, "alice's session runs bob's package"
     for who, flow in ((bob, "poison"), (alice, "victim")):
         who.post(f"/api/flows/{flow}/session/stop")
+
+
+# --- 3. bob's slow lines hold up everyone's sessions ----------------------------------------
+
+SLOW_PY = ("import time\nfrom promptflow.core import tool\n\n\n@tool\ndef echo(x: str) -> str:\n"
+           "    time.sleep(float(x))\n    return x\n")
+
+
+def test_another_users_slow_lines_do_not_hold_up_my_session(server, bob, alice):
+    r = alice.post("/api/flows", json={"name": "quick", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+    assert r.status_code == 201, r.text
+    assert alice.post("/api/flows/quick/test", json={"inputs": {"x": "hi"}}).status_code == 200
+    r = bob.post("/api/flows", json={"name": "slow", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": SLOW_PY}})
+    assert r.status_code == 201, r.text
+    assert bob.post("/api/flows/slow/test", json={"inputs": {"x": "0"}}).status_code == 200
+    # bob sends a dozen lines that take a minute each (a flow waiting on a slow model
+    # endpoint does the same), each with a line timeout of 40 s
+    results: list[int] = []
+
+    def slow_line() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            results.append(bob.post("/api/flows/slow/test", timeout=120, json={
+                "inputs": {"x": "60"}, "timeout": 40}).status_code)
+
+    threads = [threading.Thread(target=slow_line, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    try:
+        started = time.monotonic()
+        r = alice.post("/api/flows/quick/test", json={"inputs": {"x": "still here"}},
+                       timeout=60)
+        took = time.monotonic() - started
+        assert r.status_code == 200 and r.json()["outputs"] == {"y": "still here"}, r.text
+        assert took < 10, f"alice's one line took {took:.1f} s behind bob's slow lines"
+        started = time.monotonic()
+        r = alice.get("/api/flows/quick/session", timeout=60)
+        assert r.status_code == 200 and time.monotonic() - started < 10
+    finally:
+        for who, flow in ((bob, "slow"), (alice, "quick")):
+            who.post(f"/api/flows/{flow}/session/stop", timeout=150)
+        for t in threads:
+            t.join(timeout=150)
+
+
+# --- 4. bob's flow code answers in his supervisor's place ----------------------------------
+
+HIJACK_PY = '''\
+import ctypes, os, signal, socket, threading, time
+from promptflow.core import tool
+
+
+def serve(conn, answer):
+    buf = b""
+    with conn:
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\\n" in buf:
+                _, buf = buf.split(b"\\n", 1)
+                if answer == b"silence":
+                    time.sleep(3600)
+                conn.sendall(answer + b"\\n")
+
+
+@tool
+def echo(x: str) -> str:
+    """Take the supervisor's listening socket (pidfd_getfd: same uid, no Yama), stop the
+    supervisor, and answer the control plane in its place."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sup = os.getppid()
+    argv = open(f"/proc/{sup}/cmdline", "rb").read().split(b"\\0")
+    fd = int(argv[argv.index(b"--listen-fd") + 1])
+    stolen = libc.syscall(438, libc.syscall(434, sup, 0), fd, 0)
+    if stolen < 0:
+        return f"pidfd_getfd failed: errno {ctypes.get_errno()}"
+    answer = {"deep": b'{"ok":true,"phase":"ready","x":' + b"[" * 200000 + b"]" * 200000
+              + b"}", "silence": b"silence"}[x]
+    if os.fork() == 0:
+        os.setsid()
+        time.sleep(1)  # the supervisor answers this line first
+        os.kill(sup, signal.SIGSTOP)
+        listener = socket.socket(fileno=stolen)
+        listener.setblocking(True)
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn, answer), daemon=True).start()
+    return "hijacked"
+'''
+
+
+def wait_listed(client: httpx.Client, flow_path_part: str, states: set[str],
+                timeout: float) -> dict | None:
+    """The session (as the sweep keeps it, no reconcile per request) once in ``states``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for s in client.get("/api/sessions", params={"all": True}).json():
+            if flow_path_part in s["flow"] and s["state"] in states:
+                return s
+        time.sleep(1)
+    return None
+
+
+@pytest.mark.parametrize("answer", ["deep"])
+def test_a_hijacked_supervisor_cannot_stop_the_sweep_for_everyone(server, bob, alice, answer):
+    name = f"hijack-{answer}"
+    r = bob.post("/api/flows", json={"name": name, "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": HIJACK_PY}})
+    assert r.status_code == 201, r.text
+    r = bob.post(f"/api/flows/{name}/test", json={"inputs": {"x": answer}})
+    assert r.status_code == 200 and r.json()["outputs"] == {"y": "hijacked"}, r.text
+    time.sleep(2)
+    # alice's session, started after bob's, ends itself when idle for 5 s: the sweep must
+    # see it (and release its compute), whatever bob's session answers
+    r = alice.post("/api/flows", json={"name": f"idle-{answer}", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+    assert r.status_code == 201, r.text
+    r = alice.post(f"/api/flows/idle-{answer}/session", json={"idle_time": "5s"})
+    assert wait_operation(alice, r)["status"] == "succeeded"
+    try:
+        ended = wait_listed(alice, f"idle-{answer}", {"STOPPED", "FAILED"}, timeout=60)
+        assert ended is not None, "alice's ended session is still RUNNING: the sweep is stuck"
+        # bob's own requests are clean errors, never a 500
+        r = bob.get(f"/api/flows/{name}/session")
+        assert r.status_code < 500, r.text
+    finally:
+        r = bob.post(f"/api/flows/{name}/session/stop", timeout=120)
+        assert r.status_code == 200, r.text
+
+
+# --- 5. many small files in a run's folder: the control plane's work per collect -----------
+
+LITTER_PY = '''\
+import glob, os
+from promptflow.core import tool
+
+
+@tool
+def echo(x: str) -> str:
+    n = int(x)
+    for run in glob.glob("/session/state/runs/*"):
+        os.makedirs(run + "/logs", exist_ok=True)
+        for i in range(n):
+            with open(f"{run}/logs/w{i:06d}.log", "w") as f:
+                f.write("x")
+            open(f"{run}/results.{i:06d}{'k' * 200}.jsonl", "w").close()
+    return "littered"
+'''
+
+
+def test_a_run_that_litters_its_folder_does_not_stall_the_server(server, bob, alice):
+    r = bob.post("/api/flows", json={"name": "litter", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": LITTER_PY}})
+    assert r.status_code == 201, r.text
+    r = alice.post("/api/flows", json={"name": "steady", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+    assert r.status_code == 201, r.text
+    r = bob.post("/api/runs", json={"flow": "litter", "name": "litter-run",
+                                    "data_lines": [{"x": "6000"}],
+                                    "column_mapping": {"x": "${data.x}"}})
+    assert r.status_code == 202, r.text
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def alice_reads() -> None:  # alice reads her flow while bob's run is collected
+        while not done.is_set():
+            started = time.monotonic()
+            with contextlib.suppress(httpx.HTTPError):
+                alice.get("/api/flows/steady", timeout=300)
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.2)
+
+    reader = threading.Thread(target=alice_reads, daemon=True)
+    reader.start()
+    try:
+        op = wait_operation(bob, r, timeout=400)
+        assert op["status"] == "succeeded", op
+        run = bob.get("/api/runs/litter-run", timeout=300).json()
+        assert run["status"] == "Completed", run
+        done.set()
+        reader.join(timeout=300)
+        worst = max(latencies)
+        assert worst < 5, f"the server did not answer alice for {worst:.1f} s"
+        logs = list((server.home / "runs" / "litter-run" / "logs").iterdir())
+        assert len(logs) < 300, f"{len(logs)} log files kept for one run"
+        cursor = (server.home / "runs" / "litter-run" / "collect.json").stat().st_size
+        assert cursor < 1024 * 1024, f"the run's cursor is {cursor} bytes"
+    finally:
+        bob.post("/api/flows/litter/session/stop", timeout=120)

@@ -31,7 +31,10 @@ class Sweeper:
         idle instances."""
         records = self.svc.records
         for session in records.list(owner=None, states=ACTIVE_STATES):
-            await self.reconcile_one(session)
+            try:  # one session's failure (it runs hostile code) never stops the others' sweep
+                await self.reconcile_one(session)
+            except Exception:  # noqa: BLE001 - logged; the next sweep tries it again
+                log.exception("reconciling session %s failed", session.id)
         await self.stop_orphans()
         await self.cull()
 
@@ -89,7 +92,11 @@ class Sweeper:
             handle = session.session_handle
             if handle is None:
                 continue
-            status = await svc.backend.status(handle)
+            try:
+                status = await svc.backend.status(handle)
+            except Exception:  # noqa: BLE001 - as in sweep(): the others are still culled
+                log.exception("looking at session %s failed", session.id)
+                continue
             idle = min(now - session.last_activity_at, status.idle_seconds)
             view = IdleView(S.RUNNING, now - idle, session.idle_timeout_s, status.busy)
             if status.state == BackendState.RUNNING and should_stop(view, now):

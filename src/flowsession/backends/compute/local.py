@@ -170,7 +170,7 @@ class LocalBackend:
             self._join_limits(compute, standby)
             flow_inside = self._place_flow(standby, Path(spec.flow_dir))
             await self._wait_for(standby, {protocol.STANDBY}, STARTUP_TIMEOUT_S)
-            answer = await asyncio.to_thread(protocol.request, standby.socket, {
+            answer = await protocol.arequest(standby.socket, {
                 "op": "adopt", "flow": flow_inside, "site_dirs": list(env.site_dirs),
                 "idle_timeout": spec.idle_timeout_s, "workers": spec.workers,
                 "env": dict(spec.env_vars), "connections": dict(spec.connections)},
@@ -190,7 +190,7 @@ class LocalBackend:
     async def stop_session(self, handle: SessionHandle, *, reason: str = "") -> None:
         if procs.alive(handle.pid, handle.pid_start):
             try:
-                await asyncio.to_thread(protocol.request, handle.socket,
+                await protocol.arequest(handle.socket,
                                         {"op": "shutdown", "reason": reason or "stopped"}, 5.0)
             except (OSError, protocol.ProtocolError):
                 pass
@@ -229,7 +229,7 @@ class LocalBackend:
             await self.stop_session(handle, reason=why)
             return BackendStatus(BackendState.EXITED, detail=why)
         try:
-            ping = await asyncio.to_thread(protocol.request, handle.socket, {"op": "ping"}, 5.0)
+            ping = await protocol.arequest(handle.socket, {"op": "ping"}, 5.0)
         except (OSError, protocol.ProtocolError) as exc:
             return BackendStatus(BackendState.STARTING, detail=f"not answering: {exc}")
         phase = ping.get("phase")
@@ -260,7 +260,7 @@ class LocalBackend:
         if init is not None:
             msg["init"] = dict(init)
         try:
-            answer = await asyncio.to_thread(protocol.request, handle.socket, msg,
+            answer = await protocol.arequest(handle.socket, msg,
                                              timeout + 30)
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
@@ -285,7 +285,7 @@ class LocalBackend:
         del answer
 
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None:
-        await asyncio.to_thread(protocol.request, handle.socket,
+        await protocol.arequest(handle.socket,
                                 {"op": "configure", "idle_timeout": idle_timeout_s}, 10.0)
 
     # --- batch runs: the lines go to the supervisor as data, records come back as data ------
@@ -293,7 +293,7 @@ class LocalBackend:
     async def _request(self, handle: SessionHandle, msg: dict[str, Any], timeout: float,
                        *, failed_is: type = Conflict) -> dict[str, Any]:
         try:
-            answer = await asyncio.to_thread(protocol.request, handle.socket, msg, timeout)
+            answer = await protocol.arequest(handle.socket, msg, timeout)
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint="reset the session: flowsession session reset FLOW") from None
@@ -374,12 +374,17 @@ class LocalBackend:
             except (SessionFailed, Conflict):
                 answer = {}
             got = answer.get("cursor") if isinstance(answer.get("cursor"), dict) else {}
+            room = boundary.MAX_CURSOR_KEYS - len(mine)  # a session names so many files, no more
             for k, v in got.items():
                 if isinstance(k, str) and type(v) is int and v >= 0 and len(k) < 300:
+                    if key + k not in new_cursor:
+                        if room <= 0:
+                            continue
+                        room -= 1
                     new_cursor[key + k] = v
             raw = answer.get("records") if isinstance(answer.get("records"), list) else []
-            for k, v in (answer.get("logs") or {}).items() if isinstance(answer.get("logs"),
-                                                                         dict) else []:
+            got_logs = answer.get("logs") if isinstance(answer.get("logs"), dict) else {}
+            for k, v in list(got_logs.items())[:boundary.MAX_LOG_NAMES]:
                 logs[boundary.text(k, 40, one_line=True)] = boundary.text(v, 1 << 20)
             more = answer.get("more") is True
         for path in self._salvaged(run_id):
@@ -504,7 +509,7 @@ class LocalBackend:
                                   hint="see its log: flowsession session logs",
                                   log_tail=self._log_tail(handle, 5))
             try:
-                ping = await asyncio.to_thread(protocol.request, handle.socket, {"op": "ping"}, 5)
+                ping = await protocol.arequest(handle.socket, {"op": "ping"}, 5)
                 if ping.get("phase") in phases:
                     return ping
                 if ping.get("phase") == protocol.FAILED:
