@@ -502,3 +502,46 @@ def test_flow_code_cannot_reach_the_servers_database_over_loopback(
         for pid in procs.with_argument_under(str(runtime)):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- 7. every session sees every user's environment ---------------------------------------
+
+SNOOP_PY = '''\
+import glob
+from promptflow.core import tool
+
+
+@tool
+def echo(x: str) -> str:
+    """The environments folder is bound into every session (read-only): look for another
+    user's packages (from her private feed, say)."""
+    found = glob.glob(x + "/*/lib/python*/site-packages/tinybeta/__init__.py")
+    return "|".join(open(p).read().strip() for p in found) or "nothing"
+'''
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "every session binds the whole environments folder read-only (StandbyPool.image_env: a "
+    "standby is started before it knows its environment), so flow code reads every other "
+    "user's environment: packages from her private feed, what she uses. Fix: bind only the "
+    "images and the session's own environment -- e.g. a read-only <slot>/env bound at standby "
+    "start, into which the control plane links the environment's files at adoption (relocatable "
+    "venvs), or no standby for flows whose environment adds packages"))
+def test_flow_code_cannot_read_another_users_environment(server, bob, alice):
+    r = alice.post("/api/flows", json={"name": "private-deps", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY,
+        "requirements.txt": "tinybeta==1.0\n"}})
+    assert r.status_code == 201, r.text
+    assert alice.post("/api/flows/private-deps/test",
+                      json={"inputs": {"x": "-"}}).status_code == 200
+    r = bob.post("/api/flows", json={"name": "snoop", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": SNOOP_PY}})
+    assert r.status_code == 201, r.text
+    try:
+        r = bob.post("/api/flows/snoop/test",
+                     json={"inputs": {"x": str(server.home / "envs")}})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == {"y": "nothing"}, r.json()
+    finally:
+        for who, flow in ((bob, "snoop"), (alice, "private-deps")):
+            who.post(f"/api/flows/{flow}/session/stop")
