@@ -294,7 +294,9 @@ def echo(x: str) -> str:
     if stolen < 0:
         return f"pidfd_getfd failed: errno {ctypes.get_errno()}"
     answer = {"deep": b'{"ok":true,"phase":"ready","x":' + b"[" * 200000 + b"]" * 200000
-              + b"}", "silence": b"silence"}[x]
+              + b"}", "silence": b"silence",
+              "bulky": b'{"ok":true,"phase":"ready","x":[' + b"{}," * (20 * 1024 * 1024)
+              + b'{}]}'}[x]
     if os.fork() == 0:
         os.setsid()
         time.sleep(1)  # the supervisor answers this line first
@@ -545,3 +547,37 @@ def test_flow_code_cannot_read_another_users_environment(server, bob, alice):
     finally:
         for who, flow in ((bob, "snoop"), (alice, "private-deps")):
             who.post(f"/api/flows/{flow}/session/stop")
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_a_hijacked_supervisors_answer_cannot_blow_up_the_servers_memory(
+        tmp_path, images_dir, index):
+    """A ping's answer is a few hundred bytes; a 60 MB one of empty objects costs the parser
+    over a gigabyte: a few of those at once and the server is gone."""
+    srv = Server(tmp_path / "home", images_dir, index.url)
+    try:
+        with api(srv, new_user(srv, "bob")) as bob:
+            r = bob.post("/api/flows", json={"name": "bulky", "files": {
+                "flow.dag.yaml": ECHO_YAML, "echo.py": HIJACK_PY}})
+            assert r.status_code == 201, r.text
+            r = bob.post("/api/flows/bulky/test", json={"inputs": {"x": "bulky"}})
+            assert r.status_code == 200 and r.json()["outputs"] == {"y": "hijacked"}, r.text
+            time.sleep(2)
+            before = peak_rss(srv.proc.pid)
+            r = bob.get("/api/flows/bulky/session")  # the server pings the session
+            assert r.status_code < 500, r.text
+            grew = peak_rss(srv.proc.pid) - before
+            assert grew < 300 * 1024 * 1024, f"one ping's answer cost the server {grew >> 20} MB"
+            bob.post("/api/flows/bulky/session/stop", timeout=120)
+    finally:
+        srv.stop()
+        runtime = Settings(home=tmp_path / "home").runtime_dir
+        for pid in procs.with_argument_under(str(runtime)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

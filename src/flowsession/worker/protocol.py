@@ -168,6 +168,19 @@ class ProtocolError(ConnectionError):
     """The supervisor closed the connection without answering, or answered garbage."""
 
 
+class AnswerTooLong(ProtocolError):
+    """The answer is longer than the request's answer can be (``MAX_ANSWER``)."""
+
+
+# The longest answer the control plane reads to each request (others: MAX_LINE). Parsing JSON
+# costs up to ~25 times its size in memory (an array of empty objects), so a request whose
+# answer is small by nature never reads more than it needs.
+MAX_ANSWER = {"ping": 1 << 20, "configure": 1 << 20, "shutdown": 1 << 20, "adopt": 1 << 20,
+              "reload": 1 << 20, "run": 4 << 20, "run_status": 4 << 20,
+              "run_cancel": 4 << 20, "run_forget": 4 << 20, "test": 16 << 20,
+              "aggregate": 16 << 20}
+
+
 def encode(obj: Any) -> bytes:
     """One JSON line; values JSON cannot carry are sent as ``str(value)``."""
     return (json.dumps(obj, default=str, separators=(",", ":")) + "\n").encode()
@@ -315,6 +328,7 @@ async def arequest(socket_path: str | os.PathLike, payload: Mapping[str, Any],
     slow (or hostile) session holds up only its own callers. Raises what ``request`` raises
     (OSError, TimeoutError, ProtocolError)."""
     loop = asyncio.get_running_loop()
+    limit = MAX_ANSWER.get(str(payload.get("op")), MAX_LINE)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     buf = bytearray()
@@ -333,10 +347,14 @@ async def arequest(socket_path: str | os.PathLike, payload: Mapping[str, Any],
                 end = chunk.find(b"\n")
                 if end >= 0:
                     buf += chunk[:end]
+                    if len(buf) > limit:
+                        raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer "
+                                            f"than {limit >> 20} MB")
                     break
                 buf += chunk
-                if len(buf) > MAX_LINE:
-                    raise ProtocolError("the answer is too long")
+                if len(buf) > limit:
+                    raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer than "
+                                        f"{limit >> 20} MB")
     except TimeoutError:
         raise TimeoutError(f"no answer to {payload.get('op')!r} in {timeout} s") from None
     finally:

@@ -262,6 +262,9 @@ class LocalBackend:
         try:
             answer = await protocol.arequest(handle.socket, msg,
                                              timeout + 30)
+        except protocol.AnswerTooLong as exc:
+            raise LineFailed(f"the line's output is too large to send: {exc}",
+                             hint="the session is still running; return less") from None
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint="reset the session: flowsession session reset FLOW") from None
