@@ -581,3 +581,50 @@ def test_a_hijacked_supervisors_answer_cannot_blow_up_the_servers_memory(
         for pid in procs.with_argument_under(str(runtime)):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- 9. the sandbox runs as root: root-only files of the host's /etc are readable ----------
+
+ETC_PY = '''\
+import os
+from promptflow.core import tool
+
+
+@tool
+def echo(x: str) -> str:
+    """uid 0 without capabilities still reads what root owns (owner bits): try every file of
+    /etc that the host keeps from other users."""
+    read = []
+    for top, dirs, files in os.walk("/etc"):
+        for name in files:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+                if st.st_mode & 0o004 or not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                with open(path, "rb") as f:
+                    if f.read(64):
+                        read.append(path)
+            except OSError:
+                pass
+    return "|".join(sorted(read)) or "nothing"
+'''
+
+
+def test_flow_code_cannot_read_the_hosts_private_files_in_etc(server, bob):
+    private = [os.path.join(top, n) for top, _, files in os.walk("/etc") for n in files
+               if not os.path.islink(os.path.join(top, n))
+               and os.path.isfile(os.path.join(top, n))
+               and not os.lstat(os.path.join(top, n)).st_mode & 0o004
+               and os.path.getsize(os.path.join(top, n)) > 0]
+    if not private:
+        pytest.skip("this host's /etc has no private file")
+    r = bob.post("/api/flows", json={"name": "etc", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ETC_PY}})
+    assert r.status_code == 201, r.text
+    try:
+        r = bob.post("/api/flows/etc/test", json={"inputs": {"x": "-"}})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == {"y": "nothing"}, r.json()  # e.g. /etc/shadow-
+    finally:
+        bob.post("/api/flows/etc/session/stop")
