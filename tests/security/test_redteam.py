@@ -628,3 +628,52 @@ def test_flow_code_cannot_read_the_hosts_private_files_in_etc(server, bob):
         assert r.json()["outputs"] == {"y": "nothing"}, r.json()  # e.g. /etc/shadow-
     finally:
         bob.post("/api/flows/etc/session/stop")
+
+
+# --- 10. on PostgreSQL, a NUL byte or an over-long name in a body is a 500 -----------------
+
+def test_text_the_database_cannot_store_is_a_422_on_postgresql(tmp_path, images_dir, index,
+                                                               pg_database):
+    _, url = pg_database
+    srv = Server(tmp_path / "home", images_dir, index.url,
+                 env={"FLOWSESSION_DATABASE_URL": url})
+    try:
+        with api(srv, new_user(srv, "bob")) as bob:
+            r = bob.post("/api/flows", json={"name": "f", "files": {
+                "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+            assert r.status_code == 201, r.text
+            base = {"flow": "f", "data_lines": [{"x": "1"}], "column_mapping": {"x": "${data.x}"}}
+            sent = [("POST", "/api/runs", {**base, "display_name": "a\x00b"}),
+                    ("POST", "/api/runs", {**base, "description": "a\x00b"}),
+                    ("POST", "/api/runs", {**base, "display_name": "d" * 1000}),
+                    ("POST", "/api/tokens", {"label": "laptop\x00"})]
+            for method, path, body in sent:
+                with api(srv, bob.headers["Authorization"].split()[1]) as fresh:
+                    r = fresh.request(method, path, json=body)
+                assert r.status_code == 422, (path, body, r.status_code, r.text[:300])
+                assert r.json()["error"]["code"] == "invalid_input"
+    finally:
+        srv.stop()
+
+
+# --- 11. a run with inline data names the server's scratch folder ----------------------------
+
+def test_a_run_with_inline_data_names_no_server_folder(server, bob):
+    r = bob.post("/api/flows", json={"name": "inline", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+    assert r.status_code == 201, r.text
+    r = bob.post("/api/runs", json={"flow": "inline", "name": "inline-run",
+                                    "data_lines": [{"x": "1"}],
+                                    "column_mapping": {"x": "${data.x}"}})
+    assert r.status_code == 202, r.text
+    answers = [r, bob.get(f"/api/operations/{r.json()['operation']['id']}"),
+               bob.get("/api/runs/inline-run"), bob.get("/api/runs")]
+    wait_operation(bob, r)
+    answers.append(bob.get("/api/runs/inline-run"))
+    own = str(server.home / "flows" / "bob").encode()
+    for a in answers:
+        assert a.status_code in (200, 202), a.text
+        text = a.content.replace(own, b"")  # his own flow's folder he may see
+        assert str(server.home).encode() not in text, a.text[:600]
+    assert answers[-1].json()["spec"]["data"] == "data_lines"
+    bob.post("/api/flows/inline/session/stop")
