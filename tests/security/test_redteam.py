@@ -677,3 +677,44 @@ def test_a_run_with_inline_data_names_no_server_folder(server, bob):
         assert str(server.home).encode() not in text, a.text[:600]
     assert answers[-1].json()["spec"]["data"] == "data_lines"
     bob.post("/api/flows/inline/session/stop")
+
+
+# --- 12. no limit on the processes a session may start: one fork bomb, the host's pids -----
+
+def session_cgroup_file(server: Server, name: str) -> Path | None:
+    """``name`` (e.g. pids.max) of the cgroup the server's sessions' processes are in."""
+    runtime = Settings(home=server.home).runtime_dir
+    for pid in procs.with_argument_under(str(runtime / "slots")):
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if "pids" in controllers.split(",") and path.startswith("/flowsession/"):
+                mount = Path("/sys/fs/cgroup/pids") if Path("/sys/fs/cgroup/pids").is_dir() \
+                    else Path("/sys/fs/cgroup")
+                return mount / path.lstrip("/") / name
+            if controllers == "" and path.startswith("/flowsession/"):  # cgroup v2
+                return Path("/sys/fs/cgroup") / path.lstrip("/") / name
+    return None
+
+
+def test_a_session_cannot_start_unbounded_processes(server, bob):
+    """Not a real fork bomb (the machine is shared): the session's group must hold a process
+    limit, or its flow code takes every pid of the host (pid_max) within its memory."""
+    r = bob.post("/api/flows", json={"name": "forker", "files": {
+        "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+    assert r.status_code == 201, r.text
+    try:
+        assert bob.post("/api/flows/forker/test", json={"inputs": {"x": "1"}}).status_code == 200
+        shown = bob.get("/api/flows/forker/session").json()
+        if "cgroup" not in (shown.get("limits") or shown.get("limits_detail") or "cgroup"):
+            pytest.skip(f"no cgroups here: {shown}")
+        limit = session_cgroup_file(server, "pids.max")
+        if limit is None:
+            pytest.skip("the sessions' group has no pids controller here")
+        value = limit.read_text().strip()
+        assert value != "max" and 0 < int(value) <= 65536, f"{limit}: {value}"
+    finally:
+        bob.post("/api/flows/forker/session/stop")
