@@ -718,3 +718,53 @@ def test_a_session_cannot_start_unbounded_processes(server, bob):
         assert value != "max" and 0 < int(value) <= 65536, f"{limit}: {value}"
     finally:
         bob.post("/api/flows/forker/session/stop")
+
+
+# --- 13. a process named like an orphaned session: the control plane deletes what it names --
+
+DECOY_PY = '''\
+import os, subprocess, sys
+from promptflow.core import tool
+
+
+@tool
+def echo(x: str) -> str:
+    """x: the server's sessions folder (/proc/self/mountinfo shows it: the source of the
+    /session/work bind). A process whose argument names "<slots>/.." looks, to the orphan
+    sweep, like a supervisor of the slot "..", which nobody knows."""
+    decoy = x.rstrip("/") + "/slots/../decoy"
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", decoy],
+                     start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return "planted"
+'''
+
+
+def test_a_process_named_like_an_orphan_deletes_nothing_of_the_server(
+        tmp_path, images_dir, index):
+    srv = Server(tmp_path / "home", images_dir, index.url)
+    runtime = Settings(home=srv.home).runtime_dir
+    try:
+        with api(srv, new_user(srv, "alice")) as alice, \
+                api(srv, new_user(srv, "bob")) as bob:
+            r = alice.post("/api/flows", json={"name": "steady", "files": {
+                "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+            assert r.status_code == 201, r.text
+            assert alice.post("/api/flows/steady/test",
+                              json={"inputs": {"x": "1"}}).status_code == 200
+            r = bob.post("/api/flows", json={"name": "decoy", "files": {
+                "flow.dag.yaml": ECHO_YAML, "echo.py": DECOY_PY}})
+            assert r.status_code == 201, r.text
+            r = bob.post("/api/flows/decoy/test", json={"inputs": {"x": str(runtime)}})
+            assert r.status_code == 200, r.text
+            time.sleep(25)  # two sweeps
+            assert (runtime / "slots").is_dir() and (runtime / "control").is_dir(), \
+                "the sessions' folders are gone"
+            r = alice.post("/api/flows/steady/test", json={"inputs": {"x": "2"}}, timeout=60)
+            assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
+        for pid in procs.with_argument_under(str(runtime)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)

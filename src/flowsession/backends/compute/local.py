@@ -148,11 +148,16 @@ class LocalBackend:
         slots_dir = str(self.settings.runtime_dir / "slots") + "/"
         by_slot: dict[str, list[int]] = {}
         for pid, arg in procs.with_argument_under(slots_dir).items():
-            slot = slots_dir + arg[len(slots_dir):].split("/", 1)[0]
-            by_slot.setdefault(slot, []).append(pid)
+            name = arg[len(slots_dir):].split("/", 1)[0]
+            if _SLOT_ID.match(name):  # flow code can name its processes anything ("..")
+                by_slot.setdefault(slots_dir + name, []).append(pid)
+        # ... and run them inside a session we know: nothing below a known session is an orphan
+        ours = {pid for slot, pids in by_slot.items() if slot in known for pid in pids}
+        parents = self._parents() if ours else {}
         found = []
         for slot, pids in sorted(by_slot.items()):
-            if slot in known:
+            pids = [p for p in pids if not _descends(p, ours, parents)]
+            if slot in known or not pids:
                 continue
             top = min(pids)  # the launcher (bwrap, or the supervisor itself) started first
             found.append(SessionHandle(
@@ -466,6 +471,19 @@ class LocalBackend:
 
     # --- helpers ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _parents() -> dict[int, int]:
+        """pid -> parent pid of every process (host pids)."""
+        parents = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry)] = int(stat[1])
+        return parents
+
     def process_tree(self, handle: SessionHandle) -> list[int]:
         """The session's processes below its top pid (supervisor and workers), host pids."""
         children: dict[int, list[int]] = {}
@@ -549,6 +567,17 @@ class LocalBackend:
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+_SLOT_ID = re.compile(r"^s[0-9a-f]{10}$")  # start_standby's slot ids
+
+
+def _descends(pid: int, ancestors: set[int], parents: dict[int, int]) -> bool:
+    """Is ``pid`` below one of ``ancestors`` (itself excluded)?"""
+    seen = 0
+    while (pid := parents.get(pid, 0)) > 1 and seen < 4096:
+        if pid in ancestors:
+            return True
+        seen += 1
+    return False
 
 
 def _complete_records(run_fd: int) -> list[bytes]:
