@@ -863,3 +863,37 @@ def test_a_managed_identitys_feed_secret_never_leaves_for_another_host(
         assert "{private} may only be the whole user part" in refusal, refusal
         token = secret.split(":", 1)[1]
         assert not any(token in s or "dGVhbS" in s for s in seen), seen
+
+
+# --- 16. a private feed's packages, built once with a secret, served to anyone -------------
+
+def test_an_environment_from_a_private_feed_needs_its_secret(server, bob, alice, wheelhouse):
+    """bob builds with the team identity's feed secret; alice, who may not use the identity
+    and has no secret for that feed, asks for the same requirements."""
+    from helpers.index_server import LocalIndex
+
+    secret = "team2-user:team2-feed-token"
+    with LocalIndex(wheelhouse.directory, auth=tuple(secret.split(":", 1))) as feed, \
+            api(server, server.token) as admin:
+        host = feed.url.split("//", 1)[1].split("/", 1)[0]
+        assert admin.post("/api/identities", json={"name": "team2"}).status_code == 201
+        r = admin.put(f"/api/identities/team2/feeds/{host}", json={"secret": secret})
+        assert r.status_code == 200, r.text
+        r = admin.post("/api/roles", json={"name": "Team2User",
+                                           "scopes": ["identities:use:team2"]})
+        assert r.status_code == 201, r.text
+        r = admin.post("/api/role-assignments", json={"user": "bob", "role": "Team2User"})
+        assert r.status_code == 201, r.text
+        files = {"flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY,
+                 "requirements.txt": f"-i http://{{private}}@{host}/simple\ntinydelta==1.0\n"}
+        assert bob.post("/api/flows", json={"name": "private-feed",
+                                            "files": files}).status_code == 201
+        r = bob.post("/api/flows/private-feed/environment/build", json={"identity": "team2"})
+        assert wait_operation(bob, r)["status"] == "succeeded"
+        assert alice.post("/api/flows", json={"name": "no-secret",
+                                              "files": files}).status_code == 201
+        r = alice.post("/api/flows/no-secret/environment/build")
+        assert r.status_code == 202, r.text
+        op = wait_operation(alice, r)
+        assert op["status"] == "failed", "alice got the private feed's packages without a secret"
+        assert "needs a secret" in op["error"]["message"], op
