@@ -897,3 +897,38 @@ def test_an_environment_from_a_private_feed_needs_its_secret(server, bob, alice,
         op = wait_operation(alice, r)
         assert op["status"] == "failed", "alice got the private feed's packages without a secret"
         assert "needs a secret" in op["error"]["message"], op
+
+
+# --- 17. sessions that never answer slow the sweep down for everyone ------------------------
+
+def test_silent_sessions_do_not_slow_the_sweep_for_everyone(tmp_path, images_dir, index):
+    """Each of bob's hijacked sessions takes a ping's whole timeout (5 s), twice a sweep
+    (reconcile, cull): with a few of them, alice's ended session is noticed minutes late, and
+    her compute's vCPUs stay taken meanwhile."""
+    srv = Server(tmp_path / "home", images_dir, index.url,
+                 env={"FLOWSESSION_DEFAULT_VM_SIZE": "small"})
+    try:
+        with api(srv, new_user(srv, "alice")) as alice, \
+                api(srv, new_user(srv, "bob")) as bob:
+            for i in range(4):
+                r = bob.post("/api/flows", json={"name": f"mute{i}", "files": {
+                    "flow.dag.yaml": ECHO_YAML, "echo.py": HIJACK_PY}})
+                assert r.status_code == 201, r.text
+                r = bob.post(f"/api/flows/mute{i}/test", json={"inputs": {"x": "silence"}})
+                assert r.status_code == 200, r.text
+            r = alice.post("/api/flows", json={"name": "brief", "files": {
+                "flow.dag.yaml": ECHO_YAML, "echo.py": ECHO_PY}})
+            assert r.status_code == 201, r.text
+            r = alice.post("/api/flows/brief/session", json={"idle_time": "5s"})
+            assert wait_operation(alice, r)["status"] == "succeeded"
+            started = time.monotonic()
+            ended = wait_listed(alice, "brief", {"STOPPED", "FAILED"}, timeout=120)
+            took = time.monotonic() - started
+            assert ended is not None and took < 30, \
+                f"alice's session that ended after 5 s was seen {took:.0f} s later"
+    finally:
+        srv.stop()
+        runtime = Settings(home=tmp_path / "home").runtime_dir
+        for pid in procs.with_argument_under(str(runtime)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
