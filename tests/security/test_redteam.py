@@ -932,3 +932,17 @@ def test_silent_sessions_do_not_slow_the_sweep_for_everyone(tmp_path, images_dir
         for pid in procs.with_argument_under(str(runtime)):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- 18. a lone surrogate (\ud800) in a JSON string: a 500 -----------------------------------
+
+@pytest.mark.parametrize("path,body", [
+    ("/api/runs", b'{"flow": "\\ud800", "data_lines": [{"x": "1"}]}'),
+    ("/api/flows", b'{"name": "sur", "files": {"flow.dag.yaml": "inputs: {}", '
+                   b'"a\\ud800.py": "x"}}'),
+    ("/api/connections", b'{"name": "sur", "type": "custom", "configs": {"a": "\\udfff"}, '
+                         b'"secrets": {"k": "v"}}'),
+])
+def test_text_that_is_not_unicode_is_a_422(server, bob, path, body):
+    r = bob.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])

@@ -130,6 +130,19 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             "hint": "remove control characters and shorten names and descriptions"}},
             status_code=422)
 
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_unicode(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        """Text with a lone surrogate (JSON's "\\ud800") cannot be a name, a path or a
+        database value: the caller's 422, never a 500."""
+        log.warning("text that is not Unicode on %s %s: %s", request.method,
+                    request.url.path, exc)
+        request.state.error_code = "invalid_input"
+        return JSONResponse({"error": {
+            "code": "invalid_input",
+            "message": "the request holds text that is not valid Unicode (a lone surrogate, "
+                       "such as \\ud800)",
+            "hint": "send text as UTF-8, without unpaired surrogate escapes"}}, status_code=422)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected failure on %s %s", request.method, request.url.path,
