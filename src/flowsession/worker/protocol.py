@@ -136,6 +136,7 @@ respawned. Workers die with their supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -199,11 +200,25 @@ DEFAULT_LINE_TIMEOUT = 600.0
 FLOW_FILES = ("flow.dag.yaml", "flow.dag.yml", "flow.flex.yaml", "flow.flex.yml")
 MAX_LINE = 64 * 1024 * 1024  # the longest request/response line accepted
 
+_LARGE_OPS = ("run", "aggregate", "adopt", "test")  # requests that may carry megabytes
 _MAX_SUN_PATH = 100  # sockaddr_un's sun_path is 108 bytes, NUL included
 
 
 class ProtocolError(ConnectionError):
     """The supervisor closed the connection without answering, or answered garbage."""
+
+
+class AnswerTooLong(ProtocolError):
+    """The answer is longer than the request's answer can be (``MAX_ANSWER``)."""
+
+
+# The longest answer the control plane reads to each request (others: MAX_LINE). Parsing JSON
+# costs up to ~25 times its size in memory (an array of empty objects), so a request whose
+# answer is small by nature never reads more than it needs.
+MAX_ANSWER = {"ping": 1 << 20, "configure": 1 << 20, "shutdown": 1 << 20, "adopt": 1 << 20,
+              "reload": 1 << 20, "run": 4 << 20, "run_status": 4 << 20,
+              "run_cancel": 4 << 20, "run_forget": 4 << 20, "test": 16 << 20,
+              "aggregate": 16 << 20}
 
 
 def encode(obj: Any) -> bytes:
@@ -314,13 +329,7 @@ class Connection:
                 raise ProtocolError("the answer is too long")
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
-        try:
-            answer = json.loads(line)
-        except ValueError as exc:
-            raise ProtocolError(f"the session answered something that is not JSON: {exc}") from None
-        if not isinstance(answer, dict):
-            raise ProtocolError("the session's answer is not a JSON object")
-        return answer
+        return decode_answer(line)
 
     def close(self) -> None:
         self.sock.close()
@@ -337,3 +346,59 @@ def request(socket_path: str | os.PathLike, payload: Mapping[str, Any],
     """Connect, send one request, return its answer (see ``Connection.request``)."""
     with Connection(socket_path, timeout=timeout) as conn:
         return conn.request(payload, timeout=timeout)
+
+
+def decode_answer(line: bytes) -> dict[str, Any]:
+    """One answer line as a JSON object, or ProtocolError: the other side may be hostile (a
+    session's code can answer in its supervisor's place), so anything else -- not JSON, too
+    deeply nested to parse -- is the same clean error."""
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"the session answered something that is not JSON: "
+                            f"{str(exc)[:200]}") from None
+    if not isinstance(answer, dict):
+        raise ProtocolError("the session's answer is not a JSON object")
+    return answer
+
+
+async def arequest(socket_path: str | os.PathLike, payload: Mapping[str, Any],
+                   timeout: float = 10.0) -> dict[str, Any]:
+    """``request`` for an event loop: no thread waits while the session takes its time, so a
+    slow (or hostile) session holds up only its own callers. Raises what ``request`` raises
+    (OSError, TimeoutError, ProtocolError)."""
+    loop = asyncio.get_running_loop()
+    limit = MAX_ANSWER.get(str(payload.get("op")), MAX_LINE)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            with socket_address(socket_path) as address:
+                await loop.sock_connect(sock, address)
+            data = (encode(dict(payload)) if payload.get("op") not in _LARGE_OPS
+                    else await asyncio.to_thread(encode, dict(payload)))  # a run's lines
+            await loop.sock_sendall(sock, data)
+            while True:
+                chunk = await loop.sock_recv(sock, 1 << 20)
+                if not chunk:
+                    raise ProtocolError(f"the session closed the connection without "
+                                        f"answering {payload.get('op')!r}")
+                end = chunk.find(b"\n")
+                if end >= 0:
+                    buf += chunk[:end]
+                    if len(buf) > limit:
+                        raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer "
+                                            f"than {limit >> 20} MB")
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer than "
+                                        f"{limit >> 20} MB")
+    except TimeoutError:
+        raise TimeoutError(f"no answer to {payload.get('op')!r} in {timeout} s") from None
+    finally:
+        sock.close()
+    if len(buf) > 1 << 20:  # a large answer is parsed off the loop
+        return await asyncio.to_thread(decode_answer, bytes(buf))
+    return decode_answer(bytes(buf))

@@ -46,6 +46,13 @@ class RunIn(RunSpec):
 INLINE = "data_lines.jsonl"
 
 
+def _is_inline(path: str) -> bool:
+    """Is ``path`` where ``data_lines`` were kept while the run was prepared?"""
+    p = Path(path)
+    return p.name == INLINE and p.parent.name.startswith("run-data-") \
+        and p.parent.parent.name == "run-data"
+
+
 def _scratch(svc: Services) -> Path:
     path = svc.settings.home / "run-data"
     path.mkdir(parents=True, exist_ok=True)
@@ -74,8 +81,8 @@ def _run_dict(run: Run, svc: Services | None = None) -> dict:
     d = run.to_dict()
     d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
     data = d["spec"].get("data")
-    if isinstance(data, str) and Path(data).name == INLINE and "run-data" in Path(data).parts:
-        d["spec"]["data"] = "data_lines"  # sent in the request: no server path to show
+    if isinstance(data, str) and _is_inline(data):  # the server's scratch copy: as sent
+        d["spec"]["data"] = "data_lines"
     if svc is not None:  # where its files are on the server's machine (for its managers)
         d["output_path"] = str(svc.runs.files(run.name).root)
     return d

@@ -32,6 +32,8 @@ from flowsession.worker.protocol import RunState
 
 MAX_RECORD = 8 * 1024 * 1024  # one line's record (its outputs), as JSON
 MAX_COLLECT = 16 * 1024 * 1024  # records and log text one collect may bring
+MAX_LOG_NAMES = 64  # workers' logs one collect may bring (a session may plant thousands)
+MAX_CURSOR_KEYS = 1024  # files a session's cursor may name (one per worker and its log)
 MAX_REASON = 500  # a session's one-line reason (why it ended, why it failed)
 MAX_ERROR = 4000  # a line's error text
 

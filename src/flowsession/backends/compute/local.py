@@ -148,11 +148,16 @@ class LocalBackend:
         slots_dir = str(self.settings.runtime_dir / "slots") + "/"
         by_slot: dict[str, list[int]] = {}
         for pid, arg in procs.with_argument_under(slots_dir).items():
-            slot = slots_dir + arg[len(slots_dir):].split("/", 1)[0]
-            by_slot.setdefault(slot, []).append(pid)
+            name = arg[len(slots_dir):].split("/", 1)[0]
+            if _SLOT_ID.match(name):  # flow code can name its processes anything ("..")
+                by_slot.setdefault(slots_dir + name, []).append(pid)
+        # ... and run them inside a session we know: nothing below a known session is an orphan
+        ours = {pid for slot, pids in by_slot.items() if slot in known for pid in pids}
+        parents = self._parents() if ours else {}
         found = []
         for slot, pids in sorted(by_slot.items()):
-            if slot in known:
+            pids = [p for p in pids if not _descends(p, ours, parents)]
+            if slot in known or not pids:
                 continue
             top = min(pids)  # the launcher (bwrap, or the supervisor itself) started first
             found.append(SessionHandle(
@@ -171,7 +176,7 @@ class LocalBackend:
             flow_inside = self._place_flow(standby, Path(spec.flow_dir))
             sites = await asyncio.to_thread(self._place_env, standby, env)
             await self._wait_for(standby, {protocol.Phase.STANDBY}, STARTUP_TIMEOUT_S)
-            answer = await asyncio.to_thread(protocol.request, standby.socket, {
+            answer = await protocol.arequest(standby.socket, {
                 "op": "adopt", "flow": flow_inside, "site_dirs": sites,
                 "idle_timeout": spec.idle_timeout_s, "workers": spec.workers,
                 "env": dict(spec.env_vars), "connections": dict(spec.connections)},
@@ -191,7 +196,7 @@ class LocalBackend:
     async def stop_session(self, handle: SessionHandle, *, reason: str = "") -> None:
         if procs.alive(handle.pid, handle.pid_start):
             try:
-                await asyncio.to_thread(protocol.request, handle.socket,
+                await protocol.arequest(handle.socket,
                                         {"op": "shutdown", "reason": reason or "stopped"}, 5.0)
             except (OSError, protocol.ProtocolError):
                 pass
@@ -230,7 +235,7 @@ class LocalBackend:
             await self.stop_session(handle, reason=why)
             return BackendStatus(BackendState.EXITED, detail=why)
         try:
-            ping = await asyncio.to_thread(protocol.request, handle.socket, {"op": "ping"}, 5.0)
+            ping = await protocol.arequest(handle.socket, {"op": "ping"}, 5.0)
         except (OSError, protocol.ProtocolError) as exc:
             return BackendStatus(BackendState.STARTING, detail=f"not answering: {exc}")
         phase = ping.get("phase")
@@ -261,8 +266,11 @@ class LocalBackend:
         if init is not None:
             msg["init"] = dict(init)
         try:
-            answer = await asyncio.to_thread(protocol.request, handle.socket, msg,
+            answer = await protocol.arequest(handle.socket, msg,
                                              timeout + 30)
+        except protocol.AnswerTooLong as exc:
+            raise LineFailed(f"the line's output is too large to send: {exc}",
+                             hint="the session is still running; return less") from None
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint="reset the session: flowsession session reset FLOW") from None
@@ -286,7 +294,7 @@ class LocalBackend:
         del answer
 
     async def configure(self, handle: SessionHandle, *, idle_timeout_s: float) -> None:
-        await asyncio.to_thread(protocol.request, handle.socket,
+        await protocol.arequest(handle.socket,
                                 {"op": "configure", "idle_timeout": idle_timeout_s}, 10.0)
 
     # --- batch runs: the lines go to the supervisor as data, records come back as data ------
@@ -294,7 +302,7 @@ class LocalBackend:
     async def _request(self, handle: SessionHandle, msg: dict[str, Any], timeout: float,
                        *, failed_is: type = Conflict) -> dict[str, Any]:
         try:
-            answer = await asyncio.to_thread(protocol.request, handle.socket, msg, timeout)
+            answer = await protocol.arequest(handle.socket, msg, timeout)
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint="reset the session: flowsession session reset FLOW") from None
@@ -375,12 +383,17 @@ class LocalBackend:
             except (SessionFailed, Conflict):
                 answer = {}
             got = answer.get("cursor") if isinstance(answer.get("cursor"), dict) else {}
+            room = boundary.MAX_CURSOR_KEYS - len(mine)  # a session names so many files, no more
             for k, v in got.items():
                 if isinstance(k, str) and type(v) is int and v >= 0 and len(k) < 300:
+                    if key + k not in new_cursor:
+                        if room <= 0:
+                            continue
+                        room -= 1
                     new_cursor[key + k] = v
             raw = answer.get("records") if isinstance(answer.get("records"), list) else []
-            for k, v in (answer.get("logs") or {}).items() if isinstance(answer.get("logs"),
-                                                                         dict) else []:
+            got_logs = answer.get("logs") if isinstance(answer.get("logs"), dict) else {}
+            for k, v in list(got_logs.items())[:boundary.MAX_LOG_NAMES]:
                 logs[boundary.text(k, 40, one_line=True)] = boundary.text(v, 1 << 20)
             more = answer.get("more") is True
         for path in self._salvaged(run_id):
@@ -459,6 +472,19 @@ class LocalBackend:
 
     # --- helpers ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _parents() -> dict[int, int]:
+        """pid -> parent pid of every process (host pids)."""
+        parents = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry)] = int(stat[1])
+        return parents
+
     def process_tree(self, handle: SessionHandle) -> list[int]:
         """The session's processes below its top pid (supervisor and workers), host pids."""
         children: dict[int, list[int]] = {}
@@ -520,7 +546,7 @@ class LocalBackend:
                                   hint="see its log: flowsession session logs",
                                   log_tail=self._log_tail(handle, 5))
             try:
-                ping = await asyncio.to_thread(protocol.request, handle.socket, {"op": "ping"}, 5)
+                ping = await protocol.arequest(handle.socket, {"op": "ping"}, 5)
                 if ping.get("phase") in phases:
                     return ping
                 if ping.get("phase") == protocol.Phase.FAILED:
@@ -564,6 +590,17 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+_SLOT_ID = re.compile(r"^s[0-9a-f]{10}$")  # start_standby's slot ids
+
+
+def _descends(pid: int, ancestors: set[int], parents: dict[int, int]) -> bool:
+    """Is ``pid`` below one of ``ancestors`` (itself excluded)?"""
+    seen = 0
+    while (pid := parents.get(pid, 0)) > 1 and seen < 4096:
+        if pid in ancestors:
+            return True
+        seen += 1
+    return False
 
 
 def _complete_records(run_fd: int) -> list[bytes]:
