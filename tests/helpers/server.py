@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -89,3 +91,28 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(home: Path, images: Path, index_url: str | None, **kw) -> Iterator[Server]:
+    """A server for the duration of the block; then its sessions and itself are stopped, and
+    any session process still running is killed and fails the test that left it."""
+    from flowsession.backends.compute import procs
+    from flowsession.config import Settings
+
+    srv = Server(home, images, index_url, **kw)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        runtime = Settings(home=home).runtime_dir
+        leftovers = procs.with_argument_under(str(runtime))
+        for pid in leftovers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+        if leftovers:
+            import pytest
+
+            pytest.fail(f"session processes left running after the server stopped: "
+                        f"{sorted(leftovers)}\n" + srv.log.read_text()[-3000:])

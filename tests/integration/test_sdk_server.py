@@ -7,20 +7,15 @@ session process may be left behind."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 from helpers.flows import make_flow
-from helpers.server import ADMIN, Server
+from helpers.server import ADMIN, serving
 
-from flowsession.backends.compute import procs
 from flowsession.client import AuthenticationError, Client, PermissionDenied
-from flowsession.config import Settings
 from flowsession.errors import Conflict, InvalidInput, NotFound, Unsatisfiable
 from flowsession.runs.records import Run, RunStatus
 
@@ -32,19 +27,9 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, images_dir, index):
     home = tmp_path_factory.mktemp("sdk-server") / "home"
-    srv = Server(home, images_dir, index.url)
-    try:
+    with serving(home, images_dir, index.url) as srv:
         yield srv
-    finally:
-        srv.stop()
-        runtime = Settings(home=home).runtime_dir
-        leftovers = procs.with_argument_under(str(runtime))
-        for pid in leftovers:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        if leftovers:
-            pytest.fail(f"session processes left running after the server stopped: "
-                        f"{sorted(leftovers)}\n" + srv.log.read_text()[-3000:])
+
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,9 +18,8 @@ import httpx
 import pytest
 from helpers.cli import FLOWSESSION
 from helpers.flows import make_flow
-from helpers.server import Server
+from helpers.server import serving
 
-from flowsession.backends.compute import procs
 from flowsession.client import Client
 from flowsession.config import Settings
 from flowsession.errors import FlowFolderMissing, NotFound, QuotaExceeded
@@ -36,18 +34,9 @@ MISSING = "ses-0000000000"  # a session id that does not exist
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, images_dir, index):
     home = tmp_path_factory.mktemp("by-id") / "home"
-    srv = Server(home, images_dir, index.url, env={"FLOWSESSION_VCPU_QUOTA": str(QUOTA)})
-    try:
+    with serving(home, images_dir, index.url,
+                 env={"FLOWSESSION_VCPU_QUOTA": str(QUOTA)}) as srv:
         yield srv
-    finally:
-        srv.stop()
-        leftovers = procs.with_argument_under(str(Settings(home=home).runtime_dir))
-        for pid in leftovers:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        if leftovers:
-            pytest.fail(f"session processes left running after the server stopped: "
-                        f"{sorted(leftovers)}\n" + srv.log.read_text()[-3000:])
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 
 from flowsession.backends.compute import procs, sandbox
 from flowsession.config import Settings
-from helpers.server import Server
+from helpers.server import Server, serving
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(sandbox.bwrap_path() is None and not os.environ.get("CI"),
@@ -46,16 +46,9 @@ ECHO_PY = "from promptflow.core import tool\n\n\n@tool\ndef echo(x: str) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, images_dir, index):
     home = tmp_path_factory.mktemp("redteam") / "home"
-    srv = Server(home, images_dir, index.url)
-    try:
+    with serving(home, images_dir, index.url) as srv:
         yield srv
-    finally:
-        srv.stop()
-        runtime = Settings(home=home).runtime_dir
-        for pid in procs.with_argument_under(str(runtime)):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(runtime, ignore_errors=True)
+
 
 
 def api(srv: Server, token: str, timeout: float = 300) -> httpx.Client:
@@ -487,9 +480,8 @@ def pg_database():
 def test_flow_code_cannot_reach_the_servers_database_over_loopback(
         tmp_path, images_dir, index, pg_database):
     name, url = pg_database
-    srv = Server(tmp_path / "home", images_dir, index.url,
-                 env={"FLOWSESSION_DATABASE_URL": url})
-    try:
+    with serving(tmp_path / "home", images_dir, index.url,
+                 env={"FLOWSESSION_DATABASE_URL": url}) as srv:
         with api(srv, new_user(srv, "bob")) as bob:
             r = bob.post("/api/flows", json={"name": "pg", "files": {
                 "flow.dag.yaml": ECHO_YAML, "echo.py": PG_PY}})
@@ -498,12 +490,6 @@ def test_flow_code_cannot_reach_the_servers_database_over_loopback(
             said = r.json().get("outputs", r.json())
             # bob is still a Data Scientist: the users' list is not his to read
             assert bob.get("/api/users").status_code == 403, said
-    finally:
-        srv.stop()
-        runtime = Settings(home=tmp_path / "home").runtime_dir
-        for pid in procs.with_argument_under(str(runtime)):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
 
 
 # --- 7. no session sees another user's environment ---------------------------------------
@@ -553,8 +539,7 @@ def test_a_hijacked_supervisors_answer_cannot_blow_up_the_servers_memory(
         tmp_path, images_dir, index):
     """A ping's answer is a few hundred bytes; a 60 MB one of empty objects costs the parser
     over a gigabyte: a few of those at once and the server is gone."""
-    srv = Server(tmp_path / "home", images_dir, index.url)
-    try:
+    with serving(tmp_path / "home", images_dir, index.url) as srv:
         with api(srv, new_user(srv, "bob")) as bob:
             r = bob.post("/api/flows", json={"name": "bulky", "files": {
                 "flow.dag.yaml": ECHO_YAML, "echo.py": HIJACK_PY}})
@@ -568,12 +553,6 @@ def test_a_hijacked_supervisors_answer_cannot_blow_up_the_servers_memory(
             grew = peak_rss(srv.proc.pid) - before
             assert grew < 300 * 1024 * 1024, f"one ping's answer cost the server {grew >> 20} MB"
             bob.post("/api/flows/bulky/session/stop", timeout=120)
-    finally:
-        srv.stop()
-        runtime = Settings(home=tmp_path / "home").runtime_dir
-        for pid in procs.with_argument_under(str(runtime)):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
 
 
 # --- 9. the sandbox runs as root: root-only files of the host's /etc are readable ----------
@@ -898,9 +877,8 @@ def test_silent_sessions_do_not_slow_the_sweep_for_everyone(tmp_path, images_dir
     """Each of bob's hijacked sessions takes a ping's whole timeout (5 s), twice a sweep
     (reconcile, cull): with a few of them, alice's ended session is noticed minutes late, and
     her compute's vCPUs stay taken meanwhile."""
-    srv = Server(tmp_path / "home", images_dir, index.url,
-                 env={"FLOWSESSION_DEFAULT_VM_SIZE": "small"})
-    try:
+    with serving(tmp_path / "home", images_dir, index.url,
+                 env={"FLOWSESSION_DEFAULT_VM_SIZE": "small"}) as srv:
         with api(srv, new_user(srv, "alice")) as alice, \
                 api(srv, new_user(srv, "bob")) as bob:
             for i in range(4):
@@ -919,12 +897,6 @@ def test_silent_sessions_do_not_slow_the_sweep_for_everyone(tmp_path, images_dir
             took = time.monotonic() - started
             assert ended is not None and took < 30, \
                 f"alice's session that ended after 5 s was seen {took:.0f} s later"
-    finally:
-        srv.stop()
-        runtime = Settings(home=tmp_path / "home").runtime_dir
-        for pid in procs.with_argument_under(str(runtime)):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
 
 
 # --- 18. a lone surrogate (\ud800) in a JSON string: a 500 -----------------------------------

@@ -12,17 +12,15 @@ appear in any answer he gets, in his run's files or in the server's log.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from flowsession.backends.compute import procs, sandbox
+from flowsession.backends.compute import sandbox
 from flowsession.config import Settings
-from helpers.server import Server
+from helpers.server import Server, serving
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(sandbox.bwrap_path() is None and not os.environ.get("CI"),
@@ -134,18 +132,9 @@ def summary(outs: list) -> dict:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, images_dir, index):
     home = tmp_path_factory.mktemp("boundary") / "home"
-    srv = Server(home, images_dir, index.url)
-    try:
+    with serving(home, images_dir, index.url) as srv:
         yield srv
-    finally:
-        srv.stop()
-        runtime = Settings(home=home).runtime_dir
-        for pid in procs.with_argument_under(str(runtime)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        shutil.rmtree(runtime, ignore_errors=True)
+
 
 
 def api(srv: Server, token: str) -> httpx.Client:
