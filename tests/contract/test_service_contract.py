@@ -1,0 +1,223 @@
+"""The sessions and runs services on every backend, as a user sees them: every session
+operation, and runs that lose nothing and store nothing twice when a session is killed or a
+node is lost mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from helpers.backends import FLOWS, USER, kill_supervisor
+from helpers.flows import SLOW_YAML, make_flow, run
+
+from flowsession.runs import records as R
+from flowsession.runs.service import RunService
+from flowsession.runs.spec import RunSpec
+from flowsession.sessions.service import StartOptions
+
+pytestmark = pytest.mark.timeout(600)
+
+SLOW_TOOL = '''import time
+
+from promptflow.core import tool
+
+
+@tool
+def slow(text: str, seconds: str) -> str:
+    time.sleep(float(seconds))
+    return text
+'''
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def slow_flow(tmp_path: Path, n: int, seconds: float) -> tuple[Path, Path]:
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    (folder / "flow.dag.yaml").write_text(SLOW_YAML)
+    (folder / "slow.py").write_text(SLOW_TOOL)
+    return folder, write_jsonl(tmp_path / "slow.jsonl",
+                               [{"text": f"l{i}", "seconds": str(seconds)} for i in range(n)])
+
+
+def where_flow(root: Path, version: str = "1.0") -> Path:
+    """A flow whose line answers with its package's version and the file it came from (which
+    names the environment, and on a cluster the node's home, that ran it)."""
+    flow = make_flow(root, "where", f"tinyalpha=={version}\n")
+    (flow / "echo.py").write_text(
+        "import tinyalpha\nfrom promptflow.core import tool\n\n\n@tool\n"
+        "def echo(x: str) -> str:\n"
+        "    return f'{x}|{tinyalpha.__version__}|{tinyalpha.__file__}'\n")
+    return flow
+
+
+def stored_positions(rs: RunService, name: str) -> list[int]:
+    path = rs.files(name).root / "lines.jsonl"
+    return [json.loads(raw)["i"] for raw in path.read_text().splitlines()] \
+        if path.exists() else []
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def node_home(path: str) -> str:
+    """The home a file of an environment is in (``<home>/envs/<id>/...``)."""
+    return path.split("/envs/")[0]
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+
+def test_every_session_operation_behaves_the_same(rs, tmp_path, backend_name):
+    svc = rs.sessions
+    flow = where_flow(tmp_path)
+
+    async def go():
+        session = await svc.start(flow, user=USER)
+        assert session.state == "RUNNING" and session.session_handle.backend == backend_name
+        out = await svc.test(flow, {"x": "a"}, user=USER)
+        x, version, path = out["y"].split("|")
+        assert (x, version) == ("a", "1.0")
+        packages = {p.name: (p.version, p.origin) for p in svc.packages(flow, user=USER)}
+        assert packages["tinyalpha"] == ("1.0", "requirements")
+        assert packages["promptflow-core"][1] == "image"
+        assert "ready" in await svc.session_logs(session)
+        # idle time changes in place
+        same = await svc.update(flow, user=USER, idle_timeout_s=900)
+        assert same.idle_timeout_s == 900 and same.session_handle.slot == \
+            session.session_handle.slot
+        # Save and install: the new environment beside the running one, then the switch
+        (flow / "requirements.txt").write_text("tinyalpha==2.0\n")
+        installed = await svc.install(flow, user=USER)
+        assert installed.env_id != session.env_id
+        assert installed.session_handle.slot != session.session_handle.slot
+        assert not svc.backend.alive(session.session_handle)  # the old one was stopped
+        out = await svc.test(flow, {"x": "b"}, user=USER)
+        assert out["y"].split("|")[1] == "2.0"
+        # an edited flow file takes effect at the next line
+        (flow / "echo.py").write_text(
+            "from promptflow.core import tool\n\n\n@tool\ndef echo(x: str) -> str:\n"
+            "    return x + '!'\n")
+        assert (await svc.test(flow, {"x": "c"}, user=USER)) == {"y": "c!"}
+        reset = await svc.reset(flow, user=USER)
+        assert reset.state == "RUNNING" and reset.session_handle.slot != \
+            installed.session_handle.slot
+        assert (await svc.test(flow, {"x": "d"}, user=USER)) == {"y": "d!"}
+        stopped = await svc.stop(flow, user=USER)
+        assert stopped.state == "STOPPED"
+        assert not svc.backend.alive(reset.session_handle)
+        assert svc.computes.list(user=None) == []  # the serverless compute went with it
+        events = [(e.from_state, e.to_state) for e in svc.events(flow, user=USER)]
+        assert ("STOPPING", "STOPPED") in events and ("INSTALLING", "RUNNING") in events
+
+    run(go())
+
+
+def test_an_idle_session_is_stopped_with_the_reason(rs, tmp_path):
+    svc = rs.sessions
+    flow = Path(shutil.copytree(FLOWS / "echo", tmp_path / "echo"))
+
+    async def go():
+        session = await svc.start(flow, user=USER, options=StartOptions(idle_timeout_s=2))
+        deadline = time.monotonic() + 60
+        while (await svc.refresh(session)).state != "STOPPED":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+        ended = svc.records.get(session.id)
+        assert "idle for" in ended.reason and "ended itself" in ended.reason
+        assert svc.computes.list(user=None) == []
+
+    run(go())
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def test_a_session_killed_mid_run_has_its_lines_rerun_and_none_stored_twice(rs, tmp_path):
+    flow, data = slow_flow(tmp_path, 16, 0.4)
+    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=1), user=USER))
+    name = created.name
+    wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 4, 120, "four lines")
+    handle = rs.sessions.records.get(created.session_id).session_handle
+    kill_supervisor(handle)
+    wait_until(lambda: not rs.backend.alive(handle), 30, "the session's processes to end")
+    done = run(rs.wait(name, user=USER, timeout=240))
+    assert done.status == R.COMPLETED, done.error
+    assert (done.total, done.completed, done.failed) == (16, 16, 0)
+    assert sorted(stored_positions(rs, name)) == list(range(16))  # each line once
+    assert [o["out"] for o in rs.outputs(name, user=USER)] == [f"l{i}" for i in range(16)]
+    now = rs.sessions.records.get(done.session_id).session_handle
+    assert now.slot != handle.slot  # a new session ran the rest
+    assert "resubmit" in (rs.files(name).root / "logs" / "run.log").read_text()
+
+
+def test_a_run_with_more_workers_than_its_compute_has_vcpus(rs, tmp_path, backend_name):
+    flow = where_flow(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"x": f"x{i}"} for i in range(30)])
+    done = run(rs.wait(run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=3),
+                                     user=USER)).name, user=USER, timeout=300))
+    assert done.status == R.COMPLETED, done.error
+    assert (done.completed, done.failed) == (30, 0)
+    assert sorted(stored_positions(rs, done.name)) == list(range(30))
+    rows = [o["y"].split("|") for o in rs.outputs(done.name, user=USER)]
+    assert [r[0] for r in rows] == [f"x{i}" for i in range(30)]
+    homes = {node_home(r[2]) for r in rows}
+    if backend_name == "ray":  # the compute has 1 vCPU: helpers on other bundles and nodes
+        assert len(homes) >= 2, homes
+    else:  # one machine: every worker on the session's own supervisor
+        assert len(homes) == 1
+
+
+@pytest.mark.parametrize("backend_name", ["ray"], indirect=True)
+def test_a_node_lost_mid_run_has_its_lines_rerun_elsewhere_and_none_twice(
+        rs, tmp_path, ray_cluster, ray_driver, say):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    node = ray_cluster.add_node("lost1", cpus=2, memory=2 << 30)
+    lost_id = node.node_id
+    others = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray_driver.nodes()
+              if n["Alive"] and n["NodeID"] != lost_id}
+    # everything but the doomed node is taken, so the session lands there
+    blockers = [placement_group([{"CPU": cpus}], bundle_label_selector=[
+        {"ray.io/node-id": node_id}]) for node_id, cpus in others.items() if cpus]
+    try:
+        for b in blockers:
+            assert b.wait(timeout_seconds=60), "the other nodes are busy"
+        flow, data = slow_flow(tmp_path, 20, 0.5)
+        created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=1),
+                                user=USER))
+        name = created.name
+        handle = rs.sessions.records.get(created.session_id).session_handle
+        assert handle.ref["node_id"] == lost_id
+        wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 3, 120,
+                   "three lines")
+        t0 = time.monotonic()
+        ray_cluster.kill_raylet("lost1")
+        for b in blockers:  # room elsewhere (an autoscaler would add a node)
+            remove_placement_group(b)
+        blockers = []
+        done = run(rs.wait(name, user=USER, timeout=300))
+        say(f"node lost mid-run: the run completed {time.monotonic() - t0:.1f} s after its "
+            "node's raylet was killed")
+        assert done.status == R.COMPLETED, done.error
+        assert (done.total, done.completed, done.failed) == (20, 20, 0)
+        assert sorted(stored_positions(rs, name)) == list(range(20))  # none twice
+        assert [o["out"] for o in rs.outputs(name, user=USER)] == [f"l{i}" for i in range(20)]
+        now = rs.sessions.records.get(done.session_id).session_handle
+        assert now.ref["node_id"] != lost_id
+        log = (rs.files(name).root / "logs" / "run.log").read_text()
+        assert "resubmit" in log
+    finally:
+        for b in blockers:
+            remove_placement_group(b)
