@@ -291,3 +291,59 @@ def test_the_environment_is_the_flows_own(lab, tmp_path):
             assert str(lab.settings.home) not in path and "/ray-nodes" in path
 
     run(go())
+
+
+# --- Ray only: a session's actor and its node --------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_name", ["ray"], indirect=True)
+def test_a_killed_actor_takes_its_session_with_it_and_its_node_sweeps_its_folder(lab,
+                                                                                   tmp_path):
+    import ray
+
+    from flowsession.backends.compute import procs
+
+    async def go():
+        flow = flow_copy(tmp_path, "echo")
+        compute = await lab.compute()
+        handle = await lab.start(flow, compute=compute)
+        actor = lab.backend._actor(handle)
+        slot = (await actor.info.remote())["slot"]
+        folders = list(Path("/tmp").glob(f"flowsession-*/*/slots/{slot}"))
+        assert len(folders) == 1
+        ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30
+        while procs.alive(handle.pid, handle.ref["pid_start"]):  # it dies with its actor
+            assert time.monotonic() < deadline, "the supervisor outlived its actor"
+            await asyncio.sleep(0.2)
+        assert (await lab.backend.status(handle)).state == BackendState.LOST
+        assert folders[0].exists()  # left behind, as a lost raylet leaves it
+        again = await lab.start(flow, compute=compute)  # the same bundle: the same node
+        assert again.ref["node_id"] == handle.ref["node_id"]
+        assert not folders[0].exists()  # swept by the node's next session
+
+    run(go())
+
+
+@pytest.mark.parametrize("backend_name", ["ray"], indirect=True)
+def test_an_ended_sessions_actor_exits_after_it_lingered(lab, tmp_path):
+    import ray
+
+    async def go():
+        lab.backend.linger_s = 3
+        handle = await lab.start(flow_copy(tmp_path, "echo"), idle=2)
+        deadline = time.monotonic() + 60
+        while (await lab.backend.status(handle)).state != BackendState.EXITED:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.3)
+        while True:  # then, with nobody to collect what it left, it goes
+            try:
+                ray.get_actor(handle.slot, namespace=handle.ref["namespace"])
+            except ValueError:
+                break
+            assert time.monotonic() < deadline, "the actor is still there"
+            await asyncio.sleep(0.5)
+        fresh = registry.create(lab.settings)
+        assert (await fresh.status(handle)).state == BackendState.LOST
+
+    run(go())

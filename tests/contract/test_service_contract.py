@@ -221,3 +221,29 @@ def test_a_node_lost_mid_run_has_its_lines_rerun_elsewhere_and_none_twice(
     finally:
         for b in blockers:
             remove_placement_group(b)
+
+
+def test_the_standby_pool_serves_a_start(contract_settings, tmp_path, backend_name):
+    from dataclasses import replace
+
+    from helpers.backends import services, stop_everything
+
+    rs = services(replace(contract_settings, standby_pool_size=1))
+    pool = rs.sessions.pool
+    flow = Path(shutil.copytree(FLOWS / "echo", tmp_path / "echo"))
+    try:
+        assert run(pool.fill()) == 1
+        [standby] = pool.members()
+        session = run(rs.sessions.start(flow, user=USER))
+        assert session.state == "RUNNING" and pool.members() == []  # claimed
+        handle = session.session_handle
+        if backend_name == "local":
+            assert handle.from_standby and handle.slot == standby.slot
+        elif handle.slot == standby.slot:  # Ray: adopted where the compute's bundle is
+            assert handle.from_standby
+        else:  # the standby ran on another node than the compute: stopped, not left behind
+            assert not rs.backend.alive(standby)
+        assert run(rs.sessions.test(flow, {"text": "p"}, user=USER)) == {"out": "p"}
+        assert run(pool.fill()) == 1
+    finally:
+        run(stop_everything(rs.sessions))

@@ -50,6 +50,7 @@ PREFIX = "fs-"  # of the names of our actors ("fs-s<hex>") and placement groups 
 PLACEMENT_TIMEOUT_S = 120.0  # a compute's placement group must be placed within this
 BUILD_TIMEOUT_S = 1800.0  # an image and an environment built on a node
 CALL_S = 30.0  # beyond a relayed request's own timeout
+LINGER_S = 3600.0
 UNREACHABLE = "_unreachable"  # flowsession.node.actor.UNREACHABLE (not imported: no ray here)
 
 
@@ -61,6 +62,9 @@ class RayBackend(SupervisorClient):
         self.settings = settings
         self._namespace: str | None = None
         self._actors: dict[str, Any] = {}
+        # how long an actor whose session ended by itself (idle) keeps what it left for the
+        # control plane to see and collect, before it exits
+        self.linger_s = LINGER_S
 
     # --- the cluster ---------------------------------------------------------------------------
 
@@ -186,7 +190,7 @@ class RayBackend(SupervisorClient):
         actor = await asyncio.to_thread(lambda: remote_class().options(
             name=name, namespace=self.namespace, lifetime="detached", num_cpus=0,
             max_concurrency=64, max_restarts=0, scheduling_strategy=strategy,
-        ).remote({"namespace": self.namespace}))
+        ).remote({"namespace": self.namespace, "linger_s": self.linger_s}))
         self._actors[name] = actor
         try:
             answer = await self._get(actor.launch.remote(recipe, idle_timeout_s),
