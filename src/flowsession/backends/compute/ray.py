@@ -51,6 +51,7 @@ PLACEMENT_TIMEOUT_S = 120.0  # a compute's placement group must be placed within
 BUILD_TIMEOUT_S = 1800.0  # an image and an environment built on a node
 CALL_S = 30.0  # beyond a relayed request's own timeout
 LINGER_S = 3600.0
+MOVE_WAIT_S = 5.0  # a serverless compute's bundle, booked again next to a standby
 UNREACHABLE = "_unreachable"  # flowsession.node.actor.UNREACHABLE (not imported: no ray here)
 
 
@@ -124,7 +125,8 @@ class RayBackend(SupervisorClient):
                                 lifetime="detached")
         return ComputeHandle(backend=self.name, compute_id=compute.id,
                              limits={"mode": "ray", "placement_group": name,
-                                     "namespace": self.namespace, "bundle": bundle},
+                                     "namespace": self.namespace, "bundle": bundle,
+                                     "kind": compute.kind},
                              vcpu=compute.size.vcpu, memory_bytes=compute.size.memory_bytes)
 
     async def release(self, handle: ComputeHandle) -> None:
@@ -133,27 +135,35 @@ class RayBackend(SupervisorClient):
         from ray.util.placement_group import get_placement_group, remove_placement_group
 
         self._ray()
-        try:
-            group = await asyncio.to_thread(get_placement_group,
-                                            str(handle.limits.get("placement_group")))
-        except ValueError:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(remove_placement_group, group)
+        for name in await asyncio.to_thread(self._group_names, handle):
+            with contextlib.suppress(Exception):
+                group = await asyncio.to_thread(get_placement_group, name)
+                await asyncio.to_thread(remove_placement_group, group)
 
-    async def _group(self, compute: ComputeHandle) -> tuple[Any, str]:
-        """The compute's placement group, placed, and the node of its bundle."""
-        from ray.util.placement_group import get_placement_group, placement_group_table
+    def _group_names(self, compute: ComputeHandle) -> list[str]:
+        """The live placement groups of a compute: ``fs-<id>``, or the one that took its
+        place when it was moved next to a standby (``fs-<id>~<n>``)."""
+        from ray.util.placement_group import placement_group_table
+
+        base = str(compute.limits.get("placement_group"))
+        return sorted({info["name"] for info in placement_group_table().values()
+                       if info.get("state") != "REMOVED"
+                       and (info.get("name") == base or info.get("name", "").startswith(
+                           base + "~"))})
+
+    async def _group(self, compute: ComputeHandle) -> tuple[Any, str, str]:
+        """The compute's placement group, placed: the group, its name, its bundle's node."""
+        from ray.util.placement_group import get_placement_group
 
         self._ray()
-        name = str(compute.limits.get("placement_group"))
-        try:
-            group = await asyncio.to_thread(get_placement_group, name)
-        except ValueError:
+        names = await asyncio.to_thread(self._group_names, compute)
+        if not names:
             raise SessionFailed(f"compute {compute.compute_id} has no placement group on the "
                                 "Ray cluster (it was removed)",
                                 hint="stop the session; a new start provisions the compute "
-                                     "again") from None
+                                     "again")
+        name = names[-1]
+        group = await asyncio.to_thread(get_placement_group, name)
         try:
             await asyncio.wait_for(group.ready(), PLACEMENT_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -163,9 +173,41 @@ class RayBackend(SupervisorClient):
                 f"placement group is still pending after {PLACEMENT_TIMEOUT_S:.0f} s",
                 hint="add a node that fits (or let the cluster's autoscaler add one), or "
                      "choose a smaller VM size") from None
+        return group, name, await self._node_of(group)
+
+    @staticmethod
+    async def _node_of(group: Any) -> str:
+        from ray.util.placement_group import placement_group_table
+
         table = await asyncio.to_thread(placement_group_table, group)
-        nodes = table.get("bundles_to_node_id") or {}
-        return group, str(nodes.get(0, ""))
+        return str((table.get("bundles_to_node_id") or {}).get(0, ""))
+
+    async def _move_next_to(self, compute: ComputeHandle, old: str, node: str) -> bool:
+        """Book a serverless compute's bundle on ``node`` instead (where a standby waits),
+        if it fits there now: the new group is placed first, then the old one removed. Its
+        target is soft: a lost node's group is still placed elsewhere. False: it stays."""
+        from ray.util.placement_group import (
+            get_placement_group,
+            placement_group,
+            remove_placement_group,
+        )
+
+        if compute.limits.get("kind") != "serverless" or not node:
+            return False  # an instance's group is its owner's, shared by its sessions
+        bundle = dict(compute.limits.get("bundle") or {})
+        name = f"{compute.limits.get('placement_group')}~{uuid.uuid4().hex[:6]}"
+        group = await asyncio.to_thread(placement_group, [bundle], strategy="STRICT_PACK",
+                                        name=name, lifetime="detached",
+                                        _soft_target_node_id=node)
+        try:
+            await asyncio.wait_for(group.ready(), MOVE_WAIT_S)
+            moved = await self._node_of(group) == node
+        except asyncio.TimeoutError:
+            moved = False
+        gone = await asyncio.to_thread(get_placement_group, old) if moved else group
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(remove_placement_group, gone)
+        return moved
 
     # --- sessions ------------------------------------------------------------------------------
 
@@ -182,10 +224,9 @@ class RayBackend(SupervisorClient):
         if compute is not None:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            group, _node = await self._group(compute)
+            group, group_name, _node = await self._group(compute)
             strategy = PlacementGroupSchedulingStrategy(placement_group=group,
                                                         placement_group_bundle_index=0)
-            group_name = compute.limits.get("placement_group")
         name = f"{PREFIX}s{uuid.uuid4().hex[:10]}"
         actor = await asyncio.to_thread(lambda: remote_class().options(
             name=name, namespace=self.namespace, lifetime="detached", num_cpus=0,
@@ -213,11 +254,15 @@ class RayBackend(SupervisorClient):
         if env.recipe is None:
             raise InvalidInput("the ray backend builds environments on its nodes: it needs "
                                "the environment's recipe")
-        _group, node = await self._group(compute)
+        _group, group_name, node = await self._group(compute)
+        if standby is not None and standby.ref.get("placement_group") is None \
+                and standby.ref.get("node_id") != node \
+                and await self._move_next_to(compute, group_name, str(standby.ref["node_id"])):
+            _group, group_name, node = await self._group(compute)
         if standby is not None and (standby.ref.get("node_id") != node
                                     or standby.ref.get("placement_group") not in
-                                    (None, compute.limits.get("placement_group"))):
-            # a standby runs where Ray put it; the compute's bundle is on another node
+                                    (None, group_name)):
+            # a standby runs where Ray put it, and the compute's bundle is elsewhere
             await self.stop_session(standby, reason="standby on another node than the compute")
             standby = None
         if standby is None:
@@ -249,11 +294,10 @@ class RayBackend(SupervisorClient):
         detail = boundary.reason(out.get("limits_detail"))
         bundle = compute.limits.get("bundle") or {}
         return replace(standby, session_id=spec.session_id,
-                       limits_detail=f"ray placement group {compute.limits.get('placement_group')}"
-                                     f" ({bundle.get('CPU', compute.vcpu):g} CPU); on its node: "
+                       limits_detail=f"ray placement group {group_name} "
+                                     f"({bundle.get('CPU', compute.vcpu):g} CPU); on its node: "
                                      f"{detail or 'no limits'}",
-                       ref={**standby.ref, "placement_group":
-                            compute.limits.get("placement_group")})
+                       ref={**standby.ref, "placement_group": group_name})
 
     async def stop_session(self, handle: SessionHandle, *, reason: str = "") -> None:
         """Stop the supervisor, keep what it left (its runs' records, the end of its log),
