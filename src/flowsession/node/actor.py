@@ -110,8 +110,8 @@ class SessionActor:
                 bwrap=self.bwrap, hidden=[str(self.settings.db_url.removeprefix("sqlite:///")),
                                           str(self.settings.secret_key_file)],
                 die_with_parent=True))
-        except FlowSessionError as exc:
-            return {"ok": False, "error": {**exc.to_dict(), "code": exc.code}}
+        except Exception as exc:  # noqa: BLE001 - the caller gets the reason as data
+            return {"ok": False, "error": _error(exc)}
         with self.lock:
             self.slot, self.launched = slot, launched
         protocol.write_json(slot.control / OWNER, {"actor": procs.identity(),
@@ -131,8 +131,8 @@ class SessionActor:
         holder = f"slot:{slot.id}"
         try:
             env = asyncio.run(self.envs.environment(recipe, holder=holder))
-        except FlowSessionError as exc:
-            return {"ok": False, "error": {**exc.to_dict(), "code": exc.code}}
+        except Exception as exc:  # noqa: BLE001 - the caller gets the reason as data
+            return {"ok": False, "error": _error(exc)}
         with self.lock:
             if self.env.get("id") and self.env["id"] != env.id:
                 self.envs.release(self.env["id"], holder)
@@ -358,6 +358,15 @@ class SessionActor:
             raise RuntimeError("the session's supervisor was not launched")
         return self.slot, self.launched
 
+
+
+def _error(exc: Exception) -> dict[str, Any]:
+    """An error as data for the control plane (``FlowSessionError.from_dict``)."""
+    if isinstance(exc, FlowSessionError):
+        return {**exc.to_dict(), "code": exc.code}
+    return {"code": "build_failed", "message": f"on the session's node: "
+            f"{type(exc).__name__}: {exc}"[:2000],
+            "hint": "see the node's log (FLOWSESSION_NODE_HOME/logs)"}
 
 
 _REMOTE: Any = None

@@ -8,7 +8,8 @@ in a bundle of the compute's VM size. The helpers' bundles are one placement gro
 Ray with ``SPREAD`` (other nodes when the cluster has them, or its autoscaler adds them). The
 group and the helpers are this actor's (not detached): they die with it. When the group cannot
 be placed within ``HELPER_WAIT_S``, every worker runs on the session's own supervisor, as the
-local backend runs them. The lines are dealt to the parts in proportion to their workers;
+local backend runs them; so do the workers of a helper that has not started within
+``HELPER_BUDGET_S`` (the run's submission waits for them). The lines are dealt to the parts in proportion to their workers;
 each part runs its share as an ordinary run of its supervisor.
 
 To the control plane the run stays one run of one session: ``run_status`` sums the parts,
@@ -25,6 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowsession.node")
 
-HELPER_WAIT_S = 60.0  # for the helpers' placement group
-HELPER_START_S = 300.0  # a helper's image, environment and supervisor
+HELPER_WAIT_S = 30.0  # for the helpers' placement group
+HELPER_BUDGET_S = 75.0  # placing and starting the helpers, in all (a run's submission waits)
 CALL_S = 30.0  # a request to a helper, beyond its own timeout
 ACTIVE = ("loading", "running")
 
@@ -158,6 +161,7 @@ class RunPlans:
         from flowsession.node.actor import remote_class
 
         a, compute = self.actor, self.actor.compute
+        deadline = time.monotonic() + HELPER_BUDGET_S
         bundle = {"CPU": float(compute["vcpu"]), "memory": int(compute["memory_bytes"])}
         group = placement_group([dict(bundle) for _ in range(n)], strategy="SPREAD")
         if not group.wait(timeout_seconds=HELPER_WAIT_S):
@@ -171,57 +175,42 @@ class RunPlans:
                                   placement_group=group, placement_group_bundle_index=i)
                               ).remote({"linger_s": a.linger_s}) for i in range(n)]
         idle = float(a.session.get("idle_timeout") or 0)
-        started = self._each(actors, lambda h: h.launch.remote(a.image_recipe, idle))
-        flows = {a.flow_id}
-        if msg.get("flow"):
-            flows.add(str(msg["flow"]).rstrip("/").rsplit("/", 1)[-1])
-        ok: list[tuple[str, Any]] = []
-        for actor, answer in zip(actors, started):
-            if not (isinstance(answer, dict) and answer.get("ok")):
-                log.warning("a run helper did not start: %s", answer)
-                with _quiet():
-                    ray.kill(actor, no_restart=True)
-                continue
-            try:
-                for fid in flows:
-                    if ray.get(actor.place_flow.remote(fid, None), timeout=CALL_S) is None:
-                        ray.get(actor.place_flow.remote(fid, a.snapshot_data(fid)),
-                                timeout=HELPER_START_S)
-            except Exception as exc:  # noqa: BLE001 - a helper that fails is left out
-                log.warning("a run helper did not get the flow: %s", exc)
-                with _quiet():
-                    ray.kill(actor, no_restart=True)
-                continue
-            ok.append((str(answer["slot"]), actor))
-        adopted = self._each([h for _, h in ok], lambda h: h.adopt.remote(
-            a.recipe, a.flow_id, {**a.session, "workers": 1}, dict(compute)))
+        flows = sorted({a.flow_id} | ({str(msg["flow"]).rstrip("/").rsplit("/", 1)[-1]}
+                                      if msg.get("flow") else set()))
+
+        def start(h: Any) -> dict[str, Any]:
+            """A helper's whole start, as one chain of calls (its image, the flows it does
+            not have, its environment and the session's flow adopted)."""
+            answer = ray.get(h.launch.remote(a.image_recipe, idle), timeout=_left(deadline))
+            if not answer.get("ok"):
+                return answer
+            for fid in flows:
+                if ray.get(h.place_flow.remote(fid, None), timeout=_left(deadline)) is None:
+                    ray.get(h.place_flow.remote(fid, a.snapshot_data(fid)),
+                            timeout=_left(deadline))
+            adopted = ray.get(h.adopt.remote(a.recipe, a.flow_id, {**a.session, "workers": 1},
+                                             dict(compute)), timeout=_left(deadline))
+            if not (adopted.get("ok") and (adopted.get("answer") or {}).get("ok")):
+                return {"ok": False, "error": adopted.get("error") or adopted.get("answer")}
+            return answer
+
         helpers = []
-        for (name, actor), answer in zip(ok, adopted):
-            if isinstance(answer, dict) and answer.get("ok") and \
-                    (answer.get("answer") or {}).get("ok"):
-                helpers.append((name, actor))
-            else:
-                log.warning("a run helper did not load the flow: %s", answer)
-                with _quiet():
-                    ray.kill(actor, no_restart=True)
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for h, fut in [(h, pool.submit(start, h)) for h in actors]:
+                try:
+                    answer = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a helper that fails is left out
+                    answer = {"ok": False, "error": repr(exc)}
+                if answer.get("ok"):
+                    helpers.append((str(answer["slot"]), h))
+                else:
+                    log.warning("a run helper did not start: %s", answer.get("error"))
+                    with _quiet():
+                        ray.kill(h, no_restart=True)
         if not helpers:
             remove_placement_group(group)
             return None, []
         return group, helpers
-
-    @staticmethod
-    def _each(actors: list[Any], call) -> list[Any]:
-        """``call(actor)`` on every actor at once; each one's answer, or the error."""
-        import ray
-
-        refs = [call(h) for h in actors]
-        out = []
-        for ref in refs:
-            try:
-                out.append(ray.get(ref, timeout=HELPER_START_S))
-            except Exception as exc:  # noqa: BLE001 - the caller leaves that helper out
-                out.append(repr(exc))
-        return out
 
     def _helper_flow(self, part: Part, flow_id: str) -> str:
         import ray
@@ -378,6 +367,13 @@ class RunPlans:
         with _quiet():
             remove_placement_group(plan.group)
         plan.group = None
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the run's helpers did not start in time")
+    return left
 
 
 class _quiet:

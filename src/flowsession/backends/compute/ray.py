@@ -355,7 +355,7 @@ class RayBackend(SupervisorClient):
         if actor is None:
             return False
         try:
-            return self._ray().get(actor.alive.remote(), timeout=10) is True
+            return self._ray().get(actor.alive.remote(), timeout=5) is True
         except Exception:  # noqa: BLE001 - unreachable or dead: not alive
             return False
 
