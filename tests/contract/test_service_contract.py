@@ -247,3 +247,52 @@ def test_the_standby_pool_serves_a_start(contract_settings, tmp_path, backend_na
         assert run(pool.fill()) == 1
     finally:
         run(stop_everything(rs.sessions))
+
+
+def fill_nodes(ray, node_ids: list[str]) -> list:
+    """Placement groups that take every CPU left on ``node_ids`` (one CPU each)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    taken = []
+    for node_id in node_ids:
+        while True:
+            pg = placement_group([{"CPU": 1}], bundle_label_selector=[
+                {"ray.io/node-id": node_id}])
+            if not pg.wait(timeout_seconds=3):
+                remove_placement_group(pg)
+                break
+            taken.append(pg)
+    return taken
+
+
+@pytest.mark.parametrize("backend_name", ["ray"], indirect=True)
+def test_a_helpers_node_lost_mid_run_has_its_lines_rerun_and_none_twice(
+        rs, tmp_path, ray_cluster, ray_driver, say):
+    from ray.util.placement_group import remove_placement_group
+
+    flow, data = slow_flow(tmp_path, 24, 0.5)
+    session = run(rs.sessions.start(flow, user=USER))  # on the head or on b
+    others = [n["NodeID"] for n in ray_driver.nodes() if n["Alive"]]
+    node = ray_cluster.add_node("lost2", cpus=2, memory=2 << 30)
+    blockers = fill_nodes(ray_driver, others)  # so the run's helper lands on the new node
+    try:
+        created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2),
+                                user=USER))
+        name = created.name
+        assert created.session_id == session.id
+        wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 6, 120, "six lines")
+        t0 = time.monotonic()
+        ray_cluster.kill_raylet("lost2")
+        done = run(rs.wait(name, user=USER, timeout=300))
+        say(f"a run helper's node lost mid-run: the run completed "
+            f"{time.monotonic() - t0:.1f} s after the raylet was killed")
+        assert done.status == R.COMPLETED, done.error
+        assert (done.total, done.completed, done.failed) == (24, 24, 0)
+        assert sorted(stored_positions(rs, name)) == list(range(24))  # none twice
+        assert [o["out"] for o in rs.outputs(name, user=USER)] == [f"l{i}" for i in range(24)]
+        assert done.session_id == session.id  # the session itself was not lost
+        assert "resubmit" in (rs.files(name).root / "logs" / "run.log").read_text()
+        del node
+    finally:
+        for b in blockers:
+            remove_placement_group(b)
