@@ -57,8 +57,14 @@ async def collect_all(lab: Lab, handle: SessionHandle | None, run_id: str, total
 def test_a_session_starts_answers_lines_and_shows_its_status_and_log(lab, tmp_path):
     async def go():
         flow = flow_copy(tmp_path, "echo")
-        handle = await lab.start(flow)
+        compute = await lab.compute()
+        handle = await lab.start(flow, compute=compute)
         assert handle.backend == lab.name and handle.session_id.startswith("ses-")
+        # held to its VM size where it runs (cgroups where the host allows, else rlimits)
+        assert "cgroup" in handle.limits_detail or "rlimit" in handle.limits_detail
+        if "cgroup" in handle.limits_detail:  # the tests' nodes are this machine
+            groups = Path(f"/proc/{handle.pid}/cgroup").read_text()
+            assert f"/flowsession/{compute.compute_id}" in groups
         assert await lab.backend.test_line(handle, {"text": "hi"}, timeout=60) == {"out": "hi"}
         status = await lab.backend.status(handle)
         assert status.state == BackendState.RUNNING and not status.failed
