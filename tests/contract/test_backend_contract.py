@@ -60,6 +60,9 @@ def test_a_session_starts_answers_lines_and_shows_its_status_and_log(lab, tmp_pa
         compute = await lab.compute()
         handle = await lab.start(flow, compute=compute)
         assert handle.backend == lab.name and handle.session_id.startswith("ses-")
+        from flowsession.backends.compute import sandbox
+
+        assert handle.sandboxed == (sandbox.bwrap_path() is not None)  # bubblewrap where it is
         # held to its VM size where it runs (cgroups where the host allows, else rlimits)
         assert "cgroup" in handle.limits_detail or "rlimit" in handle.limits_detail
         if "cgroup" in handle.limits_detail:  # the tests' nodes are this machine

@@ -141,6 +141,46 @@ def test_an_idle_session_is_stopped_with_the_reason(rs, tmp_path):
     run(go())
 
 
+def test_a_compute_instance_is_booked_until_its_owner_stops_it(rs, tmp_path, backend_name):
+    svc = rs.sessions
+    flow = Path(shutil.copytree(FLOWS / "echo", tmp_path / "echo"))
+
+    async def go():
+        box = await svc.computes.create_instance("box", user=USER, size="tiny")
+        handle = box.compute_handle
+        assert handle.backend == backend_name and box.state == "RUNNING"
+        session = await svc.start(flow, user=USER, options=StartOptions(
+            compute_type="instance", instance="box"))
+        assert session.compute_id == box.id
+        assert (await svc.test(flow, {"text": "on the box"}, user=USER)) == {"out": "on the box"}
+        await svc.stop(flow, user=USER)
+        assert svc.computes.get("box", user=USER).state == "RUNNING"  # an instance stays
+        stopped = await svc.stop_compute(svc.computes.get("box", user=USER), actor=USER,
+                                         reason="by its owner")
+        assert stopped.state == "STOPPED" and stopped.handle is None
+        assert booked(backend_name, handle) is not True
+        started = await svc.computes.start("box", user=USER)
+        assert started.state == "RUNNING"
+        assert booked(backend_name, started.compute_handle) is not False
+        await svc.computes.stop(started, reason="done")
+
+    run(go())
+
+
+def booked(backend_name: str, handle) -> bool | None:
+    """Is the compute's size still held (a Ray placement group; a local cgroup)? None: there
+    is nothing to see (rlimits hold each process, not the compute)."""
+    if backend_name == "ray":
+        from ray.util.placement_group import placement_group_table
+
+        name = handle.limits["placement_group"]
+        return any(info["name"].split("~")[0] == name and info["state"] != "REMOVED"
+                   for info in placement_group_table().values())
+    if handle.limits.get("mode") == "rlimit":
+        return None
+    return all(Path(p).exists() for p in handle.limits.get("paths") or [])
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 
