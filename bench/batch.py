@@ -93,7 +93,7 @@ def load() -> str:
 
 def check_run(svc: RunService, run, n: int) -> None:
     problems = []
-    if run.status != R.COMPLETED:
+    if run.status != R.RunStatus.COMPLETED:
         problems.append(f"status {run.status} ({run.error})")
     if run.total != n or run.completed != n or run.failed:
         problems.append(f"total {run.total}, completed {run.completed}, failed {run.failed}")

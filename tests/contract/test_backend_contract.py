@@ -290,14 +290,23 @@ def where_flow(root: Path) -> Path:
     return flow
 
 
-def test_the_environment_is_the_flows_own(lab, tmp_path):
+def test_the_environment_is_the_flows_own(lab, tmp_path, request):
+    """The session imports its environment's packages from its own slot (linked there at
+    adoption: no environments folder is bound whole); on Ray the environment was built on
+    the node, in the node's own home."""
     async def go():
-        handle = await lab.start(where_flow(tmp_path))
+        flow = where_flow(tmp_path)
+        env, _snapshot = await lab.env(flow)
+        handle = await lab.start(flow)
         out = await lab.backend.test_line(handle, {"x": "a"}, timeout=60)
         x, path = out["y"].split("|")
-        assert x == "a" and "/envs/" in path and path.endswith("tinyalpha/__init__.py")
+        assert x == "a" and path.endswith("tinyalpha/__init__.py")
+        assert f"/flow/.env-{env.env_id}-0/" in path and "/envs/" not in path
         if lab.name == "ray":  # built on the node, in the node's own home
-            assert str(lab.settings.home) not in path and "/ray-nodes" in path
+            homes = Path(request.getfixturevalue("ray_cluster").node_env("b")
+                         ["FLOWSESSION_NODE_HOME"]).parent
+            assert list(homes.glob(f"*/envs/{env.env_id}"))
+            assert not (lab.settings.envs_dir / env.env_id).exists()
 
     run(go())
 

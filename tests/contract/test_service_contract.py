@@ -14,7 +14,7 @@ import pytest
 from helpers.backends import FLOWS, USER, kill_supervisor
 from helpers.flows import SLOW_YAML, make_flow, run
 
-from flowsession.runs import records as R
+from flowsession.runs.records import RunStatus
 from flowsession.runs.service import RunService
 from flowsession.runs.spec import RunSpec
 from flowsession.sessions.service import StartOptions
@@ -193,7 +193,7 @@ def test_a_session_killed_mid_run_has_its_lines_rerun_and_none_stored_twice(rs, 
     kill_supervisor(handle)
     wait_until(lambda: not rs.backend.alive(handle), 30, "the session's processes to end")
     done = run(rs.wait(name, user=USER, timeout=240))
-    assert done.status == R.COMPLETED, done.error
+    assert done.status == RunStatus.COMPLETED, done.error
     assert (done.total, done.completed, done.failed) == (16, 16, 0)
     assert sorted(stored_positions(rs, name)) == list(range(16))  # each line once
     assert [o["out"] for o in rs.outputs(name, user=USER)] == [f"l{i}" for i in range(16)]
@@ -207,7 +207,7 @@ def test_a_run_with_more_workers_than_its_compute_has_vcpus(rs, tmp_path, backen
     data = write_jsonl(tmp_path / "d.jsonl", [{"x": f"x{i}"} for i in range(30)])
     done = run(rs.wait(run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=3),
                                      user=USER)).name, user=USER, timeout=300))
-    assert done.status == R.COMPLETED, done.error
+    assert done.status == RunStatus.COMPLETED, done.error
     assert (done.completed, done.failed) == (30, 0)
     assert sorted(stored_positions(rs, done.name)) == list(range(30))
     rows = [o["y"].split("|") for o in rs.outputs(done.name, user=USER)]
@@ -250,7 +250,7 @@ def test_a_node_lost_mid_run_has_its_lines_rerun_elsewhere_and_none_twice(
         done = run(rs.wait(name, user=USER, timeout=300))
         say(f"node lost mid-run: the run completed {time.monotonic() - t0:.1f} s after its "
             "node's raylet was killed")
-        assert done.status == R.COMPLETED, done.error
+        assert done.status == RunStatus.COMPLETED, done.error
         assert (done.total, done.completed, done.failed) == (20, 20, 0)
         assert sorted(stored_positions(rs, name)) == list(range(20))  # none twice
         assert [o["out"] for o in rs.outputs(name, user=USER)] == [f"l{i}" for i in range(20)]
@@ -326,7 +326,7 @@ def test_a_helpers_node_lost_mid_run_has_its_lines_rerun_and_none_twice(
         done = run(rs.wait(name, user=USER, timeout=300))
         say(f"a run helper's node lost mid-run: the run completed "
             f"{time.monotonic() - t0:.1f} s after the raylet was killed")
-        assert done.status == R.COMPLETED, done.error
+        assert done.status == RunStatus.COMPLETED, done.error
         assert (done.total, done.completed, done.failed) == (24, 24, 0)
         assert sorted(stored_positions(rs, name)) == list(range(24))  # none twice
         assert [o["out"] for o in rs.outputs(name, user=USER)] == [f"l{i}" for i in range(24)]

@@ -70,8 +70,7 @@ class Lab:
         site = sorted(Path(env.path).glob("lib/python*/site-packages"))
         return EnvHandle(env_id=env.id, python=str(Path(image.path) / "bin" / "python"),
                          image_ref=image.ref, site_dirs=tuple(str(p) for p in site),
-                         read_only_paths=(str(self.settings.images_dir),
-                                          str(self.settings.envs_dir)),
+                         read_only_paths=(str(self.settings.images_dir),),
                          recipe=recipe), prepared.snapshot.path
 
     async def start(self, flow: Path, *, idle: float = 600.0,

@@ -137,6 +137,10 @@ def test_destroy_kills_what_is_left_and_removes_the_groups(cgroups, compute):
         stdout=subprocess.PIPE, text=True)
     compute.procs.append(joined)
     assert joined.stdout.readline().strip().endswith(f"/flowsession/{handle['compute_id']}")
+    deadline = time.monotonic() + 10  # the grep that printed may not have exited yet
+    while set(cgroups.processes(handle)) != {added.pid, joined.pid} \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert set(cgroups.processes(handle)) == {added.pid, joined.pid}
 
     restarted = Limits(cgroups.mode)  # a fresh control plane, from the stored handle alone

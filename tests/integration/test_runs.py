@@ -234,7 +234,7 @@ def test_an_echo_run_gives_every_line_its_output_in_order(rs, tmp_path):
     flow = flow_copy(tmp_path, "echo")
     done = go(rs, flow=str(flow), data=str(flow / "data.jsonl"))
 
-    assert done.status == R.COMPLETED and done.error is None
+    assert done.status == R.RunStatus.COMPLETED and done.error is None
     assert (done.total, done.completed, done.failed) == (4, 4, 0)
     assert done.summary() == "4 of 4 line(s) completed"
     assert outs(rs, done.name) == [
@@ -298,7 +298,7 @@ def test_a_few_thousand_lines_keep_their_order_and_each_is_stored_once(rs, tmp_p
     n = 3000
     data = write_jsonl(tmp_path / "big.jsonl", [{"text": f"line {i}"} for i in range(n)])
     done = go(rs, flow=str(flow), data=str(data))
-    assert (done.status, done.total, done.completed) == (R.COMPLETED, n, n)
+    assert (done.status, done.total, done.completed) == (R.RunStatus.COMPLETED, n, n)
     assert outs(rs, done.name) == [{"line_number": i, "out": f"line {i}"} for i in range(n)]
     assert sorted(stored_positions(rs, done.name)) == list(range(n))
 
@@ -315,7 +315,7 @@ def test_an_evaluation_run_joins_the_base_run_by_line_number_and_logs_metrics(rs
         {"expected": ""}])
     ev = go(rs, flow=str(agg), data=str(expected), run=base.name,
             column_mapping={"answer": "${run.outputs.out}", "expected": "${data.expected}"})
-    assert ev.status == R.COMPLETED, ev.error
+    assert ev.status == R.RunStatus.COMPLETED, ev.error
     assert outs(rs, ev.name) == [{"line_number": 0, "grade": "correct"},
                                  {"line_number": 1, "grade": "correct"},
                                  {"line_number": 2, "grade": "wrong"},
@@ -334,12 +334,12 @@ def test_an_evaluation_drops_the_lines_that_failed_in_the_base_run(rs, tmp_path)
     raises = flow_copy(tmp_path, "raises")
     agg = flow_copy(tmp_path, "aggregate")
     base = go(rs, flow=str(raises), data=str(raises / "data.jsonl"))
-    assert (base.status, base.completed, base.failed) == (R.COMPLETED, 2, 2)
+    assert (base.status, base.completed, base.failed) == (R.RunStatus.COMPLETED, 2, 2)
 
     # no data: the base run's lines, with its inputs and outputs
     ev = go(rs, flow=str(agg), run=base.name,
             column_mapping={"answer": "${run.outputs.out}", "expected": "${run.inputs.text}"})
-    assert ev.status == R.COMPLETED, ev.error
+    assert ev.status == R.RunStatus.COMPLETED, ev.error
     assert ev.total == 2
     assert outs(rs, ev.name) == [{"line_number": 0, "grade": "correct"},
                                  {"line_number": 2, "grade": "correct"}]
@@ -363,7 +363,7 @@ def test_failed_lines_do_not_fail_the_run_and_resume_reruns_only_them(rs, tmp_pa
         "    return f'{text}#{attempt}'\n")
     first = go(rs, flow=str(flow), data=str(flow / "data.jsonl"),
                environment_variables={"ATTEMPT": "1"})
-    assert first.status == R.COMPLETED and first.error is None
+    assert first.status == R.RunStatus.COMPLETED and first.error is None
     assert (first.completed, first.failed) == (2, 2)
     assert first.summary() == "2 of 4 line(s) completed, 2 of 4 failed"
     assert [e[0] for e in first.errors] == [1, 3]
@@ -377,7 +377,7 @@ def test_failed_lines_do_not_fail_the_run_and_resume_reruns_only_them(rs, tmp_pa
                                     {"line_number": 2, "out": "fine#1"}]
 
     again = go(rs, resume_from=first.name, environment_variables={"ATTEMPT": "2"})
-    assert again.name != first.name and again.status == R.COMPLETED, again.error
+    assert again.name != first.name and again.status == R.RunStatus.COMPLETED, again.error
     assert (again.total, again.completed, again.failed) == (4, 4, 0)
     # the completed lines were kept from the first run (#1), the failed ones ran again (#2)
     assert outs(rs, again.name) == [{"line_number": 0, "out": "good one#1"},
@@ -400,7 +400,7 @@ def test_a_failing_aggregation_fails_the_run_and_keeps_the_line_outputs(rs, tmp_
         "def accuracy(grades: List[str]) -> float:\n"
         "    raise RuntimeError('no metrics today')\n")
     r = go(rs, flow=str(agg), data=str(agg / "data.jsonl"))
-    assert r.status == R.FAILED
+    assert r.status == R.RunStatus.FAILED
     assert r.error.startswith("the aggregation failed: ") and "no metrics today" in r.error
     assert [o["grade"] for o in outs(rs, r.name)] == ["correct", "correct", "wrong", "correct"]
     assert rs.metrics(r.name, user=USER) == {}
@@ -465,7 +465,7 @@ def test_flex_function_generator_and_conditional_flows(rs, tmp_path):
 def test_a_flex_class_flow_gets_its_init_arguments(rs, tmp_path):
     fc = flow_copy(tmp_path, "flex_class")
     r = go(rs, flow=str(fc), data=str(fc / "data.jsonl"), init={"prefix": ">"})
-    assert r.status == R.COMPLETED, r.error
+    assert r.status == R.RunStatus.COMPLETED, r.error
     assert outs(rs, r.name) == [{"line_number": 0, "out": ">alpha"},
                                 {"line_number": 1, "out": ">beta"},
                                 {"line_number": 2, "out": ">gamma"}]
@@ -478,7 +478,7 @@ def test_a_flex_class_flow_without_its_init_fails_with_the_reason(rs, tmp_path):
     except FlowSessionError as exc:
         assert "prefix" in exc.message
     [failed] = rs.list(user=USER)
-    assert failed.status == R.FAILED and "prefix" in failed.error
+    assert failed.status == R.RunStatus.FAILED and "prefix" in failed.error
 
 
 # --- connections ---------------------------------------------------------------------------
@@ -508,7 +508,7 @@ def test_an_llm_flow_uses_the_connection_and_its_key_is_stored_nowhere(rs, tmp_p
         rs.connections.create({"name": "second", "type": "open_ai",
                                "api_key": KEY_B, "base_url": server.base_url}, owner=USER)
         r = go(rs, flow=str(flow), data=str(flow / "data.jsonl"))
-        assert r.status == R.COMPLETED, r.error
+        assert r.status == R.RunStatus.COMPLETED, r.error
         assert outs(rs, r.name) == [
             {"line_number": 0, "answer": "echo: What is the capital of France?"},
             {"line_number": 1, "answer": "echo: How many legs does a spider have?"},
@@ -521,7 +521,7 @@ def test_an_llm_flow_uses_the_connection_and_its_key_is_stored_nowhere(rs, tmp_p
         server.clear()
         over = go(rs, flow=str(flow), data=str(flow / "data.jsonl"),
                   connections={"chat": {"connection": "second"}})
-        assert over.status == R.COMPLETED, over.error
+        assert over.status == R.RunStatus.COMPLETED, over.error
         assert [o["answer"] for o in outs(rs, over.name)][0] == \
             "echo: What is the capital of France?"
         calls = [q for q in server.requests if q["path"] == "/v1/chat/completions"]
@@ -587,7 +587,7 @@ def test_a_tool_with_a_custom_connection(rs, tmp_path, run_settings):
                            "configs": {"greeting": "Hello"}, "secrets": {"api_key": secret}},
                           owner=USER)
     r = go(rs, flow=str(flow), data=str(flow / "data.jsonl"))
-    assert r.status == R.COMPLETED, r.error
+    assert r.status == R.RunStatus.COMPLETED, r.error
     assert outs(rs, r.name) == [{"line_number": 0, "out": "Hello world"},
                                 {"line_number": 1, "out": "Hello Ada"},
                                 {"line_number": 2, "out": "Hello batch"}]
@@ -662,7 +662,7 @@ def test_bad_data_is_refused_naming_the_file_and_line(rs, tmp_path):
     assert rs.sessions.records.list(owner=None) == []
 
     skipped = go(rs, flow=str(flow), data=str(bad), skip_malformed=True)
-    assert skipped.status == R.COMPLETED
+    assert skipped.status == R.RunStatus.COMPLETED
     assert outs(rs, skipped.name) == [{"line_number": 0, "out": "ok 1"},
                                       {"line_number": 1, "out": "ok 2"},
                                       {"line_number": 2, "out": "ok 4"}]
@@ -678,7 +678,7 @@ def test_a_run_named_twice_and_a_bad_name(rs, tmp_path):
         run(rs.create(RunSpec(flow=str(flow), data=str(flow / "data.jsonl"),
                               name="../escape"), user=USER))
     assert [r.name for r in rs.list(user=USER)] == ["mine"]
-    assert rs.get("mine", user=USER).status == R.COMPLETED
+    assert rs.get("mine", user=USER).status == R.RunStatus.COMPLETED
     # another user does not see it
     with pytest.raises(NotFound):
         rs.get("mine", user="grace")
@@ -696,7 +696,7 @@ def test_a_line_over_its_timeout_fails_alone_and_quickly(rs, tmp_path):
     r = go(rs, flow=str(flow), data=str(data), line_timeout=1, workers=1)
     took = time.monotonic() - started
     assert took < 20, took
-    assert r.status == R.COMPLETED and (r.completed, r.failed) == (4, 1)
+    assert r.status == R.RunStatus.COMPLETED and (r.completed, r.failed) == (4, 1)
     details = rs.details(r.name, user=USER)
     assert [d["status"] for d in details] == ["Completed", "Failed", "Completed", "Completed",
                                               "Completed"]
@@ -721,7 +721,7 @@ def test_a_line_that_kills_its_worker_fails_alone_after_three_tries(rs, tmp_path
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in
                                               ["a", "die", "b", "c", "d", "e"]])
     r = go(rs, flow=str(flow), data=str(data), workers=2)
-    assert r.status == R.COMPLETED and (r.completed, r.failed) == (5, 1)
+    assert r.status == R.RunStatus.COMPLETED and (r.completed, r.failed) == (5, 1)
     [[line, message]] = r.errors
     assert line == 1
     assert message == ("the worker running this line was killed by SIGKILL (3 times): "
@@ -750,7 +750,7 @@ def test_a_batch_worker_killed_mid_run_loses_nothing_and_stores_nothing_twice(rs
     os.kill(victim, signal.SIGKILL)
 
     done = run(rs.wait(name, user=USER, timeout=120))
-    assert done.status == R.COMPLETED, done.error
+    assert done.status == R.RunStatus.COMPLETED, done.error
     assert (done.total, done.completed, done.failed) == (16, 16, 0)
     positions = stored_positions(rs, name)
     assert sorted(positions) == list(range(16))  # each line once
@@ -783,7 +783,7 @@ def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp
     assert stored_old, "the dead session stored nothing"
 
     done = run(rs.wait(name, user=USER, timeout=120))
-    assert done.status == R.COMPLETED, done.error
+    assert done.status == R.RunStatus.COMPLETED, done.error
     # the lost session was reset: a new supervisor in a new slot
     new_slot = Path(rs.sessions.records.get(done.session_id).session_handle.slot)
     assert new_slot != old_slot and not old_slot.exists()
@@ -809,7 +809,7 @@ def test_a_session_reset_mid_run_does_not_stop_the_run(rs, tmp_path):
                what="three lines done")
     run(rs.sessions.reset(flow, user=USER))
     done = run(rs.wait(created.name, user=USER, timeout=120))
-    assert done.status == R.COMPLETED and (done.completed, done.failed) == (12, 0)
+    assert done.status == R.RunStatus.COMPLETED and (done.completed, done.failed) == (12, 0)
     assert sorted(stored_positions(rs, created.name)) == list(range(12))
     assert [o["out"].split("@")[0] for o in outs(rs, created.name)] == \
         [f"l{i}" for i in range(12)]
@@ -823,7 +823,7 @@ def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(
     echo = flow_copy(tmp_path, "echo")
     created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2), user=USER))
     name = created.name
-    assert created.status == R.RUNNING
+    assert created.status == R.RunStatus.RUNNING
 
     # a base run that is still running cannot be evaluated
     with pytest.raises(Conflict) as exc:
@@ -833,7 +833,7 @@ def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(
 
     wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 3, 60, what="3 lines")
     canceled = run(rs.cancel(name, user=USER))
-    assert canceled.status == R.CANCELED
+    assert canceled.status == R.RunStatus.CANCELED
     assert 3 <= canceled.completed < 20
     rows = outs(rs, name)
     assert len(rows) == canceled.completed
@@ -857,7 +857,7 @@ def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(
     assert "Canceled" in exc.value.message
     # a canceled run can be resumed: only the rest runs
     rest = go(rs, resume_from=name)
-    assert rest.status == R.COMPLETED and rest.completed == 20
+    assert rest.status == R.RunStatus.COMPLETED and rest.completed == 20
     assert sorted(stored_positions(rs, rest.name)) == list(range(20))
 
 
@@ -898,9 +898,9 @@ def test_a_run_whose_control_plane_died_while_preparing_runs_every_line(rs, tmp_
     died = subprocess.run([sys.executable, "-c", DIE_AFTER_INPUTS, str(flow), str(data),
                            "after"], env=env, capture_output=True, text=True, timeout=120)
     assert died.returncode == 9, died.stderr
-    assert rs.get("prepared", user=USER).status == R.PREPARING
+    assert rs.get("prepared", user=USER).status == R.RunStatus.PREPARING
     done = run(rs.wait("prepared", user=USER, timeout=120))
-    assert done.status == R.COMPLETED, done.error
+    assert done.status == R.RunStatus.COMPLETED, done.error
     assert (done.total, done.completed) == (5, 5)
     assert [o["out"] for o in outs(rs, "prepared")] == [f"t{i}:tok-prep" for i in range(5)]
 
@@ -916,7 +916,7 @@ def test_a_run_whose_control_plane_died_before_its_inputs_were_stored_fails_clea
                           text=True, timeout=120)
     assert died.returncode == 9, died.stderr
     failed = run(rs.advance("prepared", user=USER))
-    assert failed.status == R.FAILED
+    assert failed.status == R.RunStatus.FAILED
     assert failed.error == "the control plane stopped while preparing the run"
     assert rs.details("prepared", user=USER) == [] and outs(rs, "prepared") == []
     with pytest.raises(Conflict) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from flowsession.backends.compute import procs
 from flowsession.client import AuthenticationError, Client, PermissionDenied
 from flowsession.config import Settings
 from flowsession.errors import Conflict, InvalidInput, NotFound, Unsatisfiable
-from flowsession.runs.records import COMPLETED, Run
+from flowsession.runs.records import Run, RunStatus
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS = REPO / "tests" / "flows"
@@ -68,23 +69,56 @@ def test_client_json_and_environment_choose_the_server(server, monkeypatch):
     monkeypatch.delenv("FLOWSESSION_URL", raising=False)
     monkeypatch.delenv("FLOWSESSION_TOKEN", raising=False)
     monkeypatch.setenv("FLOWSESSION_HOME", str(server.home))
-    with Client() as c:  # FLOWSESSION_HOME/client.json
-        assert c.transport == "http" and c.url == server.url
+    with Client() as c:  # the home's server runs: FLOWSESSION_HOME/client.json names it
+        assert c.url == server.url
         assert c.me() == {"user": ADMIN, "roles": ["Owner"], "scopes": ["*"]}
         assert c.user == ADMIN
     monkeypatch.setenv("FLOWSESSION_HOME", str(server.home.parent / "elsewhere"))
     monkeypatch.setenv("FLOWSESSION_URL", server.url)
     monkeypatch.setenv("FLOWSESSION_TOKEN", server.token)
     with Client() as c:
-        assert c.transport == "http" and c.me()["user"] == ADMIN
-    monkeypatch.delenv("FLOWSESSION_URL")
+        assert c.url == server.url and c.me()["user"] == ADMIN
     monkeypatch.delenv("FLOWSESSION_TOKEN")
-    assert Client().transport == "local"  # no server configured: in-process, as before
+    with pytest.raises(InvalidInput) as e:  # a server named, but no token for it
+        Client()
+    assert "FLOWSESSION_URL" in str(e.value) and "FLOWSESSION_TOKEN" in e.value.hint
+    assert not (server.home.parent / "elsewhere").exists()  # and no server started there
+
+
+def test_with_no_server_the_client_starts_the_homes_local_server(settings, monkeypatch,
+                                                                  tmp_path):
+    """As the CLI does: in the background, on 127.0.0.1, its token kept private in
+    client.json; the next client (or command) uses the same one; folders are read in place."""
+    for var in ("FLOWSESSION_URL", "FLOWSESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FLOWSESSION_HOME", str(settings.home))
+    monkeypatch.setenv("FLOWSESSION_IMAGES_DIR", str(settings.images_dir))
+    monkeypatch.setenv("FLOWSESSION_INDEX_URL", settings.index_url)
+    monkeypatch.setenv("FLOWSESSION_STANDBY_POOL", "0")
+    assert not (settings.home / "client.json").exists()
+    flow = tmp_path / "mine"
+    shutil.copytree(FLOWS / "echo", flow)
+    with Client() as c:
+        saved = json.loads((settings.home / "client.json").read_text())
+        assert c.url == saved["url"] and c.url.startswith("http://127.0.0.1:")
+        assert (settings.home / "client.json").stat().st_mode & 0o077 == 0
+        assert c.me()["user"] == saved["user"] and c.me()["roles"] == ["Owner"]
+        pid = (settings.home / "server.pid").read_text()
+        assert c.test(flow, {"text": "hi"}) == {"out": "hi"}
+        registered = c.get_flow("mine")
+        assert registered["path"] == str(flow) and not registered["uploaded"]
+        (flow / "echo.py").write_text((flow / "echo.py").read_text()
+                                      .replace("return text", "return text.upper()"))
+        assert c.test(flow, {"text": "hi"}) == {"out": "HI"}  # the edit, read in place
+        with Client() as again:  # the same server, not another one
+            assert again.url == c.url and again.get_session(flow).state == "RUNNING"
+        assert (settings.home / "server.pid").read_text() == pid
+        assert c.stop_session(flow).state == "STOPPED"
 
 
 def test_a_local_folder_is_uploaded_then_tested(admin):
     assert admin.test(FLOWS / "echo", {"text": "hi there"}) == {"out": "hi there"}
-    flow = admin._t.request("GET", "/api/flows/echo")
+    flow = admin._http.request("GET", "/api/flows/echo")
     assert flow["owner"] == ADMIN and flow["uploaded"]
     assert flow["files"] == ["data.jsonl", "echo.py", "flow.dag.yaml"]
     # by its registered name now, and the folder again: reused, not uploaded twice
@@ -97,7 +131,7 @@ def test_a_local_folder_is_uploaded_then_tested(admin):
 
 def test_run_over_a_local_data_file(admin, echo_run):
     run = echo_run
-    assert isinstance(run, Run) and run.status == COMPLETED, run.error
+    assert isinstance(run, Run) and run.status == RunStatus.COMPLETED, run.error
     assert (run.total, run.completed, run.failed) == (4, 4, 0)
     expected = [json.loads(line)["text"] for line in
                 (FLOWS / "echo" / "data.jsonl").read_text().splitlines()]
@@ -109,7 +143,7 @@ def test_run_over_a_local_data_file(admin, echo_run):
     assert [d["outputs"]["out"] for d in details] == expected
     assert len(admin.get_details(run, all_results=False, max_results=2)) == 2
     again = admin.get_run(run.name)
-    assert again.name == run.name and again.status == COMPLETED and again.summary() == \
+    assert again.name == run.name and again.status == RunStatus.COMPLETED and again.summary() == \
         "4 of 4 line(s) completed"
     assert run.name in [r.name for r in admin.list_runs()]
 
@@ -119,13 +153,13 @@ def test_run_by_name_with_the_servers_data_file_and_stream(admin, echo_run):
                         tags={"via": "sdk"})
     assert created.name == "echo-by-name" and created.tags == {"via": "sdk"}
     run = admin.stream(created)
-    assert run.status == COMPLETED and run.completed == 4
+    assert run.status == RunStatus.COMPLETED and run.completed == 4
     assert admin.get_outputs(run)[1]["out"] == "prompt flow"
 
 
 def test_metrics_of_an_aggregation(admin):
     run = admin.run(flow=FLOWS / "aggregate", data=FLOWS / "aggregate" / "data.jsonl")
-    assert run.status == COMPLETED, run.error
+    assert run.status == RunStatus.COMPLETED, run.error
     assert admin.get_metrics(run) == {"accuracy": 0.75}
     assert [d["outputs"]["grade"] for d in admin.get_details(run)] == \
         ["correct", "correct", "wrong", "correct"]
@@ -150,8 +184,8 @@ def test_errors_come_back_as_their_classes(admin, echo_run):
 
 
 def test_another_user_cannot_see_my_run(server, admin, echo_run):
-    answer = admin._t.request("POST", "/api/users",
-                              json={"name": "bob", "roles": ["Data Scientist"]})
+    answer = admin._http.request("POST", "/api/users",
+                                 json={"name": "bob", "roles": ["Data Scientist"]})
     with Client(url=server.url, token=answer["token"]) as bob:
         assert bob.me()["user"] == "bob"
         with pytest.raises(NotFound):
@@ -161,7 +195,8 @@ def test_another_user_cannot_see_my_run(server, admin, echo_run):
         with pytest.raises(NotFound):
             bob.get_session("echo")
         assert echo_run.name not in [r.name for r in bob.list_runs()]
-    answer = admin._t.request("POST", "/api/users", json={"name": "rita", "roles": ["Reader"]})
+    answer = admin._http.request("POST", "/api/users",
+                                 json={"name": "rita", "roles": ["Reader"]})
     with Client(url=server.url, token=answer["token"]) as rita:
         with pytest.raises(PermissionDenied) as e:
             rita.create_compute("mine")
@@ -240,29 +275,3 @@ def test_sessions_computes_and_access_through_the_sdk(admin, tmp_path):
     entries = admin.audit(limit=500, actor="dora")
     assert any(e["action"] == "DELETE /api/tokens/{token_id}" for e in entries)
     admin.disable_user("dora")
-
-
-def test_the_in_process_client_answers_as_the_server_does(admin, tmp_path, images_dir, index):
-    """The same methods, the same answers' shape, whichever transport."""
-    local = Client(Settings(home=tmp_path / "home", images_path=images_dir,
-                            index_url=index.url, standby_pool_size=0))
-    assert local.transport == "local"
-    conn = tmp_path / "conn.yml"
-    conn.write_text("name: parity\ntype: custom\nconfigs: {a: b}\nsecrets: {k: v-123456}\n")
-    pairs = [(c.compute_sizes(), c.list_images()[0], c.get_image("flowsession/runtime"),
-              c.check_image("flowsession/runtime:1"), c.create_connection(conn),
-              c.list_connections()[0], c.get_connection("parity"),
-              c.create_identity("parity-id"), c.list_identities()[0],
-              c.set_feed_secret("pkgs.example.com", "u:t0k"), c.list_feed_secrets()[0],
-              c.create_compute("parity-box", size="small"), c.get_compute("parity-box"),
-              c.list_roles()[0])
-             for c in (admin, local)]
-    for over_http, in_process in zip(*pairs):
-        assert set(over_http) == set(in_process), (over_http, in_process)
-    assert pairs[0][3] == pairs[1][3]  # check_image: the same answer
-    for c in (admin, local):
-        c.delete_compute("parity-box")
-        c.delete_identity("parity-id")
-        c.delete_connection("parity")
-        c.delete_feed_secret("pkgs.example.com")
-    local.close()

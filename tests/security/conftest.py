@@ -38,7 +38,7 @@ def admin(server):
 
 @pytest.fixture(scope="package")
 def dana_token(server, admin) -> str:
-    answer = admin._t.request("POST", "/api/users",
+    answer = admin._http.request("POST", "/api/users",
                               json={"name": "dana", "roles": ["Data Scientist"]})
     return answer["token"]
 

@@ -103,7 +103,7 @@ def test_every_refusal_is_in_the_audit_log(admin, dana, flow):
         "flow.dag.yaml": "additional_includes:\n- ../../../secret.key\n" + DAG}})
     dana.post("/api/flows", json={"name": "audited", "unknown": 1})
     dana.get("/api/runs/no-such-run")
-    entries = [e for e in admin._t.request("GET", "/api/audit", params={"limit": 500,
+    entries = [e for e in admin._http.request("GET", "/api/audit", params={"limit": 500,
                                                                         "actor": "dana"})]
     seen = {(e["action"], e["status"], e["detail"]) for e in entries}
     assert ("POST /api/flows", 413, "payload_too_large") in seen

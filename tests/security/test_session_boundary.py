@@ -94,6 +94,12 @@ def attack(targets: str, mode: str) -> str:
         return "flooded"
     if mode == "huge":
         return "y" * (9 * 1024 * 1024)
+    if mode == "junk":  # records of no line, and lines that are not records
+        for run in glob.glob(STATE + "/runs/*"):
+            with open(run + "/results.junk.jsonl", "w") as f:
+                for i in range(12000):
+                    f.write('{"i": -%d, "ok": true}\\n' % (i + 1) if i % 2 else "not json\\n")
+        return "junk"
     for i, t in enumerate(targets):
         for run in glob.glob(STATE + "/runs/*"):
             os.makedirs(run + "/logs", exist_ok=True)
@@ -238,6 +244,14 @@ def test_planted_symlinks_in_a_run_leak_nothing_and_overwrite_nothing(server, bo
                  if p.is_file() and not p.is_symlink()]
     assert_no_secret(server, bob.seen, "bob's answers")
     assert_no_secret(server, run_files, "the run's files")
+    # the only server paths bob is told are those of his own flow folders
+    assert run["spec"]["data"] == "data_lines"
+    home = str(server.home)
+    for text in bob.seen:
+        rest = text.replace(f"{home}/flows/bob/", "")
+        for mine in targets(server).split("|"):  # what he sent himself
+            rest = rest.replace(mine, "")
+        assert home not in rest, rest[max(0, rest.find(home) - 200):rest.find(home) + 200]
     assert_no_secret(server, [server.log.read_bytes()], "the server's log")
 
 
@@ -276,7 +290,8 @@ def test_flow_code_cannot_read_the_servers_files_or_another_users_session(server
                    "\"${mark.output}\"}\nnodes:\n- name: mark\n  type: python\n  source: "
                    "{type: code, path: mark.py}\n  inputs: {x: \"${inputs.x}\"}\n")
     r = alice.post("/api/flows", json={"name": "mark", "files": {
-        "flow.dag.yaml": marker_yaml, "mark.py": marker_py}})
+        "flow.dag.yaml": marker_yaml, "mark.py": marker_py,
+        "requirements.txt": "tinysecret\n"}})  # her environment has a package of its own
     assert r.status_code == 201, r.text
     r = alice.post("/api/flows/mark/test", json={"inputs": {"x": "42"}})
     assert r.status_code == 200, r.text
@@ -284,6 +299,10 @@ def test_flow_code_cannot_read_the_servers_files_or_another_users_session(server
     alice_files = [str(p) for p in runtime.glob("slots/*/work/alice-private.txt")]
     assert alice_files, "alice's session wrote no file"
     home = server.home
+    alice_packages = [str(p) for p in home.glob("envs/*/lib/python*/site-packages/tinysecret*/*")
+                      if p.is_file()]
+    assert alice_packages, "alice's environment has no package of its own"
+    alice_files += alice_packages[:2]
     wanted = [str(home / "secret.key"), str(home / "client.json"), str(home / "flowsession.db"),
               *alice_files, f"{runtime}/control", "/etc/shadow"]
     before = fingerprint(server)
@@ -333,3 +352,19 @@ def test_an_output_too_large_to_store_fails_its_line_only(server, bob):
     assert "too large to store" in failed[0]["error"]
     outputs = bob.call("GET", "/api/runs/huge-run/outputs").json()
     assert [o["line_number"] for o in outputs] == [0, 2]
+
+
+def test_a_session_sending_junk_records_has_its_run_stopped_with_the_reason(server, bob):
+    lines = [{"targets": "-", "mode": m} for m in ("junk", "plant", "plant")]
+    r = bob.call("POST", "/api/runs", json={
+        "flow": "attack", "data_lines": lines, "name": "junk-run",
+        "column_mapping": {"targets": "${data.targets}", "mode": "${data.mode}"}})
+    assert r.status_code == 202, r.text
+    bob.wait_operation(r)
+    run = bob.call("GET", "/api/runs/junk-run").json()
+    assert run["status"] == "Failed", run
+    assert "records that are not valid data" in run["error"], run
+    # what was valid was kept, each line once
+    details = bob.call("GET", "/api/runs/junk-run/details").json()
+    assert [d["line_number"] for d in details] == [0, 1, 2]
+    assert httpx.get(f"{server.url}/api/health").status_code == 200

@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flowsession import __version__
@@ -114,6 +115,33 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         request.state.error_code = code
         return JSONResponse({"error": {"code": code, "message": str(exc.detail), "hint": ""}},
                             status_code=exc.status_code)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        """A value the database refuses (PostgreSQL: a NUL byte in text, text over a column's
+        length) is the caller's 422, as on SQLite, never a 500."""
+        log.warning("the database refused a value on %s %s: %s", request.method,
+                    request.url.path, str(exc.orig or exc).splitlines()[0][:300])
+        request.state.error_code = "invalid_input"
+        return JSONResponse({"error": {
+            "code": "invalid_input",
+            "message": "the request holds a value the database cannot store: a NUL byte or "
+                       "another control character, or text longer than the field allows",
+            "hint": "remove control characters and shorten names and descriptions"}},
+            status_code=422)
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_unicode(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        """Text with a lone surrogate (JSON's "\\ud800") cannot be a name, a path or a
+        database value: the caller's 422, never a 500."""
+        log.warning("text that is not Unicode on %s %s: %s", request.method,
+                    request.url.path, exc)
+        request.state.error_code = "invalid_input"
+        return JSONResponse({"error": {
+            "code": "invalid_input",
+            "message": "the request holds text that is not valid Unicode (a lone surrogate, "
+                       "such as \\ud800)",
+            "hint": "send text as UTF-8, without unpaired surrogate escapes"}}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

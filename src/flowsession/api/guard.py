@@ -10,6 +10,7 @@ handler. Every refusal is the API's JSON error shape (``{"error": {"code", "mess
 
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import parse_qsl
 
@@ -43,6 +44,19 @@ class RequestGuard:
         if refusal is not None:
             await answer(refusal, scope, receive, send)
             return
+        if _json_body(scope):  # read here (FastAPI reads it whole anyway) to check its text
+            body, first = await self._read_body(receive)
+            if isinstance(body, FlowSessionError):
+                await answer(body, scope, _replay(b"", first, receive), send)
+                return
+            if _SURROGATE.search(body) and _has_lone_surrogate(body):
+                await answer(InvalidInput(
+                    "the request body holds text that is not valid Unicode (a lone surrogate "
+                    "escape such as \\ud800)", hint="send text as UTF-8, without unpaired "
+                    "surrogate escapes", details={"field": "body"}),
+                    scope, _replay(body, first, receive), send)
+                return
+            receive = _replay(body, first, receive)
         received = 0
         started = False
 
@@ -66,6 +80,23 @@ class RequestGuard:
             if started:
                 raise
             await answer(exc.error, scope, receive, send)
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes | FlowSessionError,
+                                                         Message | None]:
+        """The whole body (or the 413 when it crosses the limit), and a message that is not
+        part of it (a disconnect) to hand on."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks), message
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return self.too_large(), None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
 
     def too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
@@ -100,6 +131,62 @@ class RequestGuard:
                                     hint="give it without control characters",
                                     details={"field": f"query.{key}"})
         return None
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _json_body(scope: Scope) -> bool:
+    if scope.get("method") not in ("POST", "PUT", "PATCH"):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return False
+
+
+def _replay(body: bytes, after: Message | None, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` once, then what came after it (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent, after
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if after is not None:
+            message, after = after, None
+            return message
+        return await receive()
+
+    return replay
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """Does the JSON ``body`` hold a string (or key) with an unpaired surrogate? (A body that
+    is not JSON is left to the route's own error.)"""
+    try:
+        todo = [json.loads(body)]
+    except (ValueError, RecursionError):
+        return False
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            items = [item]
+        elif isinstance(item, dict):
+            items = list(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+            continue
+        else:
+            continue
+        for text in items:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 async def answer(error: FlowSessionError, scope: Scope, receive: Receive, send: Send) -> None:

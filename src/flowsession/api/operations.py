@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -22,8 +23,18 @@ from flowsession.store.tables import operations
 
 log = logging.getLogger("flowsession.server")
 Emit = Callable[[dict[str, Any]], None]
-RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
 KEEP_EVENTS_S = 300.0
+
+
+class OperationStatus(StrEnum):
+    """An operation's status; an ended one's is also its last event (``{"event": ...}``)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+ENDED = frozenset({OperationStatus.SUCCEEDED, OperationStatus.FAILED})
 
 
 class Operations:
@@ -41,7 +52,8 @@ class Operations:
         executes) are followed again to their end; the rest are failed, saying why."""
         followers = followers or {}
         with self.store.engine.begin() as conn:
-            rows = conn.execute(select(operations).where(operations.c.status == RUNNING)).all()
+            rows = conn.execute(select(operations).where(
+                operations.c.status == OperationStatus.RUNNING)).all()
             dead = [r for r in rows if r.server != self.server
                     and not procs.identity_alive(r.server)]
             for r in dead:
@@ -50,7 +62,7 @@ class Operations:
                                  .values(server=self.server))
                     continue
                 conn.execute(update(operations).where(operations.c.id == r.id).values(
-                    status=FAILED, ended_at=time.time(), error=json.dumps({
+                    status=OperationStatus.FAILED, ended_at=time.time(), error=json.dumps({
                         "code": "interrupted", "message": "the server restarted while this "
                         "operation ran", "hint": "look at the resource's state and try again"})))
         for r in dead:
@@ -63,7 +75,8 @@ class Operations:
         op_id = f"op-{uuid.uuid4().hex[:12]}"
         with self.store.engine.begin() as conn:
             conn.execute(insert(operations).values(
-                id=op_id, kind=kind, resource=resource, owner=owner, status=RUNNING,
+                id=op_id, kind=kind, resource=resource, owner=owner,
+                status=OperationStatus.RUNNING,
                 server=self.server, created_at=time.time()))
         self._follow(op_id, kind, resource, work)
         return self.get(op_id)
@@ -82,17 +95,17 @@ class Operations:
             try:
                 result = await work(emit)
             except FlowSessionError as exc:
-                self._end(op_id, FAILED, error=exc.to_dict())
-                emit({"event": "failed", "error": exc.to_dict()})
+                self._end(op_id, OperationStatus.FAILED, error=exc.to_dict())
+                emit({"event": OperationStatus.FAILED, "error": exc.to_dict()})
             except Exception as exc:  # a bug: the log has it, the caller a reason
                 log.exception("operation %s (%s %s) crashed", op_id, kind, resource)
                 err = {"code": "error", "message": f"unexpected failure: {type(exc).__name__}",
                        "hint": "the server log has the details"}
-                self._end(op_id, FAILED, error=err)
-                emit({"event": "failed", "error": err})
+                self._end(op_id, OperationStatus.FAILED, error=err)
+                emit({"event": OperationStatus.FAILED, "error": err})
             else:
-                self._end(op_id, SUCCEEDED, result=result)
-                emit({"event": "succeeded", "result": result})
+                self._end(op_id, OperationStatus.SUCCEEDED, result=result)
+                emit({"event": OperationStatus.SUCCEEDED, "result": result})
             finally:
                 self.tasks.pop(op_id, None)
                 asyncio.get_running_loop().call_later(KEEP_EVENTS_S, self._forget, op_id)
@@ -104,7 +117,7 @@ class Operations:
         self.events.pop(op_id, None)
         self.changed.pop(op_id, None)
 
-    def _end(self, op_id: str, status: str, *, result: Any = None,
+    def _end(self, op_id: str, status: OperationStatus, *, result: Any = None,
              error: dict | None = None) -> None:
         with self.store.engine.begin() as conn:
             conn.execute(update(operations).where(operations.c.id == op_id).values(
@@ -135,7 +148,7 @@ class Operations:
             while sent < len(events):
                 yield events[sent]
                 sent += 1
-                if events[sent - 1].get("event") in (SUCCEEDED, FAILED):
+                if events[sent - 1].get("event") in ENDED:
                     return
             changed = self.changed[op_id]
             changed.clear()
@@ -148,5 +161,5 @@ class Operations:
         for task in list(self.tasks.values()):
             task.cancel()
         for op_id in list(self.tasks):
-            self._end(op_id, FAILED, error={"code": "interrupted", "message":
-                                            "the server stopped while this operation ran"})
+            self._end(op_id, OperationStatus.FAILED, error={
+                "code": "interrupted", "message": "the server stopped while this operation ran"})

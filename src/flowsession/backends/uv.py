@@ -7,6 +7,13 @@ image's installed versions as constraints, so a flow can never replace what the 
 
 Feed secrets reach uv only through its environment (``UV_DEFAULT_INDEX``/``UV_INDEX``), never
 its arguments, and are redacted from everything written to the build log.
+
+A flow's requirements are its user's text, and uv runs here, as the server, outside any
+session: so for them uv builds no source distribution (building one runs the package's own
+code) and reads no configuration file (a ``uv.toml`` in the flow's folder). An environment's id
+covers where its packages came from (its feeds), not only their names and versions: the same
+``name==version`` from another index is another package. Custom images (an Owner's, local
+wheels allowed) keep uv's defaults.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from flowsession.environments.buildlog import BuildLog, userinfo
-from flowsession.environments.requirements import PRIVATE, FlowRequirements
+from flowsession.environments.requirements import PRIVATE, FlowRequirements, feed_host
 from flowsession.errors import (
     BuildFailed,
     IndexUnreachable,
@@ -111,14 +118,22 @@ def fill_private(url: str, credentials: Mapping[str, str]) -> str:
     """Replace ``{private}`` with the secret for the URL's host (percent-encoded userinfo)."""
     if PRIVATE not in url:
         return url
-    host = url.split("@", 1)[1].split("/", 1)[0] if "@" in url else ""
-    secret = credentials.get(host.lower())
+    host = feed_host(url)  # as Feed.host reads it: the secret is chosen for that host
+    secret = credentials.get(host)
     if secret is None:
         raise RequirementsError(
             f"the feed at {host} needs a secret ({PRIVATE}) and the identity has none for it",
             hint=f"add one with: flowsession feed set {host}",
         )
     return url.replace(PRIVATE, userinfo(secret))
+
+
+def _guarded(reqs: FlowRequirements | None) -> list[str]:
+    """uv's options for requirements a user sent (a flow's): no source distribution built,
+    no configuration file read. None of them for a custom image's (``allow_local``)."""
+    if reqs is None or reqs.allow_local:
+        return []
+    return ["--no-build", "--no-config"]
 
 
 class UvEnvBuilder:
@@ -140,6 +155,9 @@ class UvEnvBuilder:
             "python": spec.image.python_version,
             "platform": spec.image.platform,
         }
+        feeds = [f.url for f in spec.requirements.feeds] if spec.requirements else []
+        if feeds and spec.lock.strip():  # the feeds as written: {private}, never a secret
+            key["feeds"] = feeds
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
     # --- resolving -----------------------------------------------------------------------
@@ -161,7 +179,7 @@ class UvEnvBuilder:
             req_file.write_text(reqs.requirements_text)
             cons_file.write_text(image.constraints + reqs.constraints_text)
             args = ["pip", "compile", str(req_file), "-c", str(cons_file), "--python",
-                    image.python, "--no-header", "--no-annotate", "--quiet"]
+                    image.python, "--no-header", "--no-annotate", "--quiet", *_guarded(reqs)]
             out = await self._run(args, log, feeds=reqs, credentials=credentials,
                                   cwd=reqs.base_dir, what=f"resolve {reqs.source}", image=image)
         image_pkgs = image.versions()
@@ -194,7 +212,7 @@ class UvEnvBuilder:
             reqs = spec.requirements
             await self._run(
                 ["pip", "install", "--python", str(target / "bin" / "python"), "--no-deps",
-                 "--compile-bytecode", "-r", str(lock_file)],
+                 "--compile-bytecode", *_guarded(reqs), "-r", str(lock_file)],
                 log, feeds=reqs, credentials=credentials,
                 cwd=reqs.base_dir if reqs else None, what="install", image=spec.image,
             )

@@ -23,7 +23,7 @@ from flowsession.cli.output import emit_json, err, fields, handle_errors, out, t
 from flowsession.client import Client
 from flowsession.errors import InvalidInput
 from flowsession.runs.mapping import parse_mapping_args
-from flowsession.runs.records import ENDED, Run
+from flowsession.runs.records import ENDED, LineStatus, Run
 from flowsession.runs.spec import (
     RunSpec,
     connection_overrides,
@@ -252,16 +252,16 @@ def show_details(
         row: dict[str, Any] = {"line_number": r["line_number"]}
         row.update({f"inputs.{k}": _cell(r["inputs"].get(k)) for k in in_cols})
         for k in out_cols:
-            row[f"outputs.{k}"] = ("(Failed)" if r["status"] == "Failed" else
+            row[f"outputs.{k}"] = ("(Failed)" if r["status"] == LineStatus.FAILED else
                                    "" if r["outputs"] is None else _cell(r["outputs"].get(k)))
         if not out_cols:
-            row["outputs"] = "(Failed)" if r["status"] == "Failed" else ""
+            row["outputs"] = "(Failed)" if r["status"] == LineStatus.FAILED else ""
         row["status"] = r["status"]
         flat.append(row)
     columns = ["line_number", *[f"inputs.{k}" for k in in_cols],
                *([f"outputs.{k}" for k in out_cols] or ["outputs"]), "status"]
     table(flat, columns)
-    failed = [r for r in rows if r["status"] == "Failed"]
+    failed = [r for r in rows if r["status"] == LineStatus.FAILED]
     for r in failed[:5]:
         err.print(f"line {r['line_number']} failed: {r['error']}", highlight=False,
                   markup=False)

@@ -1,8 +1,8 @@
 """``flowsession server``: the REST API (OpenAPI at /docs), the reconciler and the idle
 culler, in one process; ``server start | stop | status`` for the local server of this home.
 
-The local server of a home (``FLOWSESSION_HOME``) is the one the CLI speaks to when no
-``FLOWSESSION_URL`` is set: the CLI starts it when none runs (``cli/connect.py``). Whoever
+The local server of a home (``FLOWSESSION_HOME``) is the one the CLI and the SDK speak to when
+no ``FLOWSESSION_URL`` is set: they start it when none runs (``client/local_server.py``). Whoever
 starts it, a server writes its identity to ``FLOWSESSION_HOME/server.pid`` and its URL and a
 token of its administrator to ``FLOWSESSION_HOME/client.json`` (mode 0600). The token is made
 when the server's first user is: a restarted server keeps the token of the file and writes its
@@ -22,28 +22,17 @@ from pathlib import Path
 import typer
 
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out
+from flowsession.client.local_server import (
+    client_config_path,
+    pid_path,
+    read_client_config,
+    running_pid,
+    server_log,
+)
 from flowsession.errors import Conflict
 
 app = typer.Typer()
 STOP_TIMEOUT_S = 20.0
-
-
-def client_config_path(settings) -> Path:
-    """Where the CLI and the SDK find the server's URL and a token (mode 0600)."""
-    return settings.home / "client.json"
-
-
-def pid_path(settings) -> Path:
-    """The local server's identity, ``PID:START-TIME`` (a reused pid is never taken for it)."""
-    return settings.home / "server.pid"
-
-
-def read_client_config(settings) -> dict:
-    try:
-        data = json.loads(client_config_path(settings).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def write_private(path: Path, text: str) -> None:
@@ -55,19 +44,6 @@ def write_private(path: Path, text: str) -> None:
         fh.write(text)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-
-
-def running_pid(settings) -> int | None:
-    """The pid of this home's server if it is alive (by its recorded identity), else None."""
-    from flowsession.backends.compute import procs
-
-    try:
-        ident = pid_path(settings).read_text().strip()
-    except OSError:
-        return None
-    if not ident or not procs.identity_alive(ident):
-        return None
-    return int(ident.split(":", 1)[0])
 
 
 def _client_url(host: str, port: int) -> str:
@@ -243,7 +219,7 @@ def status(json: bool = typer.Option(False, "--json", help="Print machine-readab
     saved = read_client_config(settings)
     data = {"running": pid is not None, "pid": pid, "url": saved.get("url") if pid else None,
             "user": saved.get("user"), "home": str(settings.home), "version": None,
-            "log": str(settings.logs_dir / "server.log")}
+            "log": str(server_log(settings))}
     if pid is not None and data["url"]:
         with contextlib.suppress(httpx.HTTPError, ValueError):
             data["version"] = httpx.get(f"{data['url']}/api/health", timeout=3,

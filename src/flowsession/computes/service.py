@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 
 from sqlalchemy import delete, func, insert, select, update
@@ -22,11 +23,22 @@ from flowsession.backends.compute.base import ComputeBackend, ComputeHandle, Com
 from flowsession.computes import sizes
 from flowsession.config import Settings
 from flowsession.errors import Conflict, InvalidInput, NotFound
+from flowsession.sessions.state import ACTIVE as ACTIVE_SESSION
 from flowsession.store import Store
 from flowsession.store.tables import computes, sessions
 
-_ACTIVE_SESSION_STATES = ("NOT_STARTED", "BUILDING", "STARTING", "RUNNING", "INSTALLING",
-                          "RESETTING", "STOPPING", "FAILED")
+
+class ComputeKind(StrEnum):
+    SERVERLESS = "serverless"  # made with a session, deleted when its last session stops
+    INSTANCE = "instance"  # made, started and stopped by its owner; idle shutdown stops it
+
+
+class ComputeState(StrEnum):
+    """An instance is started and stopped by hand (a serverless compute is always running,
+    until it is deleted); only a running compute counts against the vCPU quota."""
+
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
 
 
 @dataclass(frozen=True)
@@ -34,17 +46,21 @@ class Compute:
     id: str
     name: str
     owner: str
-    kind: str
+    kind: ComputeKind
     vm_size: str
     vcpu: float
     memory_bytes: int
-    state: str
+    state: ComputeState
     idle_shutdown_s: float | None
     identity: str
     handle: str | None
     reason: str | None
     created_at: float
     last_activity_at: float
+
+    def __post_init__(self) -> None:  # a row holds the values
+        object.__setattr__(self, "kind", ComputeKind(self.kind))
+        object.__setattr__(self, "state", ComputeState(self.state))
 
     @property
     def compute_handle(self) -> ComputeHandle | None:
@@ -92,7 +108,7 @@ class ComputeService:
         with self.store.engine.connect() as c:
             return c.execute(select(func.count()).select_from(sessions).where(
                 sessions.c.compute_id == compute_id,
-                sessions.c.state.in_(_ACTIVE_SESSION_STATES))).scalar()
+                sessions.c.state.in_(sorted(ACTIVE_SESSION)))).scalar()
 
     def size(self, name: str) -> VmSize:
         return sizes.lookup(self.catalog, name)
@@ -110,27 +126,27 @@ class ComputeService:
             raise InvalidInput(f"'{name}' is not a valid compute name",
                                hint="use letters, digits, '-' and '_' (at most 100)")
         vm = self.size(size) if size else self.default_size()
-        return await self._create(name=name, kind="instance", user=user, size=vm,
+        return await self._create(name=name, kind=ComputeKind.INSTANCE, user=user, size=vm,
                                   identity=identity, idle_shutdown_s=idle_shutdown_s)
 
     async def start(self, name: str, *, user: str) -> Compute:
         compute = self.get(name, user=user)
-        if compute.kind != "instance":
+        if compute.kind != ComputeKind.INSTANCE:
             raise Conflict(f"compute '{name}' is serverless: it starts with its sessions")
-        if compute.state == "RUNNING":
+        if compute.state == ComputeState.RUNNING:
             return compute
         sizes.check_fits(self.size(compute.vm_size), quota=self.settings.vcpu_quota,
                          in_use=self.vcpu_in_use())
         handle = await self.backend.provision(self._spec(compute))
-        self._set(compute.id, state="RUNNING", handle=json.dumps(handle.to_json()), reason=None,
-                  last_activity_at=self.clock())
+        self._set(compute.id, state=ComputeState.RUNNING, handle=json.dumps(handle.to_json()),
+                  reason=None, last_activity_at=self.clock())
         return self.get(compute.id, user=user)
 
     async def stop(self, compute: Compute, *, reason: str) -> Compute:
         """Stop an instance (its sessions must be stopped first: the sessions service does)."""
-        if compute.state == "RUNNING" and compute.compute_handle:
+        if compute.state == ComputeState.RUNNING and compute.compute_handle:
             await self.backend.release(compute.compute_handle)
-        self._set(compute.id, state="STOPPED", handle=None, reason=reason)
+        self._set(compute.id, state=ComputeState.STOPPED, handle=None, reason=reason)
         return self.get(compute.id, user=compute.owner)
 
     async def delete(self, name: str, *, user: str) -> None:
@@ -150,7 +166,7 @@ class ComputeService:
 
     async def provision_serverless(self, *, user: str, size: VmSize, identity: str) -> Compute:
         name = f"serverless-{uuid.uuid4().hex[:8]}"
-        return await self._create(name=name, kind="serverless", user=user, size=size,
+        return await self._create(name=name, kind=ComputeKind.SERVERLESS, user=user, size=size,
                                   identity=identity, idle_shutdown_s=None)
 
     async def release_if_unused(self, compute_id: str | None) -> bool:
@@ -159,7 +175,7 @@ class ComputeService:
             return False
         with self.store.engine.connect() as c:
             row = c.execute(select(computes).where(computes.c.id == compute_id)).first()
-        if row is None or row.kind != "serverless" or self.session_count(compute_id):
+        if row is None or row.kind != ComputeKind.SERVERLESS or self.session_count(compute_id):
             return False
         compute = Compute(**row._mapping)
         if compute.compute_handle:
@@ -176,7 +192,7 @@ class ComputeService:
         """Running instances whose idle shutdown is due (no session activity for that long)."""
         due = []
         for compute in self.list(user=None):
-            if (compute.kind == "instance" and compute.state == "RUNNING"
+            if (compute.kind == ComputeKind.INSTANCE and compute.state == ComputeState.RUNNING
                     and compute.idle_shutdown_s and not self.session_count(compute.id)
                     and now - compute.last_activity_at >= compute.idle_shutdown_s):
                 due.append(compute)
@@ -184,7 +200,7 @@ class ComputeService:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    async def _create(self, *, name: str, kind: str, user: str, size: VmSize, identity: str,
+    async def _create(self, *, name: str, kind: ComputeKind, user: str, size: VmSize, identity: str,
                       idle_shutdown_s: float | None) -> Compute:
         compute_id = f"cmp-{uuid.uuid4().hex[:10]}"
         now = self.clock()
@@ -194,16 +210,17 @@ class ComputeService:
             try:
                 c.execute(insert(computes).values(
                     id=compute_id, name=name, owner=user, kind=kind, vm_size=size.name,
-                    vcpu=size.vcpu, memory_bytes=size.memory_bytes, state="RUNNING",
+                    vcpu=size.vcpu, memory_bytes=size.memory_bytes, state=ComputeState.RUNNING,
                     idle_shutdown_s=idle_shutdown_s, identity=identity, handle=None,
                     created_at=now, last_activity_at=now))
             except IntegrityError:
                 raise Conflict(f"a compute named '{name}' already exists",
                                hint="choose another name") from None
         compute = Compute(id=compute_id, name=name, owner=user, kind=kind, vm_size=size.name,
-                          vcpu=size.vcpu, memory_bytes=size.memory_bytes, state="RUNNING",
-                          idle_shutdown_s=idle_shutdown_s, identity=identity, handle=None,
-                          reason=None, created_at=now, last_activity_at=now)
+                          vcpu=size.vcpu, memory_bytes=size.memory_bytes,
+                          state=ComputeState.RUNNING, idle_shutdown_s=idle_shutdown_s,
+                          identity=identity, handle=None, reason=None, created_at=now,
+                          last_activity_at=now)
         try:
             handle = await self.backend.provision(self._spec(compute))
         except BaseException:
@@ -225,4 +242,4 @@ class ComputeService:
 def _vcpu_in_use(conn) -> float:
     """vCPUs of the running computes: what counts against the workspace quota."""
     return float(conn.execute(select(func.coalesce(func.sum(computes.c.vcpu), 0))
-                              .where(computes.c.state == "RUNNING")).scalar())
+                              .where(computes.c.state == ComputeState.RUNNING)).scalar())

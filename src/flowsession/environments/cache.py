@@ -22,6 +22,7 @@ from flowsession.backends.uv import EnvSpec, UvEnvBuilder, parse_pins, tree_size
 from flowsession.config import Settings, format_size
 from flowsession.environments import fsops
 from flowsession.environments.buildlog import BuildLog
+from flowsession.environments.state import BuildState
 from flowsession.errors import DiskBudgetExceeded, EnvironmentInUse, FlowSessionError, NotFound
 from flowsession.store import Store
 from flowsession.store.tables import environment_refs, environments
@@ -34,7 +35,7 @@ class Environment:
     lock: str
     python_version: str
     platform: str
-    state: str  # BUILDING | READY | FAILED | REMOTE (built where its sessions run, not here)
+    state: BuildState  # BUILDING | READY | FAILED | REMOTE (built where its sessions run)
     path: str
     size_bytes: int | None
     error: str | None
@@ -42,6 +43,9 @@ class Environment:
     last_used_at: float
     failed_at: float | None
     refs: int = 0
+
+    def __post_init__(self) -> None:  # a row holds the value
+        object.__setattr__(self, "state", BuildState(self.state))
 
     @property
     def python(self) -> Path:
@@ -125,7 +129,8 @@ class EnvironmentCache:
             now = self.clock()
             with self.store.engine.begin() as c:
                 c.execute(update(environments).where(environments.c.id == env_id).values(
-                    state="READY", size_bytes=size, last_used_at=now, error=None, failed_at=None))
+                    state=BuildState.READY, size_bytes=size, last_used_at=now, error=None,
+                    failed_at=None))
                 if holder:
                     self._add_ref(c, env_id, holder)
         return self.get(env_id)
@@ -144,7 +149,7 @@ class EnvironmentCache:
                         c.execute(insert(environments).values(
                             id=env_id, image=spec.image.ref, lock=spec.lock,
                             python_version=spec.image.python_version,
-                            platform=spec.image.platform, state="REMOTE",
+                            platform=spec.image.platform, state=BuildState.REMOTE,
                             path=str(self.settings.envs_dir / env_id), size_bytes=None,
                             error=None, failed_at=None, created_at=now, last_used_at=now))
                 except IntegrityError:
@@ -186,7 +191,7 @@ class EnvironmentCache:
     def _make_room(self, needed: int, *, keep: str) -> list[str]:
         """Evict unreferenced environments, least recently used first, until ``needed`` fits."""
         budget = self.settings.env_disk_budget
-        ready = [e for e in self.list() if e.state == "READY" and e.id != keep]
+        ready = [e for e in self.list() if e.state == BuildState.READY and e.id != keep]
         used = sum(e.size_bytes or 0 for e in ready)
         evicted = []
         for env in sorted((e for e in ready if not e.refs), key=lambda e: e.last_used_at):
@@ -229,7 +234,7 @@ class EnvironmentCache:
     def _ready(self, env_id: str, holder: str | None) -> Environment | None:
         """The environment if built and on disk; marks it used (and referenced by holder)."""
         env = self._find(env_id)
-        if env is None or env.state != "READY":
+        if env is None or env.state != BuildState.READY:
             return None
         if not Path(env.path, "pyvenv.cfg").exists():  # deleted behind our back
             self._forget(env_id)
@@ -244,7 +249,7 @@ class EnvironmentCache:
     def _begin(self, env_id: str, spec: EnvSpec, final: Path) -> None:
         now = self.clock()
         values = dict(image=spec.image.ref, lock=spec.lock, python_version=spec.image.python_version,
-                      platform=spec.image.platform, state="BUILDING", path=str(final),
+                      platform=spec.image.platform, state=BuildState.BUILDING, path=str(final),
                       size_bytes=None, error=None, failed_at=None, last_used_at=now)
         with self.store.engine.begin() as c:
             if c.execute(update(environments).where(environments.c.id == env_id)
@@ -258,7 +263,7 @@ class EnvironmentCache:
         error = json.dumps({"class": type(exc).__name__, **exc.to_dict(), "message": exc.message})
         with self.store.engine.begin() as c:
             c.execute(update(environments).where(environments.c.id == env_id)
-                      .values(state="FAILED", error=error, failed_at=self.clock()))
+                      .values(state=BuildState.FAILED, error=error, failed_at=self.clock()))
 
     def _forget(self, env_id: str) -> None:
         with self.store.engine.begin() as c:
@@ -267,7 +272,7 @@ class EnvironmentCache:
 
     def _raise_if_recently_failed(self, env_id: str) -> None:
         env = self._find(env_id)
-        if env is None or env.state != "FAILED" or env.failed_at is None:
+        if env is None or env.state != BuildState.FAILED or env.failed_at is None:
             return
         age = self.clock() - env.failed_at
         if age > self.settings.failed_build_memory_seconds or not env.error:

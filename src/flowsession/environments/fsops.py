@@ -1,5 +1,6 @@
-"""File-system steps the caches share: cross-process build locks, temporary build directories,
-atomic installation and removal that never leaves a half-deleted tree at a final path."""
+"""File-system steps the caches (and others) share: cross-process locks, temporary build
+directories, atomic installation and removal that never leaves a half-deleted tree at a final
+path."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import fcntl
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 
@@ -27,6 +28,15 @@ async def exclusive(lock_file: Path) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """``exclusive`` for code that may block while it waits: held until the block ends."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:  # closing it releases the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def temp_dir_for(final: Path) -> Path:

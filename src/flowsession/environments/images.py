@@ -26,6 +26,7 @@ from flowsession.config import Settings
 from flowsession.environments import fsops
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.requirements import FlowRequirements, parse_requirements
+from flowsession.environments.state import BuildState
 from flowsession.errors import (
     BuildFailed,
     ContainerImageUnsupported,
@@ -47,7 +48,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
 class Image:
     name: str
     version: int
-    state: str  # DEFINED (known, not built yet) | BUILDING | READY | FAILED
+    state: BuildState
     parent: str | None
     builtin: bool
     description: str
@@ -61,6 +62,9 @@ class Image:
     error: str | None
     created_at: float
     built_at: float | None
+
+    def __post_init__(self) -> None:  # a row holds the value
+        object.__setattr__(self, "state", BuildState(self.state))
 
     @property
     def ref(self) -> str:
@@ -141,7 +145,7 @@ class ImageService:
         chain: list[Image] = []
         node: Image | None = image
         while node is not None:
-            if node.state != "READY":
+            if node.state != BuildState.READY:
                 raise BuildFailed(f"image {node.ref} is not built (state {node.state})",
                                   hint=f"build it: flowsession image build {node.ref}")
             chain.append(node)
@@ -166,18 +170,18 @@ class ImageService:
         ``requirements`` carries a custom image's feeds; a rebuild without them (after a
         failed or killed build) installs its pinned layer from the default index."""
         image = self.get(ref)
-        if image.state == "READY" and image.path and Path(image.path).exists():
+        if image.state == BuildState.READY and image.path and Path(image.path).exists():
             return image
         final = self._path(image)
         lock = self.settings.images_dir / ".locks" / f"{final.parent.name}-{image.version}.lock"
         async with fsops.exclusive(lock):
             image = self.get(image.ref)
-            if image.state == "READY" and image.path and Path(image.path).exists():
+            if image.state == BuildState.READY and image.path and Path(image.path).exists():
                 return image
             fsops.clear_stale(final)
             if self._adopt(image, final):
                 return self.get(image.ref)
-            self._set(image, state="BUILDING", error=None)
+            self._set(image, state=BuildState.BUILDING, error=None)
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
             try:
@@ -197,10 +201,10 @@ class ImageService:
                     log.step(f"image {image.ref} ready at {final}")
             except BaseException as exc:
                 fsops.discard(tmp)
-                self._set(image, state="FAILED", error=str(exc)[:4000])
+                self._set(image, state=BuildState.FAILED, error=str(exc)[:4000])
                 raise
-            self._set(image, state="READY", path=str(final), built_at=time.time(), error=None,
-                      **record)
+            self._set(image, state=BuildState.READY, path=str(final), built_at=time.time(),
+                      error=None, **record)
             return self.get(image.ref)
 
     async def create(self, name: str, *, base: str, requirements: Path, description: str = "",
@@ -251,10 +255,10 @@ class ImageService:
         if have is None:
             with contextlib.suppress(IntegrityError), self.store.engine.begin() as c:
                 c.execute(insert(images).values(name=image.name, version=image.version,
-                                                builtin=False, state="DEFINED",
+                                                builtin=False, state=BuildState.DEFINED,
                                                 created_at=time.time(), **values))
         elif (have.parent, have.layer_lock) != (image.parent, image.layer_lock):
-            self._set(have, state="DEFINED", path=None, error=None, **values)
+            self._set(have, state=BuildState.DEFINED, path=None, error=None, **values)
 
     def _insert_next_version(self, name: str, **values) -> int:
         """Record the next version of ``name``; concurrent creators get successive numbers."""
@@ -264,8 +268,8 @@ class ImageService:
                     latest = c.execute(select(func.max(images.c.version))
                                        .where(images.c.name == name)).scalar()
                     c.execute(insert(images).values(
-                        name=name, version=(latest or 0) + 1, builtin=False, state="DEFINED",
-                        created_at=time.time(), **values))
+                        name=name, version=(latest or 0) + 1, builtin=False,
+                        state=BuildState.DEFINED, created_at=time.time(), **values))
                     return (latest or 0) + 1
             except IntegrityError:
                 continue  # another creator took that number: take the next one
@@ -300,7 +304,7 @@ class ImageService:
             return False
         if (marker.get("ref"), marker.get("digest")) != (image.ref, self._digest(image)):
             return False
-        self._set(image, state="READY", path=str(final), built_at=time.time(), error=None,
+        self._set(image, state=BuildState.READY, path=str(final), built_at=time.time(), error=None,
                   **marker["record"])
         return True
 
@@ -333,9 +337,9 @@ class ImageService:
                         name=name, version=version, parent=None, builtin=True,
                         description="Python, promptflow-core and promptflow-tools",
                         requirements=lock.with_name("requirements.in").read_text(),
-                        layer_lock="", state="DEFINED", created_at=time.time()))
+                        layer_lock="", state=BuildState.DEFINED, created_at=time.time()))
         for image in self.list():  # built already (by another home sharing the images)?
-            if image.builtin and image.state == "DEFINED":
+            if image.builtin and image.state == BuildState.DEFINED:
                 self._adopt(image, self._path(image))
 
 

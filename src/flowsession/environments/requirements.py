@@ -40,11 +40,39 @@ class Feed:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+        return feed_host(self.url)
 
     @property
     def needs_secret(self) -> bool:
         return PRIVATE in self.url
+
+
+def feed_host(url: str) -> str:
+    """The host[:port] a feed's URL is sent to: the one place it is read (the secret for
+    ``{private}`` is chosen by it)."""
+    return urlsplit(url).netloc.rsplit("@", 1)[-1].lower()
+
+
+def check_feed(url: str, where: str, *, allow_local: bool) -> str:
+    """A feed URL every reader sees the same way: http(s) (``file:`` only where local files
+    are allowed), no backslash, space or control character (URL parsers differ on those), and
+    ``{private}`` only as its whole user part, ``scheme://{private}@host/...``, so that its
+    secret goes to that host and nowhere else."""
+    bad = next((c for c in url if c == "\\" or c.isspace() or ord(c) < 32 or ord(c) == 127),
+               None)
+    schemes = ("http://", "https://", "file:") if allow_local else ("http://", "https://")
+    if bad is not None or not url.lower().startswith(schemes):
+        raise RequirementsError(f"{where}: '{url}' is not an http(s) URL of a package index",
+                                hint="write the index's address, e.g. "
+                                     "-i https://pkgs.example.com/simple")
+    if PRIVATE in url:
+        netloc = urlsplit(url).netloc
+        if url.count(PRIVATE) != 1 or netloc.count("@") != 1 \
+                or not netloc.startswith(PRIVATE + "@"):
+            raise RequirementsError(
+                f"{where}: {PRIVATE} may only be the whole user part of the feed's address",
+                hint=f"write it as https://{PRIVATE}@HOST/simple")
+    return url
 
 
 @dataclass(frozen=True)
@@ -187,7 +215,8 @@ def _option(line, where, path, display, allow_local, image_versions, reqs, cons,
         raise RequirementsError(f"{where}: option '{opt}' needs {what} after it",
                                 hint=f"write it as: {opt} {'FILE' if what == 'a file' else 'URL'}")
     if opt in ("-i", "--index-url", "--extra-index-url"):
-        feeds.append(Feed(url=args[0].rstrip("/"), primary=opt != "--extra-index-url"))
+        url = check_feed(args[0].rstrip("/"), where, allow_local=allow_local)
+        feeds.append(Feed(url=url, primary=opt != "--extra-index-url"))
         return
     if opt in ("-r", "--requirement", "-c", "--constraint"):
         if not allow_includes:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,15 @@ from flowsession.access.secrets import USER_IDENTITY, FeedSecrets
 from flowsession.backends.compute.base import EnvRecipe, ImageDef
 from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder
 from flowsession.config import Settings
+from flowsession.errors import RequirementsError
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.cache import Environment, EnvironmentCache
 from flowsession.environments.images import DEFAULT_IMAGE, ImageService
-from flowsession.environments.requirements import FlowRequirements, parse_requirements
+from flowsession.environments.requirements import (
+    PRIVATE,
+    FlowRequirements,
+    parse_requirements,
+)
 from flowsession.flows.flowfile import load_flow
 from flowsession.flows.registry import upload_root
 from flowsession.flows.snapshot import Snapshot, make_snapshot
@@ -94,6 +100,7 @@ class EnvironmentService:
     async def ensure(self, prepared: Prepared, *, identity: str = USER_IDENTITY,
                      holder: str | None = None) -> Environment:
         credentials = self.secrets.credentials_for(prepared.requirements.feeds, identity=identity)
+        _check_credentials(prepared.requirements, credentials)
         return await self.cache.ensure(prepared.spec, holder=holder, credentials=credentials)
 
     def remember(self, prepared: Prepared, *, holder: str | None = None) -> Environment:
@@ -164,12 +171,14 @@ class EnvironmentService:
             "image": image.ref, "image_digest": image.digest, "requirements": reqs.digest(),
             "default_index": self.settings.index_url or "",
         }, sort_keys=True).encode()).hexdigest()
+        credentials = self.secrets.credentials_for(reqs.feeds, identity=identity)
+        # what was resolved or built from a private feed is for those who hold its secret
+        _check_credentials(reqs, credentials)
         if not refresh:
             with self.store.engine.connect() as c:
                 row = c.execute(select(resolutions.c.lock).where(resolutions.c.key == key)).first()
             if row is not None:
                 return row.lock
-        credentials = self.secrets.credentials_for(reqs.feeds, identity=identity)
         log_path = self.settings.logs_dir / "resolve" / f"{key[:32]}.log"
         with BuildLog(log_path, secrets=credentials.values()) as log:
             log.step(f"resolving {reqs.source} of {name} against {image.ref}")
@@ -182,3 +191,14 @@ class EnvironmentService:
             except IntegrityError:
                 pass
         return lock
+
+
+def _check_credentials(reqs: FlowRequirements, credentials: Mapping[str, str]) -> None:
+    """Every ``{private}`` feed has a secret among ``credentials`` (the identity's), or the
+    error a build would give: a lock resolved, or an environment built, from a private feed
+    with someone else's secret is not handed to whoever asks for the same requirements."""
+    for feed in reqs.feeds:
+        if feed.needs_secret and feed.host not in credentials:
+            raise RequirementsError(
+                f"the feed at {feed.host} needs a secret ({PRIVATE}) and the identity has none "
+                "for it", hint=f"add one with: flowsession feed set {feed.host}")

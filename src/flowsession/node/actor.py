@@ -34,12 +34,13 @@ from typing import Any
 from flowsession.backends.compute import boundary, procs, sandbox, transfer
 from flowsession.backends.compute.base import EnvRecipe
 from flowsession.backends.compute.limits import Limits, LimitsError
-from flowsession.backends.compute.slots import RUN_ID, Launched, Slot, process_tree
+from flowsession.backends.compute.slots import RUN_ID, SLOT_ID, Launched, Slot, process_tree
 from flowsession.errors import FlowSessionError
 from flowsession.node.environments import NodeEnvironments, node_settings
 from flowsession.worker import protocol
 
 UNREACHABLE = "_unreachable"  # the key of a relayed request that got no answer
+TOO_LONG = "_too_long"  # ... because its answer was longer than the request's can be
 OWNER = "owner.json"  # in the slot's control dir: the actor that runs it (the node's sweep)
 LINGER_S = 3600.0  # an ended session's actor answers for this long, then exits
 STARTUP_TIMEOUT_S = 180.0
@@ -145,15 +146,21 @@ class SessionActor:
             limits_detail = self._join_limits(launched)
         except LimitsError as exc:
             return {"ok": False, "error": {"code": "session_failed", "message": str(exc)}}
-        site = sorted(Path(env.path).glob("lib/python*/site-packages"))
         flow = self._flow_inside(flow_id)
         if flow is None:
             return {"ok": False, "error": {"code": "session_failed",
                                            "message": f"snapshot {flow_id} is not on this node"}}
+        # the environment's own packages, linked into the slot: the node's environments
+        # folder is never bound whole (another user's private packages stay his)
+        site = sorted(str(p) for p in Path(env.path).glob("lib/python*/site-packages"))
+        try:
+            sites = slot.place_env(env.id, site, sandboxed=self.bwrap is not None)
+        except (OSError, ValueError) as exc:
+            return {"ok": False, "error": _error(exc)}
         answer = self._wait_for_standby()
         if answer is None:
             answer = self._relay({
-                "op": "adopt", "flow": flow, "site_dirs": [str(p) for p in site],
+                "op": "adopt", "flow": flow, "site_dirs": sites,
                 "idle_timeout": session.get("idle_timeout", 0),
                 "workers": session.get("workers", 1), "env": session.get("env") or {},
                 "connections": session.get("connections") or {}}, STARTUP_TIMEOUT_S)
@@ -168,9 +175,9 @@ class SessionActor:
                 return {"ok": False, "error": {"message": "the session's supervisor exited "
                                                "while starting: " + self.slot.log_lines(5)}}
             ping = self._relay({"op": "ping"}, 5)
-            if ping.get("phase") == protocol.STANDBY:
+            if ping.get("phase") == protocol.Phase.STANDBY:
                 return None
-            if ping.get("phase") == protocol.FAILED:
+            if ping.get("phase") == protocol.Phase.FAILED:
                 return {"ok": False, "error": {"message": "the session failed to start: "
                                                f"{boundary.reason(ping.get('error'))}"}}
             if time.monotonic() > deadline:
@@ -227,8 +234,10 @@ class SessionActor:
     def _relay(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         if self.launched is None:
             return {UNREACHABLE: "the session has no supervisor"}
-        try:
+        try:  # the answer bounded by the request's kind (protocol.MAX_ANSWER)
             return protocol.request(self.launched.socket, msg, timeout)
+        except protocol.AnswerTooLong as exc:
+            return {UNREACHABLE: str(exc), TOO_LONG: True}
         except (OSError, protocol.ProtocolError) as exc:
             return {UNREACHABLE: str(exc) or type(exc).__name__}
 
@@ -339,6 +348,8 @@ class SessionActor:
         if not control.is_dir():
             return
         for entry in control.iterdir():
+            if not SLOT_ID.match(entry.name):  # only the slots Slot.new makes
+                continue
             owner = protocol.read_json(entry / OWNER)  # the launcher's own file
             if not isinstance(owner, dict) or procs.identity_alive(str(owner.get("actor"))):
                 continue

@@ -67,4 +67,6 @@ class NodeEnvironments:
 
     @property
     def read_only_paths(self) -> tuple[str, ...]:
-        return (str(self.settings.images_dir), str(self.settings.envs_dir))
+        """What a session binds read-only: the images only (its environment's packages are
+        linked into its slot, ``Slot.place_env``)."""
+        return (str(self.settings.images_dir),)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowsession.backends.compute import boundary
+from flowsession.worker.protocol import RunState
 
 if TYPE_CHECKING:
     from flowsession.node.actor import SessionActor
@@ -41,7 +42,7 @@ log = logging.getLogger("flowsession.node")
 HELPER_WAIT_S = 30.0  # for the helpers' placement group
 HELPER_BUDGET_S = 75.0  # placing and starting the helpers, in all (a run's submission waits)
 CALL_S = 30.0  # a request to a helper, beyond its own timeout
-ACTIVE = ("loading", "running")
+ACTIVE = frozenset({RunState.LOADING, RunState.RUNNING})
 
 
 @dataclass
@@ -262,13 +263,13 @@ class RunPlans:
         errors: list[Any] = []
         error = None
         for part in plan.parts:
-            st = boundary.run_progress(part.status) or {"state": "completed", "total": 0,
+            st = boundary.run_progress(part.status) or {"state": RunState.COMPLETED, "total": 0,
                                                         "done": 0, "failed": 0, "workers": 0,
                                                         "restarts": 0, "errors": []}
             if part.actor is None and part.status is None:
-                st = {**st, "state": "failed",
+                st = {**st, "state": RunState.FAILED,
                       "error": "the session's supervisor no longer knows the run"}
-            state = "completed" if part.lost and st["state"] in ACTIVE else st["state"]
+            state = RunState.COMPLETED if part.lost and st["state"] in ACTIVE else st["state"]
             states.append(state)
             total += st["total"]
             done += st["done"]
@@ -276,16 +277,17 @@ class RunPlans:
             workers += 0 if part.lost or part.drained else st["workers"]
             restarts += st["restarts"] + (1 if part.lost else 0)
             errors += st["errors"]
-            if state == "failed" and error is None:
+            if state == RunState.FAILED and error is None:
                 error = st.get("error") or f"part {part.name} failed"
-        if "failed" in states:
-            state = "failed"
+        if RunState.FAILED in states:
+            state = RunState.FAILED
         elif any(s in ACTIVE for s in states):
-            state = "loading" if all(s == "loading" for s in states) else "running"
-        elif "canceled" in states:
-            state = "canceled"
+            state = (RunState.LOADING if all(s == RunState.LOADING for s in states)
+                     else RunState.RUNNING)
+        elif RunState.CANCELED in states:
+            state = RunState.CANCELED
         else:
-            state = "completed"
+            state = RunState.COMPLETED
         return {"id": plan.run_id, "state": state, "total": total, "done": done,
                 "failed": failed, "workers": workers, "restarts": restarts,
                 "errors": errors[:10], "error": error,

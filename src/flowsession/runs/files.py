@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.backends.compute.boundary import Collected
+from flowsession.environments import fsops
 
 INPUTS, LINE_NUMBERS, LINES, CURSORS = ("inputs.jsonl", "line_numbers.json", "lines.jsonl",
                                         "collect.json")
 OUTPUTS, METRICS, LOGS, RUN_LOG = "outputs.jsonl", "metrics.json", "logs", "run.log"
 MAX_ERRORS = 5
 MAX_LOGS = 64 * 1024 * 1024  # the workers' log text a run keeps
+MAX_LOG_FILES = 256  # the workers' log files a run keeps (any further: OTHER_LOGS)
+OTHER_LOGS = "worker-others.log"
 
 
 class RunFiles:
@@ -92,15 +95,8 @@ class RunFiles:
 
     # --- collecting ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return fsops.locked(self.root / ".lock")
 
     @contextlib.contextmanager
     def finishing(self) -> Iterator[bool]:
@@ -162,27 +158,36 @@ class RunFiles:
                     out.flush()
                     os.fsync(out.fileno())
                 self._read_upto += sum(len(r) + 1 for r in new)
-            for worker, text in collected.logs.items():
-                self._keep_log(worker, text)
+            if collected.logs:
+                self._keep_logs(collected.logs)
             _write_json(self.root / CURSORS, collected.cursor)
             return len(new)
 
-    def _keep_log(self, worker: str, text: str) -> None:
-        """A worker's log text, appended to ``logs/worker-<name>.log`` within the run's log
-        budget (past it, one line says what was left out)."""
+    def _keep_logs(self, texts: Mapping[str, str]) -> None:
+        """Workers' log text, each appended to ``logs/worker-<name>.log`` within the run's log
+        budget (past it, one line says what was left out). A run keeps at most
+        MAX_LOG_FILES workers' logs; text of any further worker goes, named, into
+        ``worker-others.log`` (a session may plant thousands of tiny logs)."""
         logs = self.root / LOGS
         logs.mkdir(parents=True, exist_ok=True)
-        name = "".join(c for c in worker if c.isalnum() or c in "_-")[:40] or "worker"
-        used = sum(p.stat().st_size for p in logs.glob("worker-*.log"))
-        data = text.encode()
-        room = MAX_LOGS - used
-        if room <= 0:
-            return
-        if len(data) > room:
-            data = data[:room] + (f"\n[log cut: the run's worker logs reached "
-                                  f"{MAX_LOGS // (1024 * 1024)} MB]\n").encode()
-        with open(logs / f"worker-{name}.log", "ab") as f:
-            f.write(data)
+        sizes = {p.name: p.stat().st_size for p in logs.glob("worker-*.log")}
+        used = sum(sizes.values())
+        for worker, text in texts.items():
+            room = MAX_LOGS - used
+            if room <= 0:
+                return
+            name = "".join(c for c in worker if c.isalnum() or c in "_-")[:40] or "worker"
+            file = f"worker-{name}.log"
+            data = text.encode()
+            if file not in sizes and len(sizes) >= MAX_LOG_FILES:
+                file, data = OTHER_LOGS, f"[{name}] ".encode() + data
+            if len(data) > room:
+                data = data[:room] + (f"\n[log cut: the run's worker logs reached "
+                                      f"{MAX_LOGS // (1024 * 1024)} MB]\n").encode()
+            with open(logs / file, "ab") as f:
+                f.write(data)
+            sizes[file] = sizes.get(file, 0) + len(data)
+            used += len(data)
 
     def adopt(self, records: Iterable[bytes]) -> int:
         """Store records taken from another run (``--resume-from``)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -15,10 +16,44 @@ from flowsession.errors import Conflict, NotFound
 from flowsession.store import Store
 from flowsession.store.tables import runs
 
-PREPARING, RUNNING, COMPLETED, FAILED, CANCELING, CANCELED = (
-    "Preparing", "Running", "Completed", "Failed", "Canceling", "Canceled")
-ACTIVE = (PREPARING, RUNNING, CANCELING)
-ENDED = (COMPLETED, FAILED, CANCELED)
+
+class RunStatus(StrEnum):
+    """A run's status, in prompt flow's words."""
+
+    PREPARING = "Preparing"  # its inputs being stored; not submitted to a session yet
+    RUNNING = "Running"
+    CANCELING = "Canceling"  # asked to stop: its session is told, it ends as Canceled
+    COMPLETED = "Completed"  # every line ran (some may have failed: a line never fails a run)
+    FAILED = "Failed"  # it could not run, or its aggregation failed
+    CANCELED = "Canceled"
+
+
+S = RunStatus
+TRANSITIONS: Mapping[RunStatus, frozenset[RunStatus]] = {
+    S.PREPARING: frozenset({S.RUNNING, S.FAILED, S.CANCELED}),
+    # RUNNING again: submitted again, to a new session, for the lines without a result
+    S.RUNNING: frozenset({S.RUNNING, S.CANCELING, S.COMPLETED, S.FAILED, S.CANCELED}),
+    # a cancel that comes as the run ends lets it end as it would have
+    S.CANCELING: frozenset({S.CANCELED, S.COMPLETED, S.FAILED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELED: frozenset(),
+}
+ACTIVE = frozenset({S.PREPARING, S.RUNNING, S.CANCELING})
+ENDED = frozenset({S.COMPLETED, S.FAILED, S.CANCELED})
+
+
+def sources(status: RunStatus) -> frozenset[RunStatus]:
+    """The statuses a run may change to ``status`` from."""
+    return frozenset(src for src, dsts in TRANSITIONS.items() if status in dsts)
+
+
+class LineStatus(StrEnum):
+    """A line's status in a run's details."""
+
+    NOT_STARTED = "NotStarted"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
 
 
 @dataclass(frozen=True)
@@ -29,7 +64,7 @@ class Run:
     display_name: str
     description: str
     tags: dict[str, str]
-    status: str
+    status: RunStatus
     spec: dict[str, Any]
     session_id: str | None
     total: int
@@ -68,7 +103,8 @@ class Run:
 
 def _row(r: Any) -> Run:
     return Run(name=r.name, owner=r.owner, flow=r.flow, display_name=r.display_name,
-               description=r.description, tags=json.loads(r.tags or "{}"), status=r.status,
+               description=r.description, tags=json.loads(r.tags or "{}"),
+               status=RunStatus(r.status),
                spec=json.loads(r.spec), session_id=r.session_id, total=r.total,
                completed=r.completed, failed=r.failed, errors=json.loads(r.errors or "[]"),
                error=r.error, operator=r.operator, created_at=r.created_at,
@@ -86,7 +122,7 @@ class RunRecords:
             with self.store.engine.begin() as conn:
                 conn.execute(insert(runs).values(
                     name=name, owner=owner, flow=flow, display_name=display_name,
-                    description=description, tags=json.dumps(tags), status=PREPARING,
+                    description=description, tags=json.dumps(tags), status=S.PREPARING,
                     spec=json.dumps(spec), total=total, completed=0, failed=0, errors="[]",
                     operator=operator, created_at=self.clock()))
         except IntegrityError:
@@ -120,7 +156,20 @@ class RunRecords:
         with self.store.engine.connect() as conn:
             return [_row(r) for r in conn.execute(q)]
 
-    def set(self, name: str, *, expect: Iterable[str] | None = None, **values: Any) -> bool:
+    def transition(self, name: str, status: RunStatus, *,
+                   expect: Iterable[RunStatus] | None = None, **values: Any) -> bool:
+        """Change the run's status (and ``values``) if ``TRANSITIONS`` allows it from the
+        status it has now (and that is one of ``expect``, when given). True if done."""
+        allowed = sources(status) if expect is None else sources(status) & set(expect)
+        return self._update(name, allowed, status=status, **values)
+
+    def set(self, name: str, **values: Any) -> None:
+        """Update fields other than the status (``transition`` changes that)."""
+        if "status" in values:
+            raise ValueError("a run's status changes only by transition()")
+        self._update(name, None, **values)
+
+    def _update(self, name: str, expect: Iterable[str] | None, **values: Any) -> bool:
         """Update fields (``expect``: only while the status is one of these). True if done."""
         for key in ("errors", "tags", "spec"):
             if key in values and not isinstance(values[key], str):

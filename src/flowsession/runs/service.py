@@ -28,26 +28,27 @@ import yaml
 from flowsession.access.connections import ConnectionService
 from flowsession.backends.compute import procs
 from flowsession.backends.compute.base import RunWork, SessionHandle
+from flowsession.computes.service import ComputeKind
 from flowsession.config import Settings
 from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
 from flowsession.flows.flowfile import FlowDefinition, load_flow
 from flowsession.flows.references import connection_candidates, required_connections
 from flowsession.flows.snapshot import make_snapshot
-from flowsession.runs import records as R
 from flowsession.runs.data import load_data
 from flowsession.runs.files import RunFiles
 from flowsession.runs.flexinputs import flow_inputs
 from flowsession.runs.mapping import BaseRun, resolve_inputs
-from flowsession.runs.records import Run, RunRecords
+from flowsession.runs.records import ACTIVE, ENDED, LineStatus, Run, RunRecords, RunStatus
 from flowsession.runs.spec import RunSpec, check_name
 from flowsession.sessions.service import SessionService, StartOptions
 from flowsession.sessions.state import SessionState
 from flowsession.store import Store
+from flowsession.worker.protocol import RUN_ENDED, RunState
 
 POLL_S = 0.25
 ADVANCE_WAIT_S = 5.0  # advance_all waits this long for the runs' advances
 COLLECT_ROUNDS = 16  # collects per advance (each brings at most boundary.MAX_COLLECT)
-SUPERVISOR_ENDED = ("completed", "canceled", "failed")
+MAX_REFUSED = 10_000  # invalid records a run's sessions may send before it is stopped
 
 
 class RunService:
@@ -60,6 +61,7 @@ class RunService:
         self._files: dict[str, RunFiles] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # one advance of a run at a time (a server)
         self._advancing: dict[str, asyncio.Task] = {}  # advance_all's tasks, by run
+        self._refused: dict[str, int] = {}  # invalid records a run's sessions sent
 
     @classmethod
     def open(cls, settings: Settings | None = None,
@@ -82,7 +84,7 @@ class RunService:
         resumed: Run | None = None
         if spec.resume_from:
             resumed = self.records.get(spec.resume_from, owner=user)
-            if resumed.status not in R.ENDED:
+            if resumed.status not in ENDED:
                 raise Conflict(f"run {resumed.name} is {resumed.status}: only an ended run can "
                                "be resumed", hint=f"wait for it, or cancel it: flowsession run "
                                f"cancel {resumed.name}", details={"run": resumed.name})
@@ -145,7 +147,7 @@ class RunService:
             raise NotFound(f"base run {name!r} does not exist",
                            hint="give the name of one of your runs (flowsession run list)",
                            details={"run": name}) from None
-        if base.status != R.COMPLETED:
+        if base.status != RunStatus.COMPLETED:
             raise Conflict(f"base run {name!r} is {base.status}, not Completed",
                            hint="wait for it to complete, or pick a completed run",
                            details={"run": name, "status": base.status})
@@ -207,12 +209,14 @@ class RunService:
                           lines=tuple(todo))
         status = await self.backend.submit_run(handle, work)
         first = run.started_at is None
-        self.records.set(run.name, status=R.RUNNING, session_id=session.id,
-                         started_at=run.started_at or self.clock(), expect=R.ACTIVE)
+        if not self.records.transition(run.name, RunStatus.RUNNING, session_id=session.id,
+                                       started_at=run.started_at or self.clock()):
+            await self.backend.cancel_run(handle, run.name)  # canceled meanwhile
+            return await self._advance(run.name)
         files.log(f"{'submitted' if first else 'resubmitted'} to session {session.id}: "
                   f"{len(todo)} line(s) to run on {workers} worker(s)"
                   + ("" if first else f", {len(stored)} already stored"))
-        if status.get("state") == "failed":
+        if status.get("state") == RunState.FAILED:
             return await self._advance(run.name)
         return self.records.get(run.name)
 
@@ -256,6 +260,7 @@ class RunService:
                                              total=run.total)
             new += files.store(got)
             if got.refused:
+                self._refused[run.name] = self._refused.get(run.name, 0) + got.refused
                 files.log(f"{got.refused} record(s) from the session were not valid and "
                           "were left out")
             if not got.more:
@@ -268,21 +273,22 @@ class RunService:
         """Bring the run's record up to date: collect new results, resubmit a run whose
         session went away, finish a run whose lines are all done."""
         run = self.records.get(name, owner=user)
-        if run.status in R.ENDED:
+        if run.status in ENDED:
             return run
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             run = await self._advance(name)
-        if run.status in R.ENDED:
+        if run.status in ENDED:
             self._locks.pop(name, None)  # a server lives long: no lock per ended run
+            self._refused.pop(name, None)
         return run
 
     async def _advance(self, name: str) -> Run:
         run = self.records.get(name)
-        if run.status in R.ENDED:
+        if run.status in ENDED:
             return run
         files = self.files(name)
-        if run.status == R.PREPARING:
+        if run.status == RunStatus.PREPARING:
             if procs.identity_alive(run.operator) and run.operator != procs.identity():
                 return run  # its creator is still preparing it
             if not files.has_inputs() or run.total == 0 and not files.has_inputs():
@@ -299,13 +305,19 @@ class RunService:
         status = await self.backend.run_status(handle, name) if handle else None
         await self._collect(run, handle)
         run = self._update_counts(run)
-        if run.status == R.CANCELING:
-            if status is None or status.get("state") in SUPERVISOR_ENDED:
-                return await self._finish(run, R.CANCELED)
+        if self._refused.get(name, 0) > MAX_REFUSED:  # a session sending junk: cut it off
+            if handle is not None:
+                await self.backend.cancel_run(handle, name)
+            return await self._finish(run, RunStatus.FAILED, error=(
+                f"the session sent more than {MAX_REFUSED} records that are not valid data: "
+                "the run was stopped (its flow code writes into the run's folder?)"))
+        if run.status == RunStatus.CANCELING:
+            if status is None or status.get("state") in RUN_ENDED:
+                return await self._finish(run, RunStatus.CANCELED)
             return run
         if status is None:  # the session is gone or restarted: go on where it stopped
             if run.completed + run.failed >= run.total:
-                return await self._finish(run, R.COMPLETED)
+                return await self._finish(run, RunStatus.COMPLETED)
             files.log("the session running this run went away: resubmitting the lines "
                       "without a stored result")
             try:
@@ -314,14 +326,14 @@ class RunService:
             except FlowSessionError as exc:
                 return self._fail(name, f"the run could not be resubmitted: {exc.message}")
         state = status.get("state")
-        if state == "failed":
-            return await self._finish(run, R.FAILED, error=status.get("error"))
-        if state == "canceled":
-            return await self._finish(run, R.CANCELED)
-        if state == "completed":
+        if state == RunState.FAILED:
+            return await self._finish(run, RunStatus.FAILED, error=status.get("error"))
+        if state == RunState.CANCELED:
+            return await self._finish(run, RunStatus.CANCELED)
+        if state == RunState.COMPLETED:
             if run.completed + run.failed < run.total:  # resubmitted lines still to go
                 return await self._submit(run)
-            return await self._finish(run, R.COMPLETED)
+            return await self._finish(run, RunStatus.COMPLETED)
         return run
 
     async def _replace_lost_session(self, run: Run) -> None:
@@ -358,21 +370,21 @@ class RunService:
             run = self.records.get(run.name)
         return run
 
-    async def _finish(self, run: Run, status: str, *, error: str | None = None) -> Run:
+    async def _finish(self, run: Run, status: RunStatus, *, error: str | None = None) -> Run:
         """End the run: one process at a time; the others leave it to that one."""
         with self.files(run.name).finishing() as mine:
             current = self.records.get(run.name)
-            if not mine or current.status in R.ENDED:
+            if not mine or current.status in ENDED:
                 return current
             return await self._finish_now(current, status, error=error)
 
-    async def _finish_now(self, run: Run, status: str, *, error: str | None = None) -> Run:
+    async def _finish_now(self, run: Run, status: RunStatus, *, error: str | None = None) -> Run:
         files = self.files(run.name)
         handle = self._handle(run)
         await self._collect(run, handle)
         run = self._update_counts(run)
         files.write_outputs()
-        if status == R.COMPLETED and run.completed:
+        if status == RunStatus.COMPLETED and run.completed:
             try:
                 agg = await self._aggregate(run)
             except FlowSessionError as exc:
@@ -380,10 +392,9 @@ class RunService:
             if agg.get("metrics"):
                 files.write_metrics(agg["metrics"])
             if agg.get("error"):
-                status, error = R.FAILED, f"the aggregation failed: {agg['error']}"
+                status, error = RunStatus.FAILED, f"the aggregation failed: {agg['error']}"
         files.log(f"run {status.lower()}: {run.summary()}" + (f"; {error}" if error else ""))
-        self.records.set(run.name, status=status, error=error, ended_at=self.clock(),
-                         expect=R.ACTIVE)
+        self.records.transition(run.name, status, error=error, ended_at=self.clock())
         await self.backend.forget_run(self._handle(run), run.name)
         return self.records.get(run.name)
 
@@ -400,8 +411,7 @@ class RunService:
         return await self.backend.aggregate_run(session.session_handle, work, records)
 
     def _fail(self, name: str, error: str) -> Run:
-        self.records.set(name, status=R.FAILED, error=error, ended_at=self.clock(),
-                         expect=R.ACTIVE)
+        self.records.transition(name, RunStatus.FAILED, error=error, ended_at=self.clock())
         self.files(name).log(f"run failed: {error}")
         return self.records.get(name)
 
@@ -414,7 +424,7 @@ class RunService:
             run = await self.advance(name, user=user)
             if on_progress is not None:
                 on_progress(run)
-            if run.status in R.ENDED:
+            if run.status in ENDED:
                 return run
             if deadline is not None and time.monotonic() > deadline:
                 return run
@@ -422,13 +432,13 @@ class RunService:
 
     async def cancel(self, name: str, *, user: str) -> Run:
         run = self.records.get(name, owner=user)
-        if run.status in R.ENDED:
+        if run.status in ENDED:
             raise Conflict(f"run {name} is {run.status}: there is nothing to cancel",
                            details={"status": run.status})
-        if run.status == R.PREPARING:
-            self.records.set(name, status=R.CANCELED, ended_at=self.clock(), expect=R.ACTIVE)
+        if run.status == RunStatus.PREPARING and self.records.transition(
+                name, RunStatus.CANCELED, expect={RunStatus.PREPARING}, ended_at=self.clock()):
             return self.records.get(name)
-        self.records.set(name, status=R.CANCELING, expect=R.ACTIVE)
+        self.records.transition(name, RunStatus.CANCELING)  # (a second cancel: it is already)
         self.files(name).log(f"cancel requested by {user}")
         handle = self._handle(run)
         if handle is not None:
@@ -447,7 +457,7 @@ class RunService:
             finally:
                 self._advancing.pop(name, None)
 
-        for run in self.records.list(owner=None, statuses=R.ACTIVE):
+        for run in self.records.list(owner=None, statuses=ACTIVE):
             if run.name not in self._advancing:
                 self._advancing[run.name] = asyncio.create_task(quietly(run.name))
         if self._advancing:
@@ -469,8 +479,8 @@ class RunService:
         rows = []
         for pos, inputs in enumerate(files.iter_inputs()):
             rec = records.get(pos)
-            status = "NotStarted" if rec is None else ("Completed" if rec.get("ok")
-                                                       else "Failed")
+            status = LineStatus.NOT_STARTED if rec is None else (
+                LineStatus.COMPLETED if rec.get("ok") else LineStatus.FAILED)
             rows.append({"line_number": files.line_number(pos), "status": status,
                          "inputs": inputs, "outputs": (rec or {}).get("output"),
                          "error": (rec or {}).get("error"), "duration": (rec or {}).get("d")})
@@ -518,7 +528,7 @@ def _merge(spec: RunSpec, old: Run) -> RunSpec:
 def _start_options(spec: RunSpec) -> StartOptions:
     res = spec.resources or {}
     if res.get("compute"):
-        return StartOptions(compute_type="instance", instance=str(res["compute"]))
+        return StartOptions(compute_type=ComputeKind.INSTANCE, instance=str(res["compute"]))
     return StartOptions(vm_size=res.get("instance_type") or None, identity=spec.identity)
 
 

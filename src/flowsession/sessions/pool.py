@@ -23,6 +23,7 @@ from flowsession.backends.compute.base import (
 from flowsession.config import Settings
 from flowsession.environments.images import DEFAULT_IMAGE
 from flowsession.environments.service import EnvironmentService
+from flowsession.environments.state import BuildState
 from flowsession.store import Store
 from flowsession.store.tables import standby
 
@@ -42,15 +43,14 @@ class StandbyPool:
                   else None)
         return EnvHandle(env_id="", python=str(Path(image.path or "") / "bin" / "python"),
                          image_ref=image.ref, site_dirs=(),
-                         read_only_paths=(str(self.settings.images_dir),
-                                          str(self.settings.envs_dir)), recipe=recipe)
+                         read_only_paths=(str(self.settings.images_dir),), recipe=recipe)
 
     def pooled_image(self) -> str | None:
         """The image the pool keeps standbys for (the newest default image, once built)."""
         if self.settings.standby_pool_size <= 0:
             return None
         image = self.envs.images.get(DEFAULT_IMAGE)
-        return image.ref if image.state == "READY" else None
+        return image.ref if image.state == BuildState.READY else None
 
     async def claim_or_start(self, image_ref: str, *,
                              compute: ComputeHandle | None = None) -> SessionHandle:

@@ -201,11 +201,11 @@ class SessionRecords:
 
 def _hint_for(state: str) -> str:
     return {
-        "FAILED": "reset it (flowsession session reset FLOW) or stop it",
-        "STOPPED": "start a new session: flowsession session start FLOW",
-        "INSTALLING": "wait for the install to finish (flowsession session show FLOW)",
-        "BUILDING": "wait for the start to finish (flowsession session show FLOW)",
-        "STARTING": "wait for the start to finish (flowsession session show FLOW)",
+        SessionState.FAILED: "reset it (flowsession session reset FLOW) or stop it",
+        SessionState.STOPPED: "start a new session: flowsession session start FLOW",
+        SessionState.INSTALLING: "wait for the install to finish (flowsession session show FLOW)",
+        SessionState.BUILDING: "wait for the start to finish (flowsession session show FLOW)",
+        SessionState.STARTING: "wait for the start to finish (flowsession session show FLOW)",
     }.get(state, "see flowsession session show FLOW")
 
 

@@ -28,7 +28,7 @@ from flowsession.backends.compute.base import (
     SessionHandle,
     SessionSpec,
 )
-from flowsession.computes.service import Compute, ComputeService
+from flowsession.computes.service import Compute, ComputeKind, ComputeService, ComputeState
 from flowsession.config import Settings
 from flowsession.environments.cache import Environment
 from flowsession.environments.service import EnvironmentService, Package, Prepared
@@ -189,8 +189,8 @@ class SessionService:
         flow_def = load_flow(flow)  # bad flows fail here, before anything is made
         compute_type = self.check_options(options)
         instance = (self.computes.get(options.instance, user=user)
-                    if compute_type == "instance" else None)
-        if instance is not None and instance.state != "RUNNING":
+                    if compute_type == ComputeKind.INSTANCE else None)
+        if instance is not None and instance.state != ComputeState.RUNNING:
             raise Conflict(f"compute instance '{instance.name}' is {instance.state}",
                            hint=f"start it: flowsession compute start {instance.name}")
         identity = instance.identity if instance else (options.identity or "user")
@@ -415,10 +415,10 @@ class SessionService:
             raise Conflict(f"session {session.id} is STOPPED: there is nothing to change",
                            hint="start a new session: flowsession session start FLOW",
                            details={"state": session.state})
-        if session.compute_type == "instance" and (vm_size or identity):
+        if session.compute_type == ComputeKind.INSTANCE and (vm_size or identity):
             raise InvalidInput("a session on a compute instance uses the instance's VM size and "
                                "identity", hint="change the instance, or use --instance")
-        if session.compute_type == "serverless" and instance:
+        if session.compute_type == ComputeKind.SERVERLESS and instance:
             raise InvalidInput("--instance moves a session to a compute instance: stop this "
                                "serverless session and start one with --compute-type instance")
         if vm_size or instance:
@@ -510,7 +510,7 @@ class SessionService:
 
     async def stop_compute(self, compute: Compute, *, actor: str, reason: str) -> Compute:
         """Stop a compute instance: the sessions on it stop first, with the reason."""
-        if compute.kind != "instance":
+        if compute.kind != ComputeKind.INSTANCE:
             raise Conflict(f"compute '{compute.name}' is serverless: it stops with its sessions",
                            hint="stop its sessions: flowsession session stop FLOW")
         for session in self.records.list(owner=None, states=ACTIVE_STATES):
@@ -544,13 +544,16 @@ class SessionService:
         return replace(self.pool.image_env(env.image), env_id=env.id,
                        site_dirs=tuple(str(p) for p in site), recipe=recipe)
 
-    def check_options(self, o: StartOptions) -> str:
+    def check_options(self, o: StartOptions) -> ComputeKind:
         """The compute type the options make, or InvalidInput saying which option is wrong
         (before anything is made)."""
-        kind = o.compute_type or ("instance" if o.instance else "serverless")
-        if kind not in ("serverless", "instance"):
-            raise InvalidInput(f"compute type '{kind}' is not one of serverless, instance")
-        if kind == "instance":
+        try:
+            kind = ComputeKind(o.compute_type or (ComputeKind.INSTANCE if o.instance
+                                                  else ComputeKind.SERVERLESS))
+        except ValueError:
+            raise InvalidInput(f"compute type '{o.compute_type}' is not one of "
+                               f"{', '.join(ComputeKind)}") from None
+        if kind == ComputeKind.INSTANCE:
             if not o.instance:
                 raise InvalidInput("a session on a compute instance needs --instance NAME",
                                    hint="list your instances: flowsession compute list")
@@ -570,7 +573,7 @@ class SessionService:
     async def _compute_for(self, session: Session) -> Compute:
         if session.compute_id:  # an instance, or a serverless compute kept across a reset
             compute = self.computes.get(session.compute_id, user=session.owner)
-            if compute.state != "RUNNING":
+            if compute.state != ComputeState.RUNNING:
                 raise Conflict(f"compute '{compute.name}' is {compute.state}",
                                hint=f"start it: flowsession compute start {compute.name}")
             return compute

@@ -27,13 +27,10 @@ from typing import Any
 from flowsession.worker import batchworker as bw
 from flowsession.worker import workers as wk
 from flowsession.worker.channel import Channel
-from flowsession.worker.protocol import encode, flow_file
+from flowsession.worker.protocol import RUN_ENDED, RunState, encode, flow_file
 
 log = logging.getLogger("flowsession.supervisor")
 
-LOADING, RUNNING, COMPLETED, CANCELED, FAILED = (
-    "loading", "running", "completed", "canceled", "failed")
-ENDED = (COMPLETED, CANCELED, FAILED)
 RUNS = "runs"  # the runs' folders, under the state dir: runs/<id>/
 RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 AGGREGATE_FILE = "aggregate.records"  # the records an aggregate request brought
@@ -77,7 +74,7 @@ class Batch:
         self.skipped = self.total - len(self.pending)  # stored before this submission
         self.done = self.failed = 0
         self.errors: list[list[Any]] = []
-        self.state = LOADING
+        self.state = RunState.LOADING
         self.error: str | None = None
         self.aggregation: bool | None = None
         self.started_at, self.ended_at = time.time(), None
@@ -93,7 +90,7 @@ class Batch:
 
     def start(self) -> None:
         if not self.pending:
-            self._end(COMPLETED)
+            self._end(RunState.COMPLETED)
             return
         for _ in range(min(self.n_workers, len(self.pending))):
             self._spawn()
@@ -110,7 +107,7 @@ class Batch:
 
     @property
     def active(self) -> bool:
-        return self.state not in ENDED or self.pending_aggregate is not None
+        return self.state not in RUN_ENDED or self.pending_aggregate is not None
 
     def owns(self, ch: Channel) -> BatchWorker | None:
         return next((b for b in self.workers if b.worker.channel is ch), None)
@@ -123,8 +120,8 @@ class Batch:
         if event == "loaded":
             b.loaded = True
             self.aggregation = bool(msg.get("aggregation"))
-            if self.state == LOADING:
-                self.state = RUNNING
+            if self.state == RunState.LOADING:
+                self.state = RunState.RUNNING
                 log.info("run %s: %d line(s) to run on %d worker(s)", self.id,
                          len(self.pending), len(self.workers))
             self._feed(b)
@@ -136,7 +133,7 @@ class Batch:
                                   "output": {}, "error": error})
             else:
                 self.error = error
-                self._end(FAILED)
+                self._end(RunState.FAILED)
         elif event == "chunk_done":
             n, seconds = int(msg.get("done", 0)), float(msg.get("seconds", 0))
             self._count(n, int(msg.get("failed", 0)), msg.get("errors") or [])
@@ -164,19 +161,19 @@ class Batch:
                 self._reply(req, {"ok": True, "metrics": {}, "output": {}, "error":
                                   f"the aggregation's worker {b.worker.exit}"})
             return
-        if b.worker.retired or self.state in ENDED:
+        if b.worker.retired or self.state in RUN_ENDED:
             self.workers.remove(b)
             return
         self.workers.remove(b)
         if not b.loaded:
-            if self.state != FAILED:
+            if self.state != RunState.FAILED:
                 self.error = self.error or f"a worker {b.worker.exit} while loading the flow"
-                self._end(FAILED)
+                self._end(RunState.FAILED)
             return
         self.restarts += 1
         if chunk:
             self._recover(b, chunk, timed_out=code == bw.TIMEOUT_EXIT)
-        if self.pending and self.state == RUNNING:
+        if self.pending and self.state == RunState.RUNNING:
             self._spawn()
         self._maybe_done()
 
@@ -194,13 +191,13 @@ class Batch:
                     b.worker.kill()
 
     def cancel(self) -> None:
-        if self.state in ENDED:
+        if self.state in RUN_ENDED:
             return
         self.pending.clear()
         for b in self.workers:
             b.worker.retired = True
             b.worker.kill()
-        self._end(CANCELED)
+        self._end(RunState.CANCELED)
 
     def aggregate(self, req: Any, name: str, answer: Callable[[Any, dict], None]) -> None:
         """Run the aggregation nodes over ``name`` (the records the control plane collected,
@@ -226,7 +223,7 @@ class Batch:
         return max(1, min(MAX_CHUNK, by_time, fair))
 
     def _feed(self, b: BatchWorker) -> None:
-        if self.state != RUNNING or b.chunk or not b.worker.alive:
+        if self.state != RunState.RUNNING or b.chunk or not b.worker.alive:
             return
         if not self.pending:
             self._maybe_done()
@@ -268,11 +265,12 @@ class Batch:
         self.pending.extendleft(reversed(rest))
 
     def _maybe_done(self) -> None:
-        if self.state == RUNNING and not self.pending and not any(b.chunk for b in self.workers):
-            self._end(COMPLETED)
+        if (self.state == RunState.RUNNING and not self.pending
+                and not any(b.chunk for b in self.workers)):
+            self._end(RunState.COMPLETED)
 
-    def _end(self, state: str) -> None:
-        if self.state in ENDED:
+    def _end(self, state: RunState) -> None:
+        if self.state in RUN_ENDED:
             return
         self.state, self.ended_at = state, time.time()
         log.info("run %s %s: %d line(s) ran, %d failed%s", self.id, state, self.done,

@@ -7,12 +7,15 @@ Starting a session
 ------------------
 ::
 
-    python -m flowsession.worker.supervisor --socket PATH --state-dir DIR
-        [--standby] [--flow DIR] [--site-dir DIR ...] [--idle-timeout S] [--workers N]
-        [--line-timeout S]
+    python -m flowsession.worker.supervisor (--socket PATH | --listen-fd N) --state-dir DIR
+        [--log-inherit] [--standby] [--flow DIR] [--site-dir DIR ...] [--idle-timeout S]
+        [--workers N] [--line-timeout S]
 
-The socket is bound (mode 0600) before promptflow is imported, so ``ping`` answers within
-milliseconds of the start, with phase ``importing``. Poll ``ping`` until the phase is ``ready``
+With ``--socket`` the supervisor binds the socket (mode 0600) itself; with ``--listen-fd`` it
+answers on a listening socket its starter bound where the session cannot write (so flow code
+cannot replace it), and with ``--log-inherit`` it logs to the stderr it was given instead of
+``DIR/supervisor.log``. Either way it listens before promptflow is imported, so ``ping``
+answers within milliseconds of the start, with phase ``importing``. Poll ``ping`` until the phase is ``ready``
 (or ``standby``, or ``failed``). Everything the supervisor and its workers print or log goes to
 ``DIR/supervisor.log``. ``--idle-timeout`` 0 (the default) means never; it counts in the
 standby, ready and failed phases (never while a request is active or a line runs).
@@ -89,23 +92,31 @@ Batch runs (``flowsession.worker.batch``)
 ----------------------------------------
 A run has its own workers, loaded with the run's flow (``flow``: a copy with a variant chosen,
 default the session's), ``env``, ``connections`` (promptflow's dict form: in memory only),
-``init`` and ``node_override``. Its folder ``dir`` holds ``inputs.jsonl`` (one object per line;
-a line's position is its line number there); each worker appends records to
-``dir/results.<pid>.jsonl`` (``flowsession.worker.batchworker``). Positions already recorded
-there are not run again::
+``init`` and ``node_override``. Its lines travel in the request (``inputs``: one JSON object per
+line; a line's position is its line number there); the supervisor keeps them, and the records
+its workers write, in the run's folder ``DIR/runs/<id>/`` -- its own: nobody outside the session
+reads it by path. Positions already recorded there are not run again::
 
-    -> {"op": "run", "id": str, "dir": DIR, "flow": DIR (optional), "lines": [pos, ...] | null
-        (null: every line), "workers": n, "line_timeout": s, "env": {...},
-        "connections": {...}, "init": {...}, "node_override": {...}}
+    -> {"op": "run", "id": str, "inputs": str (optional once sent), "flow": DIR (optional),
+        "lines": [pos, ...] | null (null: every line), "workers": n, "line_timeout": s,
+        "env": {...}, "connections": {...}, "init": {...}, "node_override": {...}}
     <- {"ok": true, "run": {"id", "state": "loading"|"running"|"completed"|"canceled"|"failed",
         "total", "done", "ran", "failed", "skipped", "errors": [[pos, message], ...],
         "error", "workers", "restarts", "aggregation", "started_at", "ended_at",
         "lines_per_second"}}          (answers at once; a run already going answers its status)
     -> {"op": "run_status", "id": str}      <- {"ok": true, "run": {...} | null}
     -> {"op": "run_cancel", "id": str}      <- {"ok": true, "run": {...} | null}
-    -> {"op": "aggregate", <the run's fields>, "file": NAME}
+    -> {"op": "collect", "id": str, "cursor": {name: offset}, "max_bytes": n}
+    <- {"ok": true, "records": [JSON text, ...], "logs": {worker: text}, "cursor": {...},
+        "more": bool}     (what the workers wrote past ``cursor``; a record over 8 MB comes as a
+                           failed one saying so; FIFOs, symlinks and devices are skipped)
+    -> {"op": "run_forget", "id": str}      <- {"ok": true}   (an ended run's folder removed)
+    -> {"op": "aggregate", <the run's fields>, "records": str (JSON lines)}
     <- {"ok": true, "aggregated": bool, "metrics": {...}, "output": {...}, "error": str|null}
-       (the aggregation nodes over the records in ``dir/NAME``; answers when done)
+       (the aggregation nodes over those records; answers when done)
+
+Whatever a session answers is untrusted: the control plane validates and bounds it
+(``flowsession.backends.compute.boundary``).
 
 A running run counts as activity (no idle exit; ``busy`` counts its working workers).
 
@@ -125,6 +136,7 @@ respawned. Workers die with their supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -132,14 +144,43 @@ import signal
 import socket
 import time
 from collections.abc import Iterator, Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
 PROTOCOL_VERSION = 1
 
-# phases
-IMPORTING, STANDBY, LOADING, READY, FAILED = "importing", "standby", "loading", "ready", "failed"
-PHASES = (IMPORTING, STANDBY, LOADING, READY, FAILED)
+
+class Phase(StrEnum):
+    """A supervisor's phase (``ping``'s ``phase``)."""
+
+    IMPORTING = "importing"
+    STANDBY = "standby"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class WorkerState(StrEnum):
+    """A worker's state (``ping``'s ``workers[].state``)."""
+
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class RunState(StrEnum):
+    """A batch run's state in its supervisor (``run``'s ``state``)."""
+
+    LOADING = "loading"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELED = "canceled"
+    FAILED = "failed"
+
+
+RUN_ENDED = frozenset({RunState.COMPLETED, RunState.CANCELED, RunState.FAILED})
 
 # error types
 E_BAD_REQUEST = "bad_request"  # not JSON, unknown op, a field of the wrong type
@@ -159,11 +200,25 @@ DEFAULT_LINE_TIMEOUT = 600.0
 FLOW_FILES = ("flow.dag.yaml", "flow.dag.yml", "flow.flex.yaml", "flow.flex.yml")
 MAX_LINE = 64 * 1024 * 1024  # the longest request/response line accepted
 
+_LARGE_OPS = ("run", "aggregate", "adopt", "test")  # requests that may carry megabytes
 _MAX_SUN_PATH = 100  # sockaddr_un's sun_path is 108 bytes, NUL included
 
 
 class ProtocolError(ConnectionError):
     """The supervisor closed the connection without answering, or answered garbage."""
+
+
+class AnswerTooLong(ProtocolError):
+    """The answer is longer than the request's answer can be (``MAX_ANSWER``)."""
+
+
+# The longest answer the control plane reads to each request (others: MAX_LINE). Parsing JSON
+# costs up to ~25 times its size in memory (an array of empty objects), so a request whose
+# answer is small by nature never reads more than it needs.
+MAX_ANSWER = {"ping": 1 << 20, "configure": 1 << 20, "shutdown": 1 << 20, "adopt": 1 << 20,
+              "reload": 1 << 20, "run": 4 << 20, "run_status": 4 << 20,
+              "run_cancel": 4 << 20, "run_forget": 4 << 20, "test": 16 << 20,
+              "aggregate": 16 << 20}
 
 
 def encode(obj: Any) -> bytes:
@@ -255,7 +310,9 @@ class Connection:
         """Send one request, wait up to ``timeout`` seconds (None: forever) for its answer.
 
         Raises OSError (FileNotFoundError, ConnectionRefusedError, TimeoutError, ...) when the
-        supervisor cannot be reached, ProtocolError when it hangs up without answering."""
+        supervisor cannot be reached, ProtocolError when it hangs up without answering,
+        AnswerTooLong when its answer is longer than the request's can be (``MAX_ANSWER``)."""
+        limit = MAX_ANSWER.get(str(payload.get("op")), MAX_LINE)
         self.sock.settimeout(timeout)
         self.sock.sendall(encode(dict(payload)))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -270,17 +327,12 @@ class Connection:
                 raise ProtocolError(f"the session closed the connection without answering "
                                     f"{payload.get('op')!r}")
             self._buf += chunk
-            if len(self._buf) > MAX_LINE:
-                raise ProtocolError("the answer is too long")
+            if len(self._buf) > limit and b"\n" not in self._buf[:limit + 1]:
+                raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer than "
+                                    f"{limit >> 20} MB")
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
-        try:
-            answer = json.loads(line)
-        except ValueError as exc:
-            raise ProtocolError(f"the session answered something that is not JSON: {exc}") from None
-        if not isinstance(answer, dict):
-            raise ProtocolError("the session's answer is not a JSON object")
-        return answer
+        return decode_answer(line)
 
     def close(self) -> None:
         self.sock.close()
@@ -297,3 +349,59 @@ def request(socket_path: str | os.PathLike, payload: Mapping[str, Any],
     """Connect, send one request, return its answer (see ``Connection.request``)."""
     with Connection(socket_path, timeout=timeout) as conn:
         return conn.request(payload, timeout=timeout)
+
+
+def decode_answer(line: bytes) -> dict[str, Any]:
+    """One answer line as a JSON object, or ProtocolError: the other side may be hostile (a
+    session's code can answer in its supervisor's place), so anything else -- not JSON, too
+    deeply nested to parse -- is the same clean error."""
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"the session answered something that is not JSON: "
+                            f"{str(exc)[:200]}") from None
+    if not isinstance(answer, dict):
+        raise ProtocolError("the session's answer is not a JSON object")
+    return answer
+
+
+async def arequest(socket_path: str | os.PathLike, payload: Mapping[str, Any],
+                   timeout: float = 10.0) -> dict[str, Any]:
+    """``request`` for an event loop: no thread waits while the session takes its time, so a
+    slow (or hostile) session holds up only its own callers. Raises what ``request`` raises
+    (OSError, TimeoutError, ProtocolError)."""
+    loop = asyncio.get_running_loop()
+    limit = MAX_ANSWER.get(str(payload.get("op")), MAX_LINE)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            with socket_address(socket_path) as address:
+                await loop.sock_connect(sock, address)
+            data = (encode(dict(payload)) if payload.get("op") not in _LARGE_OPS
+                    else await asyncio.to_thread(encode, dict(payload)))  # a run's lines
+            await loop.sock_sendall(sock, data)
+            while True:
+                chunk = await loop.sock_recv(sock, 1 << 20)
+                if not chunk:
+                    raise ProtocolError(f"the session closed the connection without "
+                                        f"answering {payload.get('op')!r}")
+                end = chunk.find(b"\n")
+                if end >= 0:
+                    buf += chunk[:end]
+                    if len(buf) > limit:
+                        raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer "
+                                            f"than {limit >> 20} MB")
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer than "
+                                        f"{limit >> 20} MB")
+    except TimeoutError:
+        raise TimeoutError(f"no answer to {payload.get('op')!r} in {timeout} s") from None
+    finally:
+        sock.close()
+    if len(buf) > 1 << 20:  # a large answer is parsed off the loop
+        return await asyncio.to_thread(decode_answer, bytes(buf))
+    return decode_answer(bytes(buf))

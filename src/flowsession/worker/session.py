@@ -37,13 +37,10 @@ from flowsession.worker.protocol import (
     E_TIMEOUT,
     E_WRONG_PHASE,
     EXIT_FILE,
-    FAILED,
-    IMPORTING,
-    LOADING,
     PROTOCOL_VERSION,
-    READY,
-    STANDBY,
     STATUS_FILE,
+    Phase,
+    WorkerState,
     describe_exit,
     error,
     flow_file,
@@ -64,7 +61,7 @@ class Supervisor(Server):
         self.idle_timeout = float(args.idle_timeout)
         self.line_timeout = float(args.line_timeout)
         self.n_workers = max(1, int(args.workers))
-        self.phase, self.error = IMPORTING, None
+        self.phase, self.error = Phase.IMPORTING, None
         self.workers: list[wk.Worker] = []
         self.retired: list[wk.Worker] = []  # killed by us, not reaped yet
         self.by_channel: dict[Channel, wk.Worker] = {}
@@ -122,7 +119,7 @@ class Supervisor(Server):
         if self._import_error:
             self._fail(f"promptflow failed to import: {self._import_error}")
         elif self.standby:
-            self.phase, self.last_activity = STANDBY, time.monotonic()
+            self.phase, self.last_activity = Phase.STANDBY, time.monotonic()
             if self.pending is not None:  # an adopt that came while importing
                 self._adopt(self.pending)
         else:
@@ -149,12 +146,12 @@ class Supervisor(Server):
                 self._retire(w)
                 self.answer(line.req, error(E_TIMEOUT, f"the line ran over its timeout of "
                                             f"{line.timeout:g} s; its worker was replaced"))
-                if self.phase in (LOADING, READY) and not w.draining:
+                if self.phase in (Phase.LOADING, Phase.READY) and not w.draining:
                     self._spawn()
             elif w.closed_at is not None and w.alive and now - w.closed_at > _CLOSED_GRACE:
                 w.kill()  # hung up but did not exit
         if (self.idle_timeout > 0 and self.last_activity is not None and not self.busy_now()
-                and self.phase in (STANDBY, READY, FAILED)):
+                and self.phase in (Phase.STANDBY, Phase.READY, Phase.FAILED)):
             idle = now - self.last_activity
             if idle >= self.idle_timeout:
                 self._exit_session("idle", idle_seconds=round(idle, 3))
@@ -190,11 +187,11 @@ class Supervisor(Server):
         }
 
     def _op_test(self, req: Request) -> None:
-        if self.phase == FAILED:
+        if self.phase == Phase.FAILED:
             self.answer(req, error(E_SESSION_FAILED,
                                     f"the session failed: {self.error}; reset the session"))
             return
-        if self.phase == STANDBY or (self.standby and self.phase == IMPORTING):
+        if self.phase == Phase.STANDBY or (self.standby and self.phase == Phase.IMPORTING):
             self.answer(req, error(E_WRONG_PHASE, "this session is a standby without a flow: "
                                     "adopt a flow first"))
             return
@@ -202,9 +199,9 @@ class Supervisor(Server):
         if not isinstance(inputs, dict):
             raise BadRequest("'inputs' must be a JSON object")
         timeout = number(req.msg, "timeout", self.line_timeout)
-        if self._take_flow_settings(req.msg) and self.phase == READY:
+        if self._take_flow_settings(req.msg) and self.phase == Phase.READY:
             self._renew_workers()  # other connections or init: workers that have them
-        if self.phase == READY and not self.workers:  # the flow did not load: try again
+        if self.phase == Phase.READY and not self.workers:  # the flow did not load: try again
             self._load()
         self.queue.append(wk.Line(req, inputs, timeout))
         self._dispatch()
@@ -231,7 +228,7 @@ class Supervisor(Server):
         self._load()
 
     def _op_adopt(self, req: Request) -> None:
-        if not (self.standby and self.phase in (IMPORTING, STANDBY)) or self.pending:
+        if not (self.standby and self.phase in (Phase.IMPORTING, Phase.STANDBY)) or self.pending:
             self.answer(req, error(E_WRONG_PHASE, f"only a standby session waiting for a flow "
                                     f"adopts one; this one is {self.phase}"
                                     + (f" with {self.flow}" if self.flow else "")))
@@ -249,7 +246,7 @@ class Supervisor(Server):
         self.n_workers = max(1, int(number(msg, "workers", self.n_workers)))
         self._take_flow_settings(msg)
         self.pending = req
-        if self.phase == STANDBY:
+        if self.phase == Phase.STANDBY:
             self._adopt(req)
 
     def _adopt(self, req: Request) -> None:
@@ -262,8 +259,8 @@ class Supervisor(Server):
     def _op_reload(self, req: Request) -> None:
         """New workers load the flow (a changed copy in ``flow``, or the same folder again);
         lines running on the old ones finish there first."""
-        if self.phase != READY or self.pending:
-            kind = E_SESSION_FAILED if self.phase == FAILED else E_WRONG_PHASE
+        if self.phase != Phase.READY or self.pending:
+            kind = E_SESSION_FAILED if self.phase == Phase.FAILED else E_WRONG_PHASE
             self.answer(req, error(kind, f"only a ready session reloads its flow; this one is "
                                    f"{self.phase}" + (f": {self.error}" if self.error else "")))
             return
@@ -286,8 +283,8 @@ class Supervisor(Server):
     def _op_run(self, req: Request) -> None:
         """Start a run (answers at once with its status); a run already going answers its
         status; a run submitted again goes on where its folder's results stop."""
-        if self.phase != READY:
-            kind = E_SESSION_FAILED if self.phase == FAILED else E_WRONG_PHASE
+        if self.phase != Phase.READY:
+            kind = E_SESSION_FAILED if self.phase == Phase.FAILED else E_WRONG_PHASE
             self.answer(req, error(kind, f"only a ready session runs lines; this one is "
                                    f"{self.phase}" + (f": {self.error}" if self.error else "")))
             return
@@ -367,7 +364,7 @@ class Supervisor(Server):
     def _op_aggregate(self, req: Request) -> None:
         """The aggregation nodes over ``records`` (the run's completed lines, as the control
         plane stored them), on a worker loaded like the run's; answers with the metrics."""
-        if self.phase != READY:
+        if self.phase != Phase.READY:
             self.answer(req, error(E_WRONG_PHASE, f"only a ready session aggregates; this one "
                                    f"is {self.phase}"))
             return
@@ -419,8 +416,8 @@ class Supervisor(Server):
         if not self._sites_added:
             wk.add_site_dirs(self.site_dirs)
             self._sites_added = True
-        if self.phase != READY or self.pending is not None:
-            self.phase = LOADING
+        if self.phase != Phase.READY or self.pending is not None:
+            self.phase = Phase.LOADING
         self.flow_error = None
         self._load_started = time.monotonic()
         for _ in range(self.n_workers):
@@ -447,15 +444,16 @@ class Supervisor(Server):
             return
         event = msg.get("event")
         if event == "loaded":
-            w.state = wk.IDLE
+            w.state = WorkerState.IDLE
             log.info("worker %d loaded the flow", w.pid)
-            if self.phase == LOADING and all(x.state != wk.LOADING for x in self.workers):
+            if self.phase == Phase.LOADING and all(x.state != WorkerState.LOADING
+                                                   for x in self.workers):
                 self._ready()
             self._dispatch()
         elif event == "load_failed":
             self._flow_does_not_load(w, str(msg.get("error")))
         elif event == "result" and w.job is not None:
-            line, w.job, w.state = w.job, None, wk.IDLE
+            line, w.job, w.state = w.job, None, WorkerState.IDLE
             response = {k: v for k, v in msg.items() if k != "event"}
             if response.get("ok"):
                 response.update(duration=round(time.monotonic() - line.started, 6),
@@ -472,17 +470,17 @@ class Supervisor(Server):
         self._retire(w)
         self.flow_error = f"the flow failed to load: {reason}"
         log.warning("%s", self.flow_error)
-        if any(x.state in (wk.LOADING, wk.IDLE, wk.BUSY) for x in self.workers):
+        if any(x.state != WorkerState.DEAD for x in self.workers):
             return
         for x in list(self.workers):
             self._retire(x)
         while self.queue:
             self.answer(self.queue.popleft().req, error(E_LINE_FAILED, self.flow_error))
-        if self.phase == LOADING:
+        if self.phase == Phase.LOADING:
             self._ready()
 
     def _ready(self) -> None:
-        self.phase, self.last_activity = READY, time.monotonic()
+        self.phase, self.last_activity = Phase.READY, time.monotonic()
         took = time.monotonic() - self._load_started
         log.info("ready: %d worker(s) loaded %s in %.3f s", len(self.workers), self.flow, took)
         if self.pending is not None:
@@ -490,8 +488,8 @@ class Supervisor(Server):
             self.answer(req, {**self.status(), f"{req.op}_seconds": round(took, 6)})
 
     def _dispatch(self) -> None:
-        while self.queue and self.phase in (LOADING, READY):
-            w = next((w for w in self.workers if w.state == wk.IDLE), None)
+        while self.queue and self.phase in (Phase.LOADING, Phase.READY):
+            w = next((w for w in self.workers if w.state == WorkerState.IDLE), None)
             if w is None:
                 return
             line = self.queue.popleft()
@@ -501,7 +499,7 @@ class Supervisor(Server):
             line.index, self.lines = self.lines, self.lines + 1
             line.started = time.monotonic()
             line.deadline = line.started + line.timeout if line.timeout > 0 else None
-            w.job, w.state = line, wk.BUSY
+            w.job, w.state = line, WorkerState.BUSY
             w.channel.send({"op": "line", "inputs": line.inputs, "index": line.index})
 
     def _retire(self, w: wk.Worker) -> None:
@@ -545,7 +543,7 @@ class Supervisor(Server):
         for batch in self.batches.values():
             b = next((b for b in batch.workers if b.worker.pid == pid), None)
             if b is not None:
-                b.worker.exit, b.worker.state = describe_exit(status), wk.DEAD
+                b.worker.exit, b.worker.state = describe_exit(status), WorkerState.DEAD
                 if not b.worker.channel.closed:
                     b.worker.channel.close()
                 if not self.stopping:
@@ -560,8 +558,8 @@ class Supervisor(Server):
         if w is None:
             return
         w.exit = describe_exit(status)
-        was_loading, line = w.state == wk.LOADING, w.job
-        w.state, w.job = wk.DEAD, None
+        was_loading, line = w.state == WorkerState.LOADING, w.job
+        w.state, w.job = WorkerState.DEAD, None
         if not w.channel.closed:
             w.channel.close()
         if self.stopping:
@@ -574,13 +572,13 @@ class Supervisor(Server):
         self._fail(reason + (" while loading the flow" if was_loading else ""))
 
     def _fail(self, reason: str) -> None:
-        if self.phase == FAILED:
+        if self.phase == Phase.FAILED:
             return
-        self.phase, self.error = FAILED, reason
+        self.phase, self.error = Phase.FAILED, reason
         if self.last_activity is None:
             self.last_activity = time.monotonic()
         log.error("session failed: %s", reason)
-        write_json(self.state_dir / STATUS_FILE, {"phase": FAILED, "error": reason,
+        write_json(self.state_dir / STATUS_FILE, {"phase": Phase.FAILED, "error": reason,
                                                   "at": time.time()})
         if self.pending is not None:
             req, self.pending = self.pending, None

@@ -28,11 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.worker.channel import Channel
-from flowsession.worker.protocol import E_LINE_FAILED, encode
+from flowsession.worker.protocol import E_LINE_FAILED, WorkerState, encode
 
 log = logging.getLogger("flowsession.worker")
-
-LOADING, IDLE, BUSY, DEAD = "loading", "idle", "busy", "dead"
 
 
 @dataclass(eq=False)
@@ -53,7 +51,7 @@ class Worker:
 
     pid: int
     channel: Channel
-    state: str = LOADING
+    state: WorkerState = WorkerState.LOADING
     exit: str | None = None  # "exited with code 1" | "killed by SIGKILL" once reaped
     job: Line | None = None  # the line it runs
     retired: bool = False  # killed by the supervisor (line timeout, shutdown): not a failure

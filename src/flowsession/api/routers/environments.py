@@ -19,6 +19,7 @@ from flowsession.api.context import Services, check_identity, require, services
 from flowsession.api.routers.flows import flow_of
 from flowsession.environments.cache import Environment
 from flowsession.environments.service import EnvironmentService, Prepared
+from flowsession.environments.state import BuildState
 from flowsession.errors import Conflict
 
 router = APIRouter(tags=["environments"])
@@ -95,7 +96,7 @@ async def flow_environment(name: str, identity: str | None = Query(None),
     env = envs(svc).cache.find(prepared.env_id)
     return {"flow": name, "env_id": prepared.env_id, "image": prepared.image.ref,
             "requirements": list(prepared.requirements.requirements),
-            "built": env is not None and env.state == "READY",
+            "built": env is not None and env.state == BuildState.READY,
             "environment": _dict(svc, who, env) if env is not None else None}
 
 
@@ -107,7 +108,7 @@ async def flow_packages(name: str, identity: str | None = Query(None),
     prepared = await _prepared(svc, who, name, identity)
     service = envs(svc)
     env = service.cache.find(prepared.env_id)
-    if env is None or env.state != "READY":
+    if env is None or env.state != BuildState.READY:
         raise Conflict(f"the environment of flow {name!r} is not built "
                        f"({env.state if env else 'never built'})",
                        hint=f"build it: POST /api/flows/{name}/environment/build",

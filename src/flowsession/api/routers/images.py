@@ -21,6 +21,7 @@ from flowsession.api.context import Services, check_identity, require, services
 from flowsession.environments.images import DEFAULT_IMAGE, Image, parse_ref
 from flowsession.environments.requirements import parse_requirements
 from flowsession.environments.service import EnvironmentService
+from flowsession.environments.state import BuildState
 from flowsession.errors import Forbidden, InvalidInput
 
 router = APIRouter(tags=["images"])
@@ -81,7 +82,7 @@ def get_image(ref: str, version: int | None = Query(None, ge=1, le=2**31 - 1),
     """An image and (once built) the packages it holds."""
     images = envs(svc).images
     image = images.get(_ref(ref, version))
-    installed = images.layers(image).versions() if image.state == "READY" else {}
+    installed = images.layers(image).versions() if image.state == BuildState.READY else {}
     return {**_dict(image), "installed": installed}
 
 

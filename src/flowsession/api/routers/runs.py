@@ -46,6 +46,13 @@ class RunIn(RunSpec):
 INLINE = "data_lines.jsonl"
 
 
+def _is_inline(path: str) -> bool:
+    """Is ``path`` where ``data_lines`` were kept while the run was prepared?"""
+    p = Path(path)
+    return p.name == INLINE and p.parent.name.startswith("run-data-") \
+        and p.parent.parent.name == "run-data"
+
+
 def _scratch(svc: Services) -> Path:
     path = svc.settings.home / "run-data"
     path.mkdir(parents=True, exist_ok=True)
@@ -73,6 +80,9 @@ def run_of(svc: Services, who: Principal, name: str) -> Run:
 def _run_dict(run: Run, svc: Services | None = None) -> dict:
     d = run.to_dict()
     d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
+    data = d["spec"].get("data")
+    if isinstance(data, str) and _is_inline(data):  # the server's scratch copy: as sent
+        d["spec"]["data"] = "data_lines"
     if svc is not None:  # where its files are on the server's machine (for its managers)
         d["output_path"] = str(svc.runs.files(run.name).root)
     return d

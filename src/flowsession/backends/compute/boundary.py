@@ -28,11 +28,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowsession.worker.protocol import RunState
+
 MAX_RECORD = 8 * 1024 * 1024  # one line's record (its outputs), as JSON
 MAX_COLLECT = 16 * 1024 * 1024  # records and log text one collect may bring
+MAX_LOG_NAMES = 64  # workers' logs one collect may bring (a session may plant thousands)
+MAX_CURSOR_KEYS = 1024  # files a session's cursor may name (one per worker and its log)
 MAX_REASON = 500  # a session's one-line reason (why it ended, why it failed)
 MAX_ERROR = 4000  # a line's error text
-RUN_STATES = ("loading", "running", "completed", "canceled", "failed")
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,9 @@ def run_progress(obj: Any) -> dict[str, Any] | None:
     """The supervisor's view of a run, with every field of the right type (None: unknown)."""
     if not isinstance(obj, Mapping):
         return None
-    state = obj.get("state")
-    if state not in RUN_STATES:
+    try:
+        state = RunState(obj.get("state"))
+    except ValueError:
         return None
 
     def count(key: str) -> int:

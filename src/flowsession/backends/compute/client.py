@@ -12,7 +12,6 @@ folders, handed over as data by the backend.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +37,11 @@ RESET_HINT = "reset the session: flowsession session reset FLOW"
 
 class Unreachable(ConnectionError):
     """The session's supervisor (or what relays to it) gave no answer."""
+
+
+class AnswerTooLong(Unreachable):
+    """The supervisor's answer is longer than its request's answer can be
+    (``protocol.MAX_ANSWER``): it was not read."""
 
 
 class SupervisorClient:
@@ -99,6 +103,9 @@ class SupervisorClient:
             msg["init"] = dict(init)
         try:
             answer = await self._call(handle, msg, timeout + 30)
+        except AnswerTooLong as exc:
+            raise LineFailed(f"the line's output is too large to send: {exc}",
+                             hint="the session is still running; return less") from None
         except Unreachable as exc:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint=RESET_HINT) from None
@@ -154,10 +161,10 @@ class SupervisorClient:
         except Unreachable as exc:
             return BackendStatus(BackendState.STARTING, detail=f"not answering: {exc}")
         phase = ping.get("phase")
-        if phase == protocol.FAILED:
+        if phase == protocol.Phase.FAILED:
             return BackendStatus(BackendState.RUNNING, failed=True,
                                  detail=boundary.reason(ping.get("error") or "failed"))
-        state = BackendState.RUNNING if phase == protocol.READY else BackendState.STARTING
+        state = BackendState.RUNNING if phase == protocol.Phase.READY else BackendState.STARTING
         busy, idle = ping.get("busy"), ping.get("idle_seconds")
         return BackendStatus(state, detail=boundary.reason(phase or ""),
                              busy=busy if type(busy) is int and busy >= 0 else 0,
@@ -180,7 +187,7 @@ class SupervisorClient:
         msg = {"op": "run", **await self._run_msg(handle, work),
                "lines": list(work.lines) if work.lines is not None else None}
         answer = await self._request(handle, msg, 120.0)
-        return boundary.run_progress(answer.get("run")) or {"state": "failed",
+        return boundary.run_progress(answer.get("run")) or {"state": protocol.RunState.FAILED,
                                                             "error": "no status"}
 
     async def run_status(self, handle: SessionHandle, run_id: str) -> dict[str, Any] | None:
@@ -232,12 +239,17 @@ class SupervisorClient:
             except (SessionFailed, Conflict):
                 answer = {}
             got = answer.get("cursor") if isinstance(answer.get("cursor"), dict) else {}
+            room = boundary.MAX_CURSOR_KEYS - len(mine)  # a session names so many files, no more
             for k, v in got.items():
                 if isinstance(k, str) and type(v) is int and v >= 0 and len(k) < 300:
+                    if key + k not in new_cursor:
+                        if room <= 0:
+                            continue
+                        room -= 1
                     new_cursor[key + k] = v
             raw = answer.get("records") if isinstance(answer.get("records"), list) else []
-            for k, v in (answer.get("logs") or {}).items() if isinstance(answer.get("logs"),
-                                                                         dict) else []:
+            got_logs = answer.get("logs") if isinstance(answer.get("logs"), dict) else {}
+            for k, v in list(got_logs.items())[:boundary.MAX_LOG_NAMES]:
                 logs[boundary.text(k, 40, one_line=True)] = boundary.text(v, 1 << 20)
             more = answer.get("more") is True
         for path in self._salvaged(run_id):
@@ -298,9 +310,13 @@ class SupervisorClient:
         return boundary.text(got[0], tail_bytes) if got else ""
 
 
-async def in_thread(fn, *args, **kwargs):
-    """``fn`` in a thread, its OSError and ProtocolError as Unreachable."""
+async def over_socket(socket_path: str, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request over a supervisor's socket, without a thread waiting on the session
+    (``protocol.arequest``: its answer bounded by the request's kind); OSError and
+    ProtocolError as Unreachable, an answer over its bound as AnswerTooLong."""
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await protocol.arequest(socket_path, msg, timeout)
+    except protocol.AnswerTooLong as exc:
+        raise AnswerTooLong(str(exc)) from None
     except (OSError, protocol.ProtocolError) as exc:
         raise Unreachable(str(exc) or type(exc).__name__) from None

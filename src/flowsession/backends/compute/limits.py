@@ -8,6 +8,10 @@ VM size caps the compute as a whole, not each process. Three ways, best first:
 - ``cgroup1``: one group ``flowsession/<compute_id>`` under each controller mount (memory, cpu,
   cpuacct and pids when mounted): ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` and
   ``memory.limit_in_bytes`` (plus ``memory.memsw.limit_in_bytes``, so swap cannot stretch it).
+
+Either cgroup mode also caps the compute's processes and threads (``pids.max``, where the pids
+controller is there): flow code is hostile, and a fork bomb within its memory would otherwise
+take every pid of the host (``kernel.pid_max``) from the server and everyone else's sessions.
 - ``rlimit``: no cgroup access (not root, read-only cgroupfs): ``RLIMIT_AS`` per process. This
   is much weaker: it caps *address space*, not memory in use, each process on its own, and it
   cannot limit CPU at all. ``describe()`` says so, so users are not misled.
@@ -39,6 +43,7 @@ PERIOD_US = 100_000
 # is never below this floor (and small sizes are therefore held only loosely in rlimit mode).
 RLIMIT_AS_FLOOR = 1 << 30
 _V1_WANTED = {"memory", "cpu", "cpuacct", "pids"}
+PIDS_PER_VCPU, PIDS_FLOOR = 1024, 2048  # processes + threads of a compute (pids.max)
 _V2_WANTED = ("cpu", "memory", "pids")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Joins the groups given as cgroup.procs paths, then becomes the command: nothing it forks can
@@ -81,6 +86,11 @@ def _v1_mounts(root: Path) -> dict[str, Path]:
         for ctl in set(entry.resolve().name.split(",")) & _V1_WANTED:
             found.setdefault(ctl, entry.resolve())
     return found
+
+
+def _pids(vcpu: float) -> int:
+    """The processes and threads a compute of ``vcpu`` may have at once."""
+    return max(PIDS_FLOOR, int(vcpu * PIDS_PER_VCPU))
 
 
 def _enable_v2(root: Path, parent: Path) -> None:
@@ -166,6 +176,8 @@ class Limits:
         handle["paths"] = [str(group)]
         _write(group / "cpu.max", f"{quota} {PERIOD_US}")
         _write(group / "memory.max", str(mem))
+        if (group / "pids.max").exists():
+            _write(group / "pids.max", str(_pids(handle["vcpu"])))
         if (group / "memory.swap.max").exists():
             _write(group / "memory.swap.max", "0")
 
@@ -181,6 +193,10 @@ class Limits:
         cpu = mounts["cpu"] / self.parent / compute_id
         _write(cpu / "cpu.cfs_period_us", str(PERIOD_US))
         _write(cpu / "cpu.cfs_quota_us", str(quota))
+        pids = mounts["pids"] / self.parent / compute_id / "pids.max" if "pids" in mounts \
+            else None
+        if pids is not None and pids.exists():
+            _write(pids, str(_pids(handle["vcpu"])))
         memg = mounts["memory"] / self.parent / compute_id
         files = [memg / "memory.limit_in_bytes", memg / "memory.memsw.limit_in_bytes"]
         files = [f for f in files if f.exists()]

@@ -17,6 +17,7 @@ bounded) and kept in the control plane's own folders.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,10 +36,17 @@ from flowsession.backends.compute.client import (
     STARTUP_TIMEOUT_S,
     SupervisorClient,
     Unreachable,
-    in_thread,
+    over_socket,
 )
 from flowsession.backends.compute.limits import Limits, LimitsError
-from flowsession.backends.compute.slots import Launched, Slot, process_tree
+from flowsession.backends.compute.slots import (
+    SLOT_ID,
+    Launched,
+    Slot,
+    descends,
+    parents,
+    process_tree,
+)
 from flowsession.config import Settings
 from flowsession.errors import BuildFailed
 from flowsession.worker import protocol
@@ -125,11 +133,16 @@ class LocalBackend(SupervisorClient):
         slots_dir = str(self.settings.runtime_dir / "slots") + "/"
         by_slot: dict[str, list[int]] = {}
         for pid, arg in procs.with_argument_under(slots_dir).items():
-            slot = slots_dir + arg[len(slots_dir):].split("/", 1)[0]
-            by_slot.setdefault(slot, []).append(pid)
+            name = arg[len(slots_dir):].split("/", 1)[0]
+            if SLOT_ID.match(name):  # flow code can name its processes anything ("..")
+                by_slot.setdefault(slots_dir + name, []).append(pid)
+        # ... and run them inside a session we know: nothing below a known session is an orphan
+        ours = {pid for slot, pids in by_slot.items() if slot in known for pid in pids}
+        parent_of = parents() if ours else {}
         found = []
         for slot, pids in sorted(by_slot.items()):
-            if slot in known:
+            pids = [p for p in pids if not descends(p, ours, parent_of)]
+            if slot in known or not pids:
                 continue
             top = min(pids)  # the launcher (bwrap, or the supervisor itself) started first
             found.append(SessionHandle(
@@ -146,10 +159,12 @@ class LocalBackend(SupervisorClient):
         try:
             self._join_limits(compute, standby)
             flow_inside = await self._place_flow(standby, Path(spec.flow_dir))
-            await self._wait_for(standby, {protocol.STANDBY}, STARTUP_TIMEOUT_S)
+            sites = await asyncio.to_thread(self._slot(standby).place_env, env.env_id,
+                                            env.site_dirs, sandboxed=standby.sandboxed)
+            await self._wait_for(standby, {protocol.Phase.STANDBY}, STARTUP_TIMEOUT_S)
             try:
                 answer = await self._call(standby, {
-                    "op": "adopt", "flow": flow_inside, "site_dirs": list(env.site_dirs),
+                    "op": "adopt", "flow": flow_inside, "site_dirs": sites,
                     "idle_timeout": spec.idle_timeout_s, "workers": spec.workers,
                     "env": dict(spec.env_vars), "connections": dict(spec.connections)},
                     STARTUP_TIMEOUT_S)
@@ -165,9 +180,15 @@ class LocalBackend(SupervisorClient):
                        limits_detail=Limits.describe(dict(compute.limits)))
 
     async def stop_session(self, handle: SessionHandle, *, reason: str = "") -> None:
-        slot = self._slot(handle)
-        await asyncio.to_thread(slot.stop, LocalRef.of(handle).launched(),
-                                reason=reason or "stopped")
+        slot, ref = self._slot(handle), LocalRef.of(handle)
+        launched = ref.launched()
+        if procs.alive(ref.pid, ref.pid_start):  # asked without a thread waiting on it
+            with contextlib.suppress(Unreachable):
+                await self._call(handle, {"op": "shutdown", "reason": reason or "stopped"}, 5.0)
+            deadline = time.monotonic() + 5
+            while procs.alive(ref.pid, ref.pid_start) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        slot.kill(launched)
         self._keep_salvage(handle, await asyncio.to_thread(slot.salvage))
         self._keep_log(handle, slot.log_tail(tail_bytes=1 << 20))
         await asyncio.to_thread(slot.remove)
@@ -191,7 +212,7 @@ class LocalBackend(SupervisorClient):
 
     async def _call(self, handle: SessionHandle, msg: dict[str, Any],
                     timeout: float) -> dict[str, Any]:
-        return await in_thread(protocol.request, LocalRef.of(handle).socket, msg, timeout)
+        return await over_socket(LocalRef.of(handle).socket, msg, timeout)
 
     async def _place_flow(self, handle: SessionHandle, snapshot: Path) -> str:
         return await asyncio.to_thread(self._slot(handle).place_flow, snapshot,
@@ -225,7 +246,7 @@ class LocalBackend(SupervisorClient):
                 ping = await self._call(handle, {"op": "ping"}, 5)
                 if ping.get("phase") in phases:
                     return ping
-                if ping.get("phase") == protocol.FAILED:
+                if ping.get("phase") == protocol.Phase.FAILED:
                     raise BuildFailed(f"the session failed to start: "
                                       f"{boundary.reason(ping.get('error'))}")
             except Unreachable:
@@ -233,4 +254,3 @@ class LocalBackend(SupervisorClient):
             if time.monotonic() > deadline:
                 raise BuildFailed(f"the session did not start within {timeout:.0f} s")
             await asyncio.sleep(0.01)
-

@@ -42,7 +42,9 @@ from flowsession.backends.compute.base import (
     SessionHandle,
     SessionSpec,
 )
-from flowsession.backends.compute.client import SupervisorClient, Unreachable
+from flowsession.backends.compute.client import AnswerTooLong, SupervisorClient, Unreachable
+from flowsession.backends.compute.slots import SLOT_ID
+from flowsession.computes.service import ComputeKind
 from flowsession.config import Settings
 from flowsession.errors import BuildFailed, FlowSessionError, InvalidInput, SessionFailed
 
@@ -53,6 +55,7 @@ CALL_S = 30.0  # beyond a relayed request's own timeout
 LINGER_S = 3600.0
 MOVE_WAIT_S = 5.0  # a serverless compute's bundle, booked again next to a standby
 UNREACHABLE = "_unreachable"  # flowsession.node.actor.UNREACHABLE (not imported: no ray here)
+TOO_LONG = "_too_long"  # flowsession.node.actor.TOO_LONG
 
 
 class RayBackend(SupervisorClient):
@@ -192,7 +195,7 @@ class RayBackend(SupervisorClient):
             remove_placement_group,
         )
 
-        if compute.limits.get("kind") != "serverless" or not node:
+        if compute.limits.get("kind") != ComputeKind.SERVERLESS or not node:
             return False  # an instance's group is its owner's, shared by its sessions
         bundle = dict(compute.limits.get("bundle") or {})
         name = f"{compute.limits.get('placement_group')}~{uuid.uuid4().hex[:6]}"
@@ -368,7 +371,9 @@ class RayBackend(SupervisorClient):
         found = []
         for entry in list_named_actors(all_namespaces=True):
             name, namespace = entry.get("name", ""), entry.get("namespace")
-            if namespace == ns and name.startswith(f"{PREFIX}s") and name not in known:
+            # only the names start_standby makes ("fs-" and a slot id): nothing else is ours
+            if namespace == ns and name.startswith(PREFIX) \
+                    and SLOT_ID.match(name[len(PREFIX):]) and name not in known:
                 found.append(SessionHandle(backend=self.name, session_id=name, slot=name,
                                            sandboxed=False, sandbox_detail="",
                                            limits_detail="", ref={"namespace": ns}))
@@ -388,6 +393,8 @@ class RayBackend(SupervisorClient):
         if not isinstance(answer, dict):
             raise Unreachable("the session's actor answered something that is not an object")
         if UNREACHABLE in answer:
+            if answer.get(TOO_LONG) is True:
+                raise AnswerTooLong(boundary.reason(answer[UNREACHABLE]))
             raise Unreachable(boundary.reason(answer[UNREACHABLE]))
         return answer
 

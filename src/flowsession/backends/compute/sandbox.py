@@ -11,7 +11,9 @@ database or its secret key: so the caller binds exact paths, never the home dire
 When flowsession runs as root, bwrap would keep every capability inside; ``--cap-drop ALL``
 removes them (with no_new_privs, set by bwrap, exec cannot regain them), so the sandboxed
 "root" cannot remount its read-only binds or mount anything. ``/etc`` is bound read-only
-(resolv.conf, CA certificates, passwd) with ``/etc/shadow`` and ``/etc/gshadow`` masked.
+(resolv.conf, CA certificates, passwd) with ``/etc/shadow`` and ``/etc/gshadow`` masked, and
+every other file or folder of it that the host keeps from other users (``shadow-``, private
+keys, a database's configuration): uid 0 without capabilities still reads what root owns.
 
 No ``--die-with-parent`` for a local session: it outlives the request (and the control plane
 process) that started it. A Ray session asks for it: it must die with its actor. Stdlib only (control plane code).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +108,33 @@ def interpreter_paths(python: str) -> list[str]:
     return paths
 
 
+def private_system_paths(top: str = "/etc") -> tuple[list[str], list[str]]:
+    """(files, folders) under ``top`` that other users may not read: masked in a sandbox (its
+    processes may run as root, and the owner's bits let root read them). Symlinks are left
+    alone (what they lead to is judged where it is); a private folder is masked whole."""
+    files: list[str] = []
+    folders: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in list(dirnames):
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISLNK(st.st_mode) and (st.st_mode & 0o005) != 0o005:
+                folders.append(path)
+                dirnames.remove(name)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o004:
+                files.append(path)
+    return sorted(set(files) | {f for f in MASKED_FILES if os.path.exists(f)}), sorted(folders)
+
+
 def _check_bind(src: str, dst: str, hidden: list[str]) -> None:
     if not (os.path.isabs(src) and os.path.isabs(dst)):
         raise ValueError(f"sandbox binds need absolute paths, not {src!r} -> {dst!r}")
@@ -134,9 +164,11 @@ def wrap(argv: list[str], sandbox: Sandbox, *, bwrap: str | None = None) -> list
             cmd += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             cmd += ["--ro-bind", d, d]
-    for f in MASKED_FILES:
-        if os.path.exists(f):
-            cmd += ["--ro-bind", "/dev/null", f]  # nodev bind: opening it fails
+    private_files, private_folders = private_system_paths("/etc")
+    for f in private_files:
+        cmd += ["--ro-bind", "/dev/null", f]  # nodev bind: opening it fails
+    for d in private_folders:
+        cmd += ["--tmpfs", d, "--remount-ro", d]  # an empty, read-only folder in its place
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *NAMESPACE_FLAGS]
     if not sandbox.share_net:
         cmd.append("--unshare-net")

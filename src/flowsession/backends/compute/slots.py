@@ -42,6 +42,7 @@ MAX_SALVAGE = 256 * 1024 * 1024  # what is rescued of an ended session's run, at
 MAX_FILE = 4 * 1024 * 1024 * 1024  # RLIMIT_FSIZE of a session's processes
 PACKAGE_INSIDE = "/opt/flowsession"  # where flowsession.worker is importable inside
 RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+SLOT_ID = re.compile(r"^s[0-9a-f]{10}$")  # the ids Slot.new makes (the only ones a sweep trusts)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -91,7 +92,7 @@ class Slot:
         when the thread that calls ``popen`` ends (a Ray actor's; never a request's)."""
         for sub in ("flow", "work", "state"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
-        for path in read_only_paths:  # the images and environments dirs: bind sources
+        for path in read_only_paths:  # the images dir: a bind source
             Path(path).mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
         self.control.mkdir(parents=True, exist_ok=True)
@@ -156,6 +157,25 @@ class Slot:
             os.rename(tmp, target)
         return f"{INSIDE}/flow/{snapshot.name}" if sandboxed else str(target)
 
+    def place_env(self, env_id: str, site_dirs: tuple[str, ...] | list[str], *,
+                  sandboxed: bool) -> list[str]:
+        """The environment's own packages, linked into the slot's read-only folder: a session
+        sees its environment and no other (another user's private packages stay his), so no
+        environments folder is ever bound whole. Hard links where the slot and the
+        environment share a file system, else copies. The paths as the session sees them."""
+        if env_id and not RUN_ID.match(env_id):
+            raise ValueError(f"{env_id!r} cannot name an environment")
+        inside = []
+        for i, site in enumerate(site_dirs):
+            target = self.path / "flow" / f".env-{env_id}-{i}"
+            if not target.exists():
+                tmp = target.with_name(f"{target.name}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(site, tmp, symlinks=True, copy_function=_link_or_copy)
+                os.rename(tmp, target)
+            inside.append(f"{INSIDE}/flow/{target.name}" if sandboxed else str(target))
+        return inside
+
     # --- reading what it left ------------------------------------------------------------------
 
     def ended(self) -> tuple[dict | None, dict]:
@@ -202,13 +222,20 @@ class Slot:
     # --- ending ------------------------------------------------------------------------------
 
     def stop(self, launched: Launched, *, reason: str, grace: float = 5.0) -> None:
-        """Ask the supervisor to shut down, then kill whatever is left of it."""
+        """Ask the supervisor to shut down, then kill whatever is left of it (blocking: for
+        a thread that may wait, a Ray actor's; the local backend asks without one)."""
         if procs.alive(launched.pid, launched.pid_start):
             with contextlib.suppress(OSError, protocol.ProtocolError):
                 protocol.request(launched.socket, {"op": "shutdown", "reason": reason}, grace)
             deadline = time.monotonic() + grace
             while procs.alive(launched.pid, launched.pid_start) and time.monotonic() < deadline:
                 time.sleep(0.02)
+        self.kill(launched)
+
+    @staticmethod
+    def kill(launched: Launched) -> None:
+        """Kill whatever is left of the session: its process tree and its process group."""
+        if procs.alive(launched.pid, launched.pid_start):
             for pid in [*process_tree(launched.pid), launched.pid]:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
@@ -218,6 +245,36 @@ class Slot:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         shutil.rmtree(self.control, ignore_errors=True)
+
+
+def parents() -> dict[int, int]:
+    """pid -> parent pid of every process (host pids)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(entry)] = int(stat[1])
+    return out
+
+
+def descends(pid: int, ancestors: set[int], parent_of: dict[int, int]) -> bool:
+    """Is ``pid`` below one of ``ancestors`` (itself excluded)?"""
+    seen = 0
+    while (pid := parent_of.get(pid, 0)) > 1 and seen < 4096:
+        if pid in ancestors:
+            return True
+        seen += 1
+    return False
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def process_tree(pid: int) -> list[int]:
