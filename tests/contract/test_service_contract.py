@@ -48,13 +48,21 @@ def slow_flow(tmp_path: Path, n: int, seconds: float) -> tuple[Path, Path]:
 
 
 def where_flow(root: Path, version: str = "1.0") -> Path:
-    """A flow whose line answers with its package's version and the file it came from (which
-    names the environment, and on a cluster the node's home, that ran it)."""
+    """A flow whose line answers with its package's version, the file it came from (in the
+    slot: the environment's packages are linked there) and the slot's folder as its machine
+    sees it (which names, on a cluster, the node that ran it): from /proc/self/mountinfo
+    inside the sandbox, else the file's own path."""
     flow = make_flow(root, "where", f"tinyalpha=={version}\n")
     (flow / "echo.py").write_text(
-        "import tinyalpha\nfrom promptflow.core import tool\n\n\n@tool\n"
+        "import tinyalpha\nfrom promptflow.core import tool\n\n\n"
+        "def slot() -> str:\n"
+        "    for line in open('/proc/self/mountinfo'):\n"
+        "        f = line.split()\n"
+        "        if f[4] == '/session/flow':\n"
+        "            return f[3]\n"
+        "    return tinyalpha.__file__\n\n\n@tool\n"
         "def echo(x: str) -> str:\n"
-        "    return f'{x}|{tinyalpha.__version__}|{tinyalpha.__file__}'\n")
+        "    return f'{x}|{tinyalpha.__version__}|{tinyalpha.__file__}|{slot()}'\n")
     return flow
 
 
@@ -71,9 +79,10 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def node_home(path: str) -> str:
-    """The home a file of an environment is in (``<home>/envs/<id>/...``)."""
-    return path.split("/envs/")[0]
+def node_home(slot: str) -> str:
+    """The machine's runtime folder a slot is in (``<runtime>/slots/<id>/...``): one per
+    node home."""
+    return slot.split("/slots/")[0]
 
 
 # --- sessions -------------------------------------------------------------------------------
@@ -87,8 +96,8 @@ def test_every_session_operation_behaves_the_same(rs, tmp_path, backend_name):
         session = await svc.start(flow, user=USER)
         assert session.state == "RUNNING" and session.session_handle.backend == backend_name
         out = await svc.test(flow, {"x": "a"}, user=USER)
-        x, version, path = out["y"].split("|")
-        assert (x, version) == ("a", "1.0")
+        x, version, path, _slot = out["y"].split("|")
+        assert (x, version) == ("a", "1.0") and "/flow/.env-" in path
         packages = {p.name: (p.version, p.origin) for p in svc.packages(flow, user=USER)}
         assert packages["tinyalpha"] == ("1.0", "requirements")
         assert packages["promptflow-core"][1] == "image"
@@ -212,7 +221,7 @@ def test_a_run_with_more_workers_than_its_compute_has_vcpus(rs, tmp_path, backen
     assert sorted(stored_positions(rs, done.name)) == list(range(30))
     rows = [o["y"].split("|") for o in rs.outputs(done.name, user=USER)]
     assert [r[0] for r in rows] == [f"x{i}" for i in range(30)]
-    homes = {node_home(r[2]) for r in rows}
+    homes = {node_home(r[3]) for r in rows}
     if backend_name == "ray":  # the compute has 1 vCPU: helpers on other bundles and nodes
         assert len(homes) >= 2, homes
     else:  # one machine: every worker on the session's own supervisor
