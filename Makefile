@@ -50,15 +50,21 @@ demo: setup
 	$(FS) session events examples/flows/hello
 	$(FS) session stop examples/flows/hello
 
+# Everything but the Ray half (the contract suite's local half runs here), then the Ray half.
 test: setup
 	$(VENV)/bin/python -m pytest --ignore=tests/ray
 	$(MAKE) --no-print-directory test-ray
 
-# The Ray tests start a real cluster (a head and a second node) on 127.0.0.1. Ray binds the
-# machine's own address wherever it finds one, so they run in a network namespace holding only
-# loopback (tests/helpers/netns.py: unshare --net, lo up, and whatever is left in it killed).
+# The Ray tests (tests/ray, and the contract suite's Ray half) start a real cluster (a head and
+# a second node) on 127.0.0.1. Ray binds the machine's own address wherever it finds one, so
+# they run in a network namespace holding only loopback (tests/helpers/netns.py: unshare --net,
+# lo up, and whatever is left in it killed). It has no package index: the default image is
+# built before entering it (into TEST_IMAGES, kept between runs).
+TEST_IMAGES ?= /tmp/flowsession-test-images-$(shell id -u)
 test-ray: setup
-	$(VENV)/bin/python tests/helpers/netns.py $(VENV)/bin/python -m pytest tests/ray $(PYTEST_ARGS)
+	$(VENV)/bin/python tests/helpers/prebuild.py $(TEST_IMAGES)
+	FLOWSESSION_TEST_IMAGES=$(TEST_IMAGES) $(VENV)/bin/python tests/helpers/netns.py \
+	  $(VENV)/bin/python -m pytest tests/ray tests/contract $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python bench/env_build.py

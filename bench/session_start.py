@@ -69,7 +69,7 @@ def wait_standby(svc: SessionService) -> None:
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                if protocol.request(handle.socket, {"op": "ping"}, 5).get("phase") == "standby":
+                if protocol.request(handle.ref["socket"], {"op": "ping"}, 5).get("phase") == "standby":
                     break
             except OSError:
                 pass

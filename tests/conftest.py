@@ -11,6 +11,7 @@ import signal
 import warnings
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,11 @@ POSTGRES_URL = os.environ.get("FLOWSESSION_TEST_POSTGRES", "postgresql+psycopg:/
 
 @pytest.fixture(scope="session")
 def images_dir(tmp_path_factory) -> Path:
-    """The default image, built once for the whole suite and shared by every test's home."""
-    images = tmp_path_factory.mktemp("images")
+    """The default image, built once for the whole suite and shared by every test's home.
+    ``FLOWSESSION_TEST_IMAGES`` names a folder where it was built before (``make test-ray``
+    builds it there before entering its network namespace, which has no package index)."""
+    prebuilt = os.environ.get("FLOWSESSION_TEST_IMAGES")
+    images = Path(prebuilt) if prebuilt else tmp_path_factory.mktemp("images")
     settings = Settings(home=tmp_path_factory.mktemp("image-builder"), images_path=images)
     svc = EnvironmentService(settings, open_store(settings.db_url))
     asyncio.run(svc.images.ensure_built(DEFAULT_IMAGE))
@@ -152,3 +156,75 @@ def any_db_service(request, settings) -> EnvironmentService:
                 c.execute(table.delete())
         return EnvironmentService(s, store)
     return EnvironmentService(settings, open_store(settings.db_url))
+
+
+# --- a real Ray cluster on 127.0.0.1 (tests/ray and the contract suite's Ray half) ----------------
+
+RAY_NAMESPACE = "flowsession-tests"
+
+
+def _say(config, text: str) -> None:
+    """Print past pytest's capture: the measurements show in every run."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    if capture is None:
+        reporter.write_line("\n" + text)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("\n" + text)
+
+
+@pytest.fixture
+def say(request):
+    """``say(text)``: a measurement, printed in every run (not only with -s)."""
+    return lambda text: _say(request.config, text)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request, images_dir, tmp_path_factory):
+    """A head (1 CPU, 1 GiB, resource ``head``) and node ``b`` (2 CPUs, 2 GiB, resource
+    ``b``), for the whole test session; stopped by its own pids. Each node has a home of its
+    own (``FLOWSESSION_NODE_HOME``: its environments, snapshots and sessions); the default
+    image is adopted from ``images_dir``, built before (a KubeRay node image would ship it)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (uv sync --extra ray)")
+    from helpers.ray_cluster import MiB, RayCluster
+
+    t0 = time.monotonic()
+    homes = tmp_path_factory.mktemp("ray-nodes")
+
+    def node_env(name: str) -> dict[str, str]:
+        return {"FLOWSESSION_NODE_HOME": str(homes / name),
+                "FLOWSESSION_IMAGES_DIR": str(images_dir),
+                "UV_PYTHON_DOWNLOADS": "never"}
+
+    cluster = RayCluster(head_cpus=1, head_memory=1024 * MiB, node_env=node_env)
+    try:
+        cluster.add_node("b", cpus=2, memory=2048 * MiB)
+        time.sleep(2)  # let both nodes settle before measuring them
+        mem = cluster.memory()
+        _say(request.config,
+             f"ray cluster at {cluster.address}: head up in "
+             f"{cluster.nodes['head'].started_s:.1f} s, node b in "
+             f"{cluster.nodes['b'].started_s:.1f} s ({time.monotonic() - t0:.1f} s in all); "
+             f"idle: {mem['pss'] / MiB:.0f} MiB PSS, {mem['rss'] / MiB:.0f} MiB RSS "
+             f"in {sum(len(p) for p in cluster.processes().values())} processes")
+        yield cluster
+    finally:
+        t1 = time.monotonic()
+        cluster.stop()
+        _say(request.config, f"ray cluster stopped in {time.monotonic() - t1:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_cluster):
+    """This test process connected to the cluster as a driver (``import ray`` afterwards)."""
+    import ray
+
+    ray.init(address=ray_cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

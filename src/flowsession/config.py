@@ -121,6 +121,14 @@ class Settings:
     runtime_path: Path | None = None
     # The largest request body the API takes (an upload, a run's inline data): 413 beyond.
     max_body: int = 64 * 10**6
+    # The compute backend sessions run on: a name of ``backends.compute.registry``.
+    backend: str = "local"
+    # The Ray cluster of the ray backend ("host:port" of its GCS), and the namespace of its
+    # sessions' actors and placement groups (one per control plane).
+    ray_address: str | None = None
+    ray_namespace: str = "flowsession"
+    # On a Ray node: where sessions' images, environments, snapshots and slots live.
+    node_home_path: Path | None = None
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -156,6 +164,14 @@ class Settings:
             s = replace(s, env_disk_budget=parse_size(v, name="FLOWSESSION_ENV_DISK_BUDGET"))
         if v := env.get("FLOWSESSION_MAX_BODY"):
             s = replace(s, max_body=parse_size(v, name="FLOWSESSION_MAX_BODY"))
+        if v := env.get("FLOWSESSION_BACKEND"):
+            s = replace(s, backend=v.strip())
+        if v := env.get("FLOWSESSION_RAY_ADDRESS"):
+            s = replace(s, ray_address=v.strip())
+        if v := env.get("FLOWSESSION_RAY_NAMESPACE"):
+            s = replace(s, ray_namespace=v.strip())
+        if v := env.get("FLOWSESSION_NODE_HOME"):
+            s = replace(s, node_home_path=Path(v).expanduser())
         return s
 
     @property
@@ -201,6 +217,12 @@ class Settings:
             return self.runtime_path
         key = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
         return Path(tempfile.gettempdir()) / f"flowsession-{os.getuid()}" / key
+
+    @property
+    def node_home(self) -> Path:
+        """A cluster node's own home (the Ray backend's session actors keep their images,
+        environments, snapshots and build logs there): never the control plane's."""
+        return self.node_home_path or self.home / "node"
 
     @property
     def secret_key_file(self) -> Path:

@@ -141,7 +141,7 @@ class RayCluster:
     """``with RayCluster() as c: c.add_node("b", cpus=2)``; ``c.address`` for ``ray.init``."""
 
     def __init__(self, *, head_cpus: int = 1, head_memory: int = 1024 * MiB,
-                 object_store_memory: int = 100 * MiB):
+                 object_store_memory: int = 100 * MiB, node_env=None):
         if not loopback_only():
             raise RuntimeError(
                 "a Ray cluster binds the machine's address outside a network namespace "
@@ -154,6 +154,8 @@ class RayCluster:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("RAY_") and k != "VIRTUAL_ENV"}
         self.env.update(HEALTH_CHECK, RAY_USAGE_STATS_ENABLED="0")
+        # node_env(name) -> the variables of that node's processes (its FLOWSESSION_NODE_HOME)
+        self.node_env = node_env or (lambda name: {})
         try:
             self._start("head", ["--head", "--port", str(self.port), "--temp-dir",
                                  str(self.dir), "--include-dashboard", "false"],
@@ -179,7 +181,8 @@ class RayCluster:
                "--resources", json.dumps(resources), "--disable-usage-stats"]
         t0 = time.monotonic()
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, env={**self.env, **self.node_env(name)}, stdout=out,
+                                    stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         node = self.nodes[name] = RayNode(name, proc, log)
         deadline = t0 + timeout

@@ -774,7 +774,7 @@ def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp
     old_slot = Path(rs.sessions.records.get(first_session).session_handle.slot)
     os.kill(supervisor_pid(rs, first_session), signal.SIGKILL)
     handle = rs.sessions.records.get(first_session).session_handle
-    wait_until(lambda: not procs.alive(handle.pid, handle.pid_start)
+    wait_until(lambda: not procs.alive(handle.pid, handle.ref["pid_start"])
                and not procs.with_argument_under(str(old_slot)), 20,
                what="the session's processes to die")
     # what the dead session had stored: complete records in its workers' results files

@@ -69,9 +69,9 @@ async def _stop_everything(service: SessionService) -> None:
 def _gone_within(handle, seconds: float) -> bool:
     """Has the session's top process ended within ``seconds``?"""
     deadline = time.time() + seconds
-    while procs.alive(handle.pid, handle.pid_start) and time.time() < deadline:
+    while procs.alive(handle.pid, handle.ref["pid_start"]) and time.time() < deadline:
         time.sleep(0.2)
-    return not procs.alive(handle.pid, handle.pid_start)
+    return not procs.alive(handle.pid, handle.ref["pid_start"])
 
 
 def echo_flow(root: Path, name: str = "f", requirements: str = "tinyalpha==1.0\n",
@@ -130,7 +130,7 @@ def test_stop_deletes_the_session_and_its_serverless_compute(svc, tmp_path):
         run(svc.show(flow, user=USER))
     assert svc.computes.list(user=USER) == []
     assert not Path(handle.slot).exists()
-    assert not procs.alive(handle.pid, handle.pid_start)
+    assert not procs.alive(handle.pid, handle.ref["pid_start"])
 
 
 def test_a_start_with_an_unsatisfiable_requirement_leaves_nothing_behind(svc, tmp_path):
@@ -390,7 +390,7 @@ def test_a_stop_during_an_install_wins_and_leaves_nothing_running(svc, tmp_path)
     stopped = run(install_then_stop())
     assert stopped.state == "STOPPED"
     assert svc.records.get(session.id).state == "STOPPED"
-    assert not procs.alive(old_handle.pid, old_handle.pid_start)
+    assert not procs.alive(old_handle.pid, old_handle.ref["pid_start"])
     assert all(e.refs == 0 for e in svc.envs.cache.list())  # neither environment is held
     assert svc.computes.list(user=USER) == []
 

@@ -35,7 +35,7 @@ class Environment:
     lock: str
     python_version: str
     platform: str
-    state: BuildState  # BUILDING | READY | FAILED
+    state: BuildState  # BUILDING | READY | FAILED | REMOTE (built where its sessions run)
     path: str
     size_bytes: int | None
     error: str | None
@@ -133,6 +133,29 @@ class EnvironmentCache:
                     failed_at=None))
                 if holder:
                     self._add_ref(c, env_id, holder)
+        return self.get(env_id)
+
+    def remember(self, spec: EnvSpec, *, holder: str | None = None) -> Environment:
+        """Record an environment that is built where its sessions run (a Ray cluster's
+        nodes), not here: its lock and image (what ``packages`` shows) and its holders. One
+        already built here stays as it is."""
+        env_id = self.builder.env_id(spec)
+        now = self.clock()
+        with self.store.engine.begin() as c:
+            if c.execute(update(environments).where(environments.c.id == env_id)
+                         .values(last_used_at=now)).rowcount == 0:
+                try:
+                    with c.begin_nested():
+                        c.execute(insert(environments).values(
+                            id=env_id, image=spec.image.ref, lock=spec.lock,
+                            python_version=spec.image.python_version,
+                            platform=spec.image.platform, state=BuildState.REMOTE,
+                            path=str(self.settings.envs_dir / env_id), size_bytes=None,
+                            error=None, failed_at=None, created_at=now, last_used_at=now))
+                except IntegrityError:
+                    pass  # recorded meanwhile by another process
+            if holder:
+                self._add_ref(c, env_id, holder)
         return self.get(env_id)
 
     # --- references ------------------------------------------------------------------------

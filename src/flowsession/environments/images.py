@@ -7,6 +7,7 @@ References: ``name`` (the newest version) or ``name:version``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from flowsession.backends.compute.base import ImageDef
 from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder, parse_pins, tree_size
 from flowsession.config import Settings
 from flowsession.environments import fsops
@@ -231,6 +233,32 @@ class ImageService:
             requirements=requirements.read_text(), layer_lock=lock)
         return await self.ensure_built(f"{parsed_name}:{new_version}", requirements=reqs,
                                        credentials=credentials)
+
+    def define(self, image: ImageDef) -> None:
+        """Record an image defined elsewhere (by the control plane, for a cluster node that
+        builds it here): a built-in one must ship with this installation; a custom one gets
+        its row (DEFINED until built), or its row is brought up to date if its content
+        differs (then it is rebuilt at first use)."""
+        try:
+            have = self.get(image.ref)
+        except ImageNotFound:
+            have = None
+        if image.builtin:
+            if have is None or not have.builtin:
+                raise ImageNotFound(f"built-in image {image.ref} is not known to the "
+                                    "flowsession installed here",
+                                    hint="install the control plane's flowsession version "
+                                         "on every node")
+            return
+        values = dict(parent=image.parent, layer_lock=image.layer_lock,
+                      requirements=image.requirements, description=image.description)
+        if have is None:
+            with contextlib.suppress(IntegrityError), self.store.engine.begin() as c:
+                c.execute(insert(images).values(name=image.name, version=image.version,
+                                                builtin=False, state=BuildState.DEFINED,
+                                                created_at=time.time(), **values))
+        elif (have.parent, have.layer_lock) != (image.parent, image.layer_lock):
+            self._set(have, state=BuildState.DEFINED, path=None, error=None, **values)
 
     def _insert_next_version(self, name: str, **values) -> int:
         """Record the next version of ``name``; concurrent creators get successive numbers."""

@@ -8,6 +8,7 @@ The only writer of ``resolutions``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -19,6 +20,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from flowsession.access.secrets import USER_IDENTITY, FeedSecrets
+from flowsession.backends.compute.base import EnvRecipe, ImageDef
 from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder
 from flowsession.config import Settings
 from flowsession.errors import RequirementsError
@@ -100,6 +102,34 @@ class EnvironmentService:
         credentials = self.secrets.credentials_for(prepared.requirements.feeds, identity=identity)
         _check_credentials(prepared.requirements, credentials)
         return await self.cache.ensure(prepared.spec, holder=holder, credentials=credentials)
+
+    def remember(self, prepared: Prepared, *, holder: str | None = None) -> Environment:
+        """The environment of ``prepared``, recorded but not built here: a backend that
+        builds environments where its sessions run builds it from ``recipe``."""
+        return self.cache.remember(prepared.spec, holder=holder)
+
+    # --- recipes: what a node needs to build an image or an environment itself ----------------
+
+    def image_recipe(self, image_ref: str) -> EnvRecipe:
+        """The image alone (a standby's interpreter), as a node builds it."""
+        chain, node = [], self.images.get(image_ref)
+        while node is not None:
+            chain.append(ImageDef(name=node.name, version=node.version, builtin=node.builtin,
+                                  parent=node.parent, layer_lock=node.layer_lock,
+                                  requirements=node.requirements,
+                                  description=node.description))
+            node = self.images.get(node.parent) if node.parent else None
+        return EnvRecipe(image=chain[0].ref, images=tuple(chain),
+                         index_url=self.settings.index_url)
+
+    def recipe(self, prepared: Prepared, *, identity: str = USER_IDENTITY) -> EnvRecipe:
+        """The flow's environment as a node builds it: its image, its lock, its feeds, and
+        the feeds' secrets (``identity``'s), which travel in memory only."""
+        reqs = dataclasses.replace(prepared.requirements, base_dir=None)
+        credentials = self.secrets.credentials_for(reqs.feeds, identity=identity)
+        return dataclasses.replace(self.image_recipe(prepared.image.ref),
+                                   lock=prepared.spec.lock, requirements=reqs,
+                                   credentials=credentials)
 
     async def create_image(self, name: str, *, base: str, requirements: Path,
                            description: str = "", identity: str = USER_IDENTITY,

@@ -10,3 +10,4 @@ class BuildState(StrEnum):
     BUILDING = "BUILDING"
     READY = "READY"
     FAILED = "FAILED"  # an environment's failure is remembered briefly, then built again
+    REMOTE = "REMOTE"  # an environment built where its sessions run (a Ray node), not here

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
-from flowsession.backends.compute.base import ComputeBackend, EnvHandle, SessionHandle
+from flowsession.backends.compute.base import (
+    ComputeBackend,
+    ComputeHandle,
+    EnvHandle,
+    SessionHandle,
+)
 from flowsession.config import Settings
 from flowsession.environments.images import DEFAULT_IMAGE
 from flowsession.environments.service import EnvironmentService
@@ -31,10 +36,14 @@ class StandbyPool:
         self.settings, self.store, self.backend, self.envs = settings, store, backend, envs
 
     def image_env(self, image_ref: str) -> EnvHandle:
+        """The image's interpreter (here), and, for a backend that builds environments where
+        its sessions run, the image's recipe."""
         image = self.envs.images.get(image_ref)
-        return EnvHandle(env_id="", python=str(Path(image.path) / "bin" / "python"),
+        recipe = (self.envs.image_recipe(image.ref) if self.backend.builds_environments
+                  else None)
+        return EnvHandle(env_id="", python=str(Path(image.path or "") / "bin" / "python"),
                          image_ref=image.ref, site_dirs=(),
-                         read_only_paths=(str(self.settings.images_dir),))
+                         read_only_paths=(str(self.settings.images_dir),), recipe=recipe)
 
     def pooled_image(self) -> str | None:
         """The image the pool keeps standbys for (the newest default image, once built)."""
@@ -43,14 +52,17 @@ class StandbyPool:
         image = self.envs.images.get(DEFAULT_IMAGE)
         return image.ref if image.state == BuildState.READY else None
 
-    async def claim_or_start(self, image_ref: str) -> SessionHandle:
-        """A standby supervisor for ``image_ref``: one from the pool, or a new one."""
+    async def claim_or_start(self, image_ref: str, *,
+                             compute: ComputeHandle | None = None) -> SessionHandle:
+        """A standby supervisor for ``image_ref``: one from the pool, or a new one (on
+        ``compute``, the start's own, for a backend that places sessions there)."""
         if image_ref == self.pooled_image():
             claimed = self.claim(image_ref)
             if claimed is not None:
                 return claimed
         handle = await self.backend.start_standby(self.image_env(image_ref),
-                                                  idle_timeout_s=STANDBY_IDLE_S)
+                                                  idle_timeout_s=STANDBY_IDLE_S,
+                                                  compute=compute)
         return handle
 
     def claim(self, image_ref: str) -> SessionHandle | None:

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.backends.compute import procs
-from flowsession.backends.compute.base import ComputeBackend, EnvHandle, SessionHandle, SessionSpec
+from flowsession.backends.compute.base import (
+    ComputeBackend,
+    EnvHandle,
+    EnvRecipe,
+    SessionHandle,
+    SessionSpec,
+)
 from flowsession.computes.service import Compute, ComputeKind, ComputeService, ComputeState
 from flowsession.config import Settings
 from flowsession.environments.cache import Environment
@@ -70,11 +76,11 @@ class SessionService:
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> SessionService:
-        from flowsession.backends.compute.local import LocalBackend
+        from flowsession.backends.compute import registry
 
         settings = settings or Settings.from_env()
         store = open_store(settings.db_url)
-        backend = LocalBackend(settings)
+        backend = registry.create(settings)
         envs = EnvironmentService(settings, store)
         return cls(settings, store, envs=envs, computes=ComputeService(settings, store, backend),
                    backend=backend)
@@ -217,9 +223,9 @@ class SessionService:
             prepared = await self.envs.prepare(flow, identity=self._secrets_of(session),
                                                image=session.image)
             # the supervisor imports the runtime while the environment builds
-            standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
-            env = await self.envs.ensure(prepared, identity=self._secrets_of(session),
-                                         holder=session.holder)
+            standby = asyncio.create_task(self.pool.claim_or_start(
+                prepared.image.ref, compute=compute.compute_handle))
+            env = await self._environment(session, prepared, holder=session.holder)
             session = self.records.transition(
                 session, S.STARTING, actor=actor, reason="starting the supervisor",
                 env_id=env.id, snapshot_id=prepared.snapshot.id, image=prepared.image.ref)
@@ -241,8 +247,20 @@ class SessionService:
         spec = SessionSpec(session_id=session.id, flow_dir=str(prepared.snapshot.path),
                            idle_timeout_s=session.idle_timeout_s, workers=1,
                            connections=self.flow_connections(session))
-        return await self.backend.start_session(compute.compute_handle, self.env_handle(env),
+        recipe = (self.envs.recipe(prepared, identity=self._secrets_of(session))
+                  if self.backend.builds_environments else None)
+        return await self.backend.start_session(compute.compute_handle,
+                                                self.env_handle(env, recipe=recipe),
                                                 spec, standby=standby)
+
+    async def _environment(self, session: Session, prepared: Prepared, *,
+                           holder: str) -> Environment:
+        """The flow's environment: built here, or (a backend that builds environments where
+        its sessions run) recorded here and built there at the start."""
+        if self.backend.builds_environments:
+            return self.envs.remember(prepared, holder=holder)
+        return await self.envs.ensure(prepared, identity=self._secrets_of(session),
+                                      holder=holder)
 
     async def _cleanup_failed_start(self, session_id: str, actor: str,
                                     exc: BaseException) -> None:
@@ -296,11 +314,12 @@ class SessionService:
                 return self.records.transition(
                     session, S.RUNNING, actor=actor, operator=None, expect=[S.INSTALLING],
                     reason="nothing to install: the requirements are unchanged")
-            standby = asyncio.create_task(self.pool.claim_or_start(prepared.image.ref))
-            new_env = await self.envs.ensure(prepared, identity=self._secrets_of(session),
-                                             holder=f"{session.holder}:next")
-            self._still_installing(session)
             compute = self.computes.get(session.compute_id, user=session.owner)
+            standby = asyncio.create_task(self.pool.claim_or_start(
+                prepared.image.ref, compute=compute.compute_handle))
+            new_env = await self._environment(session, prepared,
+                                              holder=f"{session.holder}:next")
+            self._still_installing(session)
             new_handle = await self._run_on(compute, session, prepared, new_env, await standby)
             standby = None
         except BaseException as exc:
@@ -518,11 +537,12 @@ class SessionService:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def env_handle(self, env: Environment) -> EnvHandle:
-        """The image's handle plus the environment's own layer (added at adoption)."""
+    def env_handle(self, env: Environment, *, recipe: EnvRecipe | None = None) -> EnvHandle:
+        """The image's handle plus the environment's own layer (added at adoption), and the
+        recipe to build it where the session runs (for backends that do)."""
         site = sorted(Path(env.path).glob("lib/python*/site-packages"))
         return replace(self.pool.image_env(env.image), env_id=env.id,
-                       site_dirs=tuple(str(p) for p in site))
+                       site_dirs=tuple(str(p) for p in site), recipe=recipe)
 
     def check_options(self, o: StartOptions) -> ComputeKind:
         """The compute type the options make, or InvalidInput saying which option is wrong

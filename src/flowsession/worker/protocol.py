@@ -310,7 +310,9 @@ class Connection:
         """Send one request, wait up to ``timeout`` seconds (None: forever) for its answer.
 
         Raises OSError (FileNotFoundError, ConnectionRefusedError, TimeoutError, ...) when the
-        supervisor cannot be reached, ProtocolError when it hangs up without answering."""
+        supervisor cannot be reached, ProtocolError when it hangs up without answering,
+        AnswerTooLong when its answer is longer than the request's can be (``MAX_ANSWER``)."""
+        limit = MAX_ANSWER.get(str(payload.get("op")), MAX_LINE)
         self.sock.settimeout(timeout)
         self.sock.sendall(encode(dict(payload)))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -325,8 +327,9 @@ class Connection:
                 raise ProtocolError(f"the session closed the connection without answering "
                                     f"{payload.get('op')!r}")
             self._buf += chunk
-            if len(self._buf) > MAX_LINE:
-                raise ProtocolError("the answer is too long")
+            if len(self._buf) > limit and b"\n" not in self._buf[:limit + 1]:
+                raise AnswerTooLong(f"the answer to {payload.get('op')!r} is longer than "
+                                    f"{limit >> 20} MB")
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
         return decode_answer(line)

@@ -49,14 +49,50 @@ class ComputeHandle:
 
 
 @dataclass(frozen=True)
+class ImageDef:
+    """One image of a chain as a node needs it to build (or adopt) it: what its content
+    follows from, never where the control plane keeps it."""
+
+    name: str
+    version: int
+    builtin: bool
+    parent: str | None
+    layer_lock: str
+    requirements: str = ""
+    description: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class EnvRecipe:
+    """How to build an environment where its session runs, for a backend whose sessions do
+    not share the control plane's disk (Ray): the image chain (the image first, its parents
+    after), the resolved lock, the requirements' feeds, the index; the feeds' secrets travel
+    only in memory (``repr`` hides them) and never reach a file or an argument."""
+
+    image: str  # the image's ref
+    images: tuple[ImageDef, ...]
+    lock: str = ""  # what the environment adds to the image ("" for the image alone)
+    requirements: Any = None  # the FlowRequirements the lock came from (its feeds), or None
+    index_url: str | None = None
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
 class EnvHandle:
-    """An environment as a session needs it: the image's interpreter and the layer to add."""
+    """An environment as a session needs it: the image's interpreter and the layer to add
+    (paths of the control plane's machine), and, for backends that build where the session
+    runs, the recipe to build it there."""
 
     env_id: str
     python: str  # the image venv's python (the supervisor's interpreter)
     image_ref: str
     site_dirs: tuple[str, ...]  # the environment's own site-packages (added at adoption)
     read_only_paths: tuple[str, ...]  # everything the interpreter needs to see, read-only
+    recipe: EnvRecipe | None = None
 
 
 @dataclass(frozen=True)
@@ -89,26 +125,41 @@ class RunWork:
 
 @dataclass(frozen=True)
 class SessionHandle:
+    """A running session as the control plane stores it. ``slot`` is the backend's key of
+    the session's instance (the local backend: its folder; Ray: its actor's name); ``ref``
+    holds what only the backend reads (the local backend: ``pid``, ``pid_start`` -- the
+    /proc start time, so a reused pid is not taken for ours -- and ``socket``; Ray: the
+    actor's namespace, its node and the supervisor's pid there)."""
+
     backend: str
     session_id: str
-    pid: int
-    pid_start: str  # /proc/<pid>/stat start time: a reused pid is not our process
-    socket: str  # the backend's address of the supervisor (never inside the session's reach)
-    slot: str  # the session's instance: for the local backend its folder (flow/, work/, state/)
+    slot: str
     sandboxed: bool
     sandbox_detail: str
     limits_detail: str
     from_standby: bool = False
+    ref: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        """The supervisor's pid (on its own machine), when the backend knows it."""
+        pid = self.ref.get("pid")
+        return pid if type(pid) is int else None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "ref": dict(self.ref)}
 
     def json_text(self) -> str:
         return json.dumps(self.to_json())
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SessionHandle:
-        return cls(**data)
+        data = dict(data)
+        ref = dict(data.pop("ref", None) or {})
+        for key in ("pid", "pid_start", "socket"):  # handles stored before ``ref`` existed
+            if key in data:
+                ref[key] = data.pop(key)
+        return cls(**data, ref=ref)
 
 
 class BackendState(StrEnum):
@@ -129,13 +180,19 @@ class BackendStatus:
 
 class ComputeBackend(Protocol):
     name: ClassVar[str]
+    # True: environments are built where the sessions run (from ``EnvHandle.recipe``), and
+    # the control plane only resolves them; False: the control plane builds them itself
+    builds_environments: ClassVar[bool]
 
     async def provision(self, compute: ComputeSpec) -> ComputeHandle: ...
 
     async def release(self, handle: ComputeHandle) -> None: ...
 
-    async def start_standby(self, env: EnvHandle, *, idle_timeout_s: float) -> SessionHandle:
-        """A supervisor with the runtime imported, on no compute yet, waiting to be adopted."""
+    async def start_standby(self, env: EnvHandle, *, idle_timeout_s: float,
+                            compute: ComputeHandle | None = None) -> SessionHandle:
+        """A supervisor with the runtime imported, waiting to be adopted: on no compute yet
+        (the standby pool's), or where ``compute`` runs its sessions (a start's own; a backend
+        whose sessions all share one machine may ignore it)."""
         ...
 
     async def start_session(self, compute: ComputeHandle, env: EnvHandle, spec: SessionSpec,

@@ -15,8 +15,8 @@ removes them (with no_new_privs, set by bwrap, exec cannot regain them), so the 
 every other file or folder of it that the host keeps from other users (``shadow-``, private
 keys, a database's configuration): uid 0 without capabilities still reads what root owns.
 
-No ``--die-with-parent``: a session outlives the request (and the control plane process) that
-started it. Stdlib only (control plane code).
+No ``--die-with-parent`` for a local session: it outlives the request (and the control plane
+process) that started it. A Ray session asks for it: it must die with its actor. Stdlib only (control plane code).
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class Sandbox:
     chdir: str | None = None
     share_net: bool = True  # flows call model endpoints; False adds --unshare-net
     hidden: list[str] = field(default_factory=list)  # e.g. the database, the secret key
+    # killed when the process that started bwrap dies (a Ray session actor's child); a local
+    # session outlives the request and the control plane that started it, so not there
+    die_with_parent: bool = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,6 +172,8 @@ def wrap(argv: list[str], sandbox: Sandbox, *, bwrap: str | None = None) -> list
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *NAMESPACE_FLAGS]
     if not sandbox.share_net:
         cmd.append("--unshare-net")
+    if sandbox.die_with_parent:
+        cmd.append("--die-with-parent")
     cmd.append("--clearenv")
     for key, value in sandbox.env.items():
         if not key or "=" in key:
