@@ -101,7 +101,7 @@ def write_data(path: Path, n: int) -> Path:
 
 
 def check(svc: RunService, run, n: int) -> None:
-    if run.status != R.COMPLETED or run.completed != n or run.failed:
+    if run.status != R.RunStatus.COMPLETED or run.completed != n or run.failed:
         raise SystemExit(f"run {run.name}: {run.status} {run.completed}/{n} "
                          f"({run.failed} failed) {run.error}")
     rows = [json.loads(x) for x in (svc.files(run.name).root / "outputs.jsonl").open()]
