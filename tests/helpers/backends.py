@@ -21,7 +21,7 @@ from flowsession.backends.compute.base import (
     SessionSpec,
     VmSize,
 )
-from flowsession.backends.compute.slots import process_tree
+from flowsession.backends.compute import procs
 from flowsession.computes.service import ComputeService
 from flowsession.config import Settings
 from flowsession.environments.service import EnvironmentService
@@ -146,7 +146,7 @@ def kill_supervisor(handle: SessionHandle) -> int:
     the python running ``flowsession.worker.supervisor`` under the handle's top process (its
     workers are forked from it: the one whose parent is not one of them)."""
     found = {}
-    for pid in [handle.pid, *process_tree(handle.pid)]:
+    for pid in [handle.pid, *procs.tree(handle.pid)]:
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

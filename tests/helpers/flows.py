@@ -28,6 +28,25 @@ def make_flow(root: Path, name: str, requirements: str | None, *, image: str | N
     return folder
 
 
+# A one-node flow: ``hello`` in hello.py greets ``name`` (each test writes hello.py).
+HELLO_DAG = """\
+inputs:
+  name:
+    type: string
+outputs:
+  greeting:
+    type: string
+    reference: ${hello.output}
+nodes:
+- name: hello
+  type: python
+  source:
+    type: code
+    path: hello.py
+  inputs:
+    name: ${inputs.name}
+"""
+
 # A two-input flow whose one node, ``slow`` in slow.py, takes ``text`` and ``seconds`` (each test
 # writes the tool it needs).
 SLOW_YAML = """inputs:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers.backends import stop_everything
 from helpers.flows import SLOW_YAML, run
 from helpers.openai_server import OpenAIServer
 
@@ -58,22 +59,7 @@ def make_runs(settings) -> RunService:
 def rs(run_settings):
     svc = make_runs(run_settings)
     yield svc
-    run(_stop_everything(svc.sessions))
-
-
-async def _stop_everything(service: SessionService) -> None:
-    for session in service.records.list(owner=None):
-        if session.state != "STOPPED":
-            try:
-                await service._stop(service.records.get(session.id), actor="test",
-                                    reason="teardown")
-            except Exception:
-                if session.session_handle:
-                    await service.backend.stop_session(session.session_handle)
-    await service.pool.drain()
-    for compute in service.computes.list(user=None):
-        if compute.compute_handle:
-            await service.backend.release(compute.compute_handle)
+    run(stop_everything(svc.sessions))
 
 
 def flow_copy(tmp_path: Path, name: str, as_name: str | None = None) -> Path:
@@ -552,7 +538,7 @@ def test_flow_test_of_an_llm_flow_and_of_a_flex_class_uses_connections_and_init(
         asyncio.run(rs.sessions.test(flex, {"text": "x"}, user=USER))
     out = asyncio.run(rs.sessions.test(flex, {"text": "x"}, user=USER, init={"prefix": ">"}))
     assert out == {"out": ">x"}
-    asyncio.run(_stop_everything(rs.sessions))
+    asyncio.run(stop_everything(rs.sessions))
 
 
 def test_a_missing_connection_is_refused_before_anything_runs(rs, tmp_path):

@@ -13,26 +13,10 @@ import pytest
 from flowsession.errors import FlowFileError, FlowNotFound
 from flowsession.flows import load_flow, make_snapshot, snapshot_id_of
 from flowsession.flows import snapshot as snapshot_module
+from helpers.flows import HELLO_DAG as DAG
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "flows"
 
-DAG = """\
-inputs:
-  name:
-    type: string
-outputs:
-  greeting:
-    type: string
-    reference: ${hello.output}
-nodes:
-- name: hello
-  type: python
-  source:
-    type: code
-    path: hello.py
-  inputs:
-    name: ${inputs.name}
-"""
 
 
 def make_flow(

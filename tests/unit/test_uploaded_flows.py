@@ -17,24 +17,8 @@ from flowsession.flows import load_flow, make_snapshot
 from flowsession.flows.paths import check_path_text, file_in
 from flowsession.flows.registry import FlowRegistry, upload_root
 from flowsession.store import open_store
+from helpers.flows import HELLO_DAG as DAG
 
-DAG = """\
-inputs:
-  name:
-    type: string
-outputs:
-  greeting:
-    type: string
-    reference: ${hello.output}
-nodes:
-- name: hello
-  type: python
-  source:
-    type: code
-    path: hello.py
-  inputs:
-    name: ${inputs.name}
-"""
 HELLO = "def hello(name):\n    return name\n"
 
 

@@ -34,7 +34,7 @@ from typing import Any
 from flowsession.backends.compute import boundary, procs, sandbox, transfer
 from flowsession.backends.compute.base import EnvRecipe
 from flowsession.backends.compute.limits import Limits, LimitsError
-from flowsession.backends.compute.slots import RUN_ID, SLOT_ID, Launched, Slot, process_tree
+from flowsession.backends.compute.slots import RUN_ID, SLOT_ID, Launched, Slot
 from flowsession.errors import FlowSessionError
 from flowsession.node.environments import NodeEnvironments, node_settings
 from flowsession.worker import protocol
@@ -216,7 +216,7 @@ class SessionActor:
         limits = Limits()
         handle = limits.create(str(self.compute["compute_id"]), float(self.compute["vcpu"]),
                                int(self.compute["memory_bytes"]))
-        for pid in [launched.pid, *process_tree(launched.pid)]:
+        for pid in [launched.pid, *procs.tree(launched.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 limits.add_process(handle, pid)
         self.limits_handle = handle

@@ -144,24 +144,28 @@ class RunFiles:
         """Append the new records of ``collected`` (validated by the backend), keep its log
         text, then move the cursor; how many records were new."""
         with self.locked():
-            self._catch_up()
-            new: list[bytes] = []
-            for raw in collected.records:
-                rec = json.loads(raw)
-                if rec["i"] in self._known:
-                    continue
-                self._note(rec)
-                new.append(raw)
-            if new:
-                with open(self.root / LINES, "ab") as out:
-                    out.write(b"\n".join(new) + b"\n")
-                    out.flush()
-                    os.fsync(out.fileno())
-                self._read_upto += sum(len(r) + 1 for r in new)
+            new = self._append(collected.records)
             if collected.logs:
                 self._keep_logs(collected.logs)
             _write_json(self.root / CURSORS, collected.cursor)
-            return len(new)
+            return new
+
+    def _append(self, records: Iterable[bytes]) -> int:
+        """Append (and sync) the records of positions not stored yet; under ``locked``."""
+        self._catch_up()
+        new: list[bytes] = []
+        for raw in records:
+            rec = json.loads(raw)
+            if rec["i"] not in self._known:
+                self._note(rec)
+                new.append(raw)
+        if new:
+            with open(self.root / LINES, "ab") as out:
+                out.write(b"\n".join(new) + b"\n")
+                out.flush()
+                os.fsync(out.fileno())
+            self._read_upto += sum(len(r) + 1 for r in new)
+        return len(new)
 
     def _keep_logs(self, texts: Mapping[str, str]) -> None:
         """Workers' log text, each appended to ``logs/worker-<name>.log`` within the run's log
@@ -192,18 +196,7 @@ class RunFiles:
     def adopt(self, records: Iterable[bytes]) -> int:
         """Store records taken from another run (``--resume-from``)."""
         with self.locked():
-            self._catch_up()
-            new = []
-            for raw in records:
-                rec = json.loads(raw)
-                if rec["i"] not in self._known:
-                    self._note(rec)
-                    new.append(raw)
-            if new:
-                with open(self.root / LINES, "ab") as out:
-                    out.write(b"\n".join(new) + b"\n")
-                self._read_upto += sum(len(r) + 1 for r in new)
-            return len(new)
+            return self._append(records)
 
     def counts(self) -> tuple[int, int, list[list[Any]]]:
         """(completed, failed, first errors) of what is stored."""

@@ -43,9 +43,6 @@ from flowsession.backends.compute.slots import (
     SLOT_ID,
     Launched,
     Slot,
-    descends,
-    parents,
-    process_tree,
 )
 from flowsession.config import Settings
 from flowsession.errors import BuildFailed
@@ -138,10 +135,10 @@ class LocalBackend(SupervisorClient):
                 by_slot.setdefault(slots_dir + name, []).append(pid)
         # ... and run them inside a session we know: nothing below a known session is an orphan
         ours = {pid for slot, pids in by_slot.items() if slot in known for pid in pids}
-        parent_of = parents() if ours else {}
+        parent_of = procs.parents() if ours else {}
         found = []
         for slot, pids in sorted(by_slot.items()):
-            pids = [p for p in pids if not descends(p, ours, parent_of)]
+            pids = [p for p in pids if not procs.descends(p, ours, parent_of)]
             if slot in known or not pids:
                 continue
             top = min(pids)  # the launcher (bwrap, or the supervisor itself) started first
@@ -222,7 +219,7 @@ class LocalBackend(SupervisorClient):
 
     def process_tree(self, handle: SessionHandle) -> list[int]:
         """The session's processes below its top pid (supervisor and workers), host pids."""
-        return process_tree(LocalRef.of(handle).pid)
+        return procs.tree(LocalRef.of(handle).pid)
 
     def _join_limits(self, compute: ComputeHandle, handle: SessionHandle) -> None:
         """Move the session's processes into the compute's limits; workers forked later

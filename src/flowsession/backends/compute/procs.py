@@ -65,3 +65,40 @@ def with_argument_under(prefix: str) -> dict[int, str]:
                 found[int(entry)] = arg
                 break
     return found
+
+
+def parents() -> dict[int, int]:
+    """pid -> parent pid of every process (host pids)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read().decode(errors="replace").rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(entry)] = int(stat[1])
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), host pids."""
+    children: dict[int, list[int]] = {}
+    for child, parent in parents().items():
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def descends(pid: int, ancestors: set[int], parent_of: dict[int, int]) -> bool:
+    """Is ``pid`` below one of ``ancestors`` (itself excluded)?"""
+    seen = 0
+    while (pid := parent_of.get(pid, 0)) > 1 and seen < 4096:
+        if pid in ancestors:
+            return True
+        seen += 1
+    return False

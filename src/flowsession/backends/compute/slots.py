@@ -236,7 +236,7 @@ class Slot:
     def kill(launched: Launched) -> None:
         """Kill whatever is left of the session: its process tree and its process group."""
         if procs.alive(launched.pid, launched.pid_start):
-            for pid in [*process_tree(launched.pid), launched.pid]:
+            for pid in [*procs.tree(launched.pid), launched.pid]:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
@@ -247,52 +247,11 @@ class Slot:
         shutil.rmtree(self.control, ignore_errors=True)
 
 
-def parents() -> dict[int, int]:
-    """pid -> parent pid of every process (host pids)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            out[int(entry)] = int(stat[1])
-    return out
-
-
-def descends(pid: int, ancestors: set[int], parent_of: dict[int, int]) -> bool:
-    """Is ``pid`` below one of ``ancestors`` (itself excluded)?"""
-    seen = 0
-    while (pid := parent_of.get(pid, 0)) > 1 and seen < 4096:
-        if pid in ancestors:
-            return True
-        seen += 1
-    return False
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:  # another file system, or links not allowed
         shutil.copy2(src, dst)
-
-
-def process_tree(pid: int) -> list[int]:
-    """The processes below ``pid`` (supervisor and workers), host pids."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            children.setdefault(int(stat[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 _LIBC = None
