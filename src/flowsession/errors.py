@@ -241,7 +241,12 @@ class IndexUnreachable(EnvironmentError_):
 
 
 class BuildFailed(EnvironmentError_):
+    """The flow's environment or its session could not be built or started from what the user
+    gave (a package that fails to install, a flow that fails to load): the message says why
+    and the hint where the log is. A 422, never a 500: nothing is wrong with the server."""
+
     code = "environment_build_failed"
+    status = 422
 
 
 class DiskBudgetExceeded(EnvironmentError_):

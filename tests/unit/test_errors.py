@@ -64,3 +64,14 @@ def test_flow_file_and_build_errors_read_their_fields_from_details():
     build = FlowSessionError.from_dict(BuildFailed("no", log_tail="last lines").to_dict())
     assert type(build) is BuildFailed and build.log_tail == "last lines"
     assert build.log_path == ""
+
+
+def test_no_error_the_product_raises_is_an_internal_server_error():
+    """A user's request never meets a bare 500: every error class says what kind of failure it
+    is (bad input 4xx, an unreachable dependency 502/503, a full disk 507)."""
+    from flowsession.errors import _all_subclasses
+
+    internal = [c.__name__ for c in _all_subclasses(FlowSessionError)
+                if c.status == 500 and c.__subclasses__() == []]
+    assert internal == []
+    assert BuildFailed("no").status == 422
