@@ -126,6 +126,7 @@ def test_every_session_operation_behaves_the_same(rs, tmp_path, backend_name):
         stopped = await svc.stop(flow, user=USER)
         assert stopped.state == "STOPPED"
         assert not svc.backend.alive(reset.session_handle)
+        assert "ready" in await svc.session_logs(stopped)  # what was kept of its log
         assert svc.computes.list(user=None) == []  # the serverless compute went with it
         events = [(e.from_state, e.to_state) for e in svc.events(flow, user=USER)]
         assert ("STOPPING", "STOPPED") in events and ("INSTALLING", "RUNNING") in events

@@ -174,11 +174,15 @@ class SessionService:
     async def session_logs(self, session: Session, *, tail_bytes: int = LOG_TAIL_BYTES) -> str:
         """The end of the session's supervisor and worker log, as text the backend bounded."""
         handle = session.session_handle
-        if handle is None:
-            raise Conflict(f"session {session.id} is {session.state}: it has no supervisor, "
-                           "so no log", hint="its events say what happened: flowsession "
-                           f"session events {session.id}", details={"state": session.state})
-        return await self.backend.logs(handle, tail_bytes=tail_bytes)
+        if handle is not None:
+            return await self.backend.logs(handle, tail_bytes=tail_bytes)
+        kept = await self.backend.ended_log(session.id, tail_bytes=tail_bytes)
+        if not kept:
+            raise Conflict(f"session {session.id} is {session.state}: it has no supervisor "
+                           "and no log was kept", hint="its events say what happened: "
+                           f"flowsession session events {session.id}",
+                           details={"state": session.state})
+        return kept
 
     # --- start -----------------------------------------------------------------------------
 

@@ -222,6 +222,11 @@ class ComputeBackend(Protocol):
         after the session ends."""
         ...
 
+    async def ended_log(self, session_id: str, *, tail_bytes: int = 256 * 1024) -> str:
+        """What was kept of the log of session ``session_id`` after it ended and its handle
+        was dropped (``session logs`` of a stopped session); empty when nothing was kept."""
+        ...
+
     def alive(self, handle: SessionHandle) -> bool:
         """Does the session still run (cheap: no request to it)?"""
         ...

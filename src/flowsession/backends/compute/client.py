@@ -13,6 +13,7 @@ folders, handed over as data by the backend.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from flowsession.worker import protocol
 
 MAX_SESSION_LOG = 64 * 1024 * 1024  # a session that logs more is stopped
 MAX_KEPT_LOG = 1 << 20  # what is kept of an ended session's log
+SESSION_ID = re.compile(r"ses-[0-9a-f]{10}")  # the control plane's ids (sessions/records.py)
 AGGREGATE_TIMEOUT_S = 3600.0
 STARTUP_TIMEOUT_S = 180.0
 RESET_HINT = "reset the session: flowsession session reset FLOW"
@@ -293,7 +295,10 @@ class SupervisorClient:
                 f.write(b"\n".join(line for line in lines if b"\n" not in line) + b"\n")
 
     def _kept_log_path(self, handle: SessionHandle) -> Path:
-        return self.settings.logs_dir / "sessions" / f"{self._key(handle)}.log"
+        """Kept by the session's id (``ended_log`` finds it once the record has no handle);
+        a standby's or an orphan's, by its slot."""
+        key = handle.session_id if SESSION_ID.fullmatch(handle.session_id) else self._key(handle)
+        return self.settings.logs_dir / "sessions" / f"{key}.log"
 
     def _keep_log(self, handle: SessionHandle, data: bytes | None) -> None:
         """The end of an ended session's log, kept (bounded) for ``session logs``."""
@@ -303,8 +308,17 @@ class SupervisorClient:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data[-MAX_KEPT_LOG:])
 
+    async def ended_log(self, session_id: str, *, tail_bytes: int = 256 * 1024) -> str:
+        if not SESSION_ID.fullmatch(session_id):
+            return ""
+        return self._read_kept(self.settings.logs_dir / "sessions" / f"{session_id}.log",
+                               tail_bytes)
+
     def _kept_log(self, handle: SessionHandle, tail_bytes: int) -> str:
-        path = self._kept_log_path(handle)
+        return self._read_kept(self._kept_log_path(handle), tail_bytes)
+
+    @staticmethod
+    def _read_kept(path: Path, tail_bytes: int) -> str:
         with boundary.open_dir(path.parent) as d:
             got = boundary.read_file(d, path.name, limit=tail_bytes, tail=True) if d else None
         return boundary.text(got[0], tail_bytes) if got else ""
