@@ -308,7 +308,10 @@ function flowPage(root) {
   async function columnsOf(lines) {
     const cols = [...new Set(lines.slice(0, 50).flatMap((l) => Object.keys(l)))];
     $("#columns").replaceChildren(...cols.map((c) => el("option", { value: "${data." + c + "}" })));
-    for (const i of $$("#mapping [data-input]")) if (cols.includes(i.dataset.input)) i.value = "${data." + i.dataset.input + "}";
+    for (const i of $$("#mapping [data-input]")) {  // a column of the input's name; else the input's default
+      if (cols.includes(i.dataset.input)) i.value = "${data." + i.dataset.input + "}";
+      else if (i.value === "${data." + i.dataset.input + "}") i.value = "";
+    }
     return cols;
   }
   const parseJsonl = (text) => text.split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l));
