@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from urllib.parse import quote
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def page(browser):
 
 
 def sign_in(page, url: str, token: str, path: str = "/flows") -> None:
-    page.goto(url + path)
+    page.goto(url + "/signin?next=" + quote(path, safe=""))
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"**{path}")
