@@ -91,13 +91,21 @@ function flowPage(root) {
       session.compute_type || session.compute_kind, session.image && `image ${session.image}`,
       session.idle_timeout_s && `idle time ${Math.round(session.idle_timeout_s / 60)} min`,
       session.reason].filter(Boolean).join(" · ") : (session && session.reason ? `last session: ${session.reason}` : "");
-    const notice = $("#image-notice");
-    const newer = session && (session.image_update || session.newer_image);
-    notice.hidden = !newer;
-    if (newer) notice.textContent = `A newer version of the image is available (${show(newer)}): reset the session to use it.`;
+    imageNotice(live ? session : null);
     const transient = ["INSTALLING", "RESETTING", "BUILDING", "STARTING", "STOPPING"].includes(state);
     clearTimeout(polling);
     polling = setTimeout(refresh, transient ? 1000 : 5000);
+  }
+  let images = null;
+  async function imageNotice(session) {  // a newer version of the session's image: say so
+    const notice = $("#image-notice");
+    if (!session || !session.image) { notice.hidden = true; return; }
+    const [name, version] = session.image.split(/:(?=\d+$)/);
+    try { images = images || await api("GET", "/images"); } catch (_) { return; }
+    const newest = Math.max(...images.filter((i) => i.name === name && i.state === "READY").map((i) => i.version));
+    notice.hidden = !(newest > +version);
+    notice.textContent = `The image ${name} has a newer version (${newest}; this session uses ${version}): ` +
+      "Change compute session settings or start again with advanced settings to use it.";
   }
   async function refresh() {
     try { render(await api("GET", `${F}/session`)); }
@@ -156,7 +164,7 @@ function flowPage(root) {
 
   // the advanced settings wizard: compute -> base image -> review -> apply and start
   const wiz = $("#wizard");
-  let step = 1, images = [];
+  let step = 1, wizImages = [];
   const ctype = () => $('input[name="ctype"]:checked', wiz).value;
   function goto(n) {
     step = n;
@@ -182,8 +190,8 @@ function flowPage(root) {
     return b;
   }
   function fillVersions() {
-    const img = images.find((i) => i.name === $("#w-image").value);
-    const versions = images.filter((i) => i.name === $("#w-image").value).map((i) => i.version);
+    const img = wizImages.find((i) => i.name === $("#w-image").value);
+    const versions = wizImages.filter((i) => i.name === $("#w-image").value).map((i) => i.version);
     $("#w-image-version").replaceChildren(...versions.sort((a, b) => b - a).map((v) => el("option", { value: v, text: `${v}${img && img.version === v ? "" : ""}` })));
   }
   async function openWizard() {
@@ -200,7 +208,7 @@ function flowPage(root) {
         : [el("option", { value: "", text: "no compute instance: create one on the Computes page" })]));
       $("#w-identity").replaceChildren(el("option", { value: "user", text: "user identity (yours)" }),
         ...ids.map((i) => el("option", { value: i.name, text: `managed identity ${i.name}` })));
-      images = imgs;
+      wizImages = imgs;
       const names = [...new Set(imgs.map((i) => i.name))];
       $("#w-image").replaceChildren(...names.map((n) => el("option", { value: n, text: n })));
       fillVersions();
