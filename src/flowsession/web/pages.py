@@ -239,11 +239,9 @@ def _requirements_file(files: list[str]) -> str | None:
 async def runs(request: Request, page_no: int = 1) -> HTMLResponse:
     api = Api(request)
     page_no = max(1, page_no)
-    rows = await api.get(f"/runs?max_results={page_no * PAGE + 1}")
-    shown = rows[(page_no - 1) * PAGE: page_no * PAGE]
-    flows = await api.get("/flows")
-    return await page(request, "runs.html", api, runs=shown, page_no=page_no,
-                      more=len(rows) > page_no * PAGE, flows=flows)
+    rows = await api.get(f"/runs?max_results={PAGE + 1}&offset={(page_no - 1) * PAGE}")
+    return await page(request, "runs.html", api, runs=rows[:PAGE], page_no=page_no,
+                      more=len(rows) > PAGE)
 
 
 @router.get("/runs/{name}")

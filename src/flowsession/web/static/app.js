@@ -356,7 +356,7 @@ function flowPage(root) {
 // --- the run page ----------------------------------------------------------------------------
 function runPage(root) {
   const name = root.dataset.run, R = `/runs/${enc(name)}`, size = +root.dataset.pageSize;
-  let details = [], page = 0, t0 = Date.now(), done0 = null;
+  let page = 0, t0 = Date.now(), done0 = null;
   function progress(run) {
     const done = run.completed + run.failed;
     $("#run-status").textContent = run.status; $("#run-status").className = "status s-" + run.status;
@@ -370,21 +370,22 @@ function runPage(root) {
     if ($("#run-cancel")) $("#run-cancel").hidden = ended(run);
   }
   const ended = (run) => ["Completed", "Failed", "Canceled"].includes(run.status);
-  function drawDetails() {
-    const f = $("#det-filter").value;
-    const rows = details.filter((d) => f === "all" || (f === "failed") === (d.status !== "Completed"));
-    const pages = Math.max(1, Math.ceil(rows.length / size)); page = Math.min(page, pages - 1);
-    $("#det-page").textContent = `page ${page + 1} of ${pages} (${rows.length} lines)`;
-    $("#det-prev").disabled = page === 0; $("#det-next").disabled = page >= pages - 1;
-    $("#run-details tbody").replaceChildren(...rows.slice(page * size, (page + 1) * size).map((d) =>
-      el("tr", { class: d.status !== "Completed" ? "bad" : "" },
-        el("td", { text: d.line_number ?? d.index ?? "" }), el("td", { text: d.status || "" }),
+  async function drawDetails() {  // one page from the API (size + 1 rows: is there a next one)
+    const f = { all: "", failed: "&status=Failed", ok: "&status=Completed" }[$("#det-filter").value];
+    let rows;
+    try { rows = await api("GET", `${R}/details?offset=${page * size}&max_results=${size + 1}${f}`); }
+    catch (e) { return fail(e); }
+    $("#det-page").textContent = `page ${page + 1}`;
+    $("#det-prev").disabled = page === 0; $("#det-next").disabled = rows.length <= size;
+    $("#run-details tbody").replaceChildren(...rows.slice(0, size).map((d) =>
+      el("tr", { class: d.status === "Failed" ? "bad" : "" },
+        el("td", { text: d.line_number ?? "" }), el("td", { text: d.status || "" }),
         el("td", { class: "mono small", text: show(d.inputs ?? "") }),
-        el("td", { class: "mono small", text: d.error ? show(d.error) : show(d.outputs ?? d.output ?? "") }),
+        el("td", { class: "mono small", text: d.error ? show(d.error) : show(d.outputs ?? "") }),
         el("td", { text: d.duration != null ? `${(+d.duration).toFixed(3)} s` : "" }))));
   }
   async function loadAll() {
-    try { details = await api("GET", `${R}/details`); drawDetails(); } catch (e) { fail(e); }
+    drawDetails();
     try {
       const m = await api("GET", `${R}/metrics`);
       $("#run-metrics").replaceChildren(Object.keys(m).length ? el("table", { class: "grid", id: "metrics" },
