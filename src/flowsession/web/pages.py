@@ -112,7 +112,9 @@ async def signin_form(request: Request, next: str = "/flows") -> HTMLResponse:
 
 def _local(target: str) -> str:
     """Only a path of this server (never another site) to go to after signing in."""
-    return target if target.startswith("/") and not target.startswith("//") else "/flows"
+    ok = target.startswith("/") and not target.startswith("//") and "\\" not in target \
+        and not any(ord(ch) < 32 for ch in target)
+    return target if ok else "/flows"
 
 
 @router.post("/signin")

@@ -282,6 +282,7 @@ function flowPage(root) {
     for (const f of $$("[data-type]", ev.target)) {
       const t = f.dataset.type, v = f.value;
       try {
+        if (t === "all") { Object.assign(inputs, JSON.parse(v || "{}")); continue; }
         inputs[f.name] = ["list", "object"].includes(t) || f.tagName === "TEXTAREA" ? (v.trim() ? JSON.parse(v) : null)
           : t === "int" ? parseInt(v, 10) : t === "double" ? parseFloat(v) : t === "bool" ? v === "true" : v;
       } catch (_) { toast(`input ${f.name}: not valid JSON`, true); return; }
