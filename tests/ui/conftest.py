@@ -106,6 +106,6 @@ def sign_in(page, url: str, token: str, path: str = "/flows") -> None:
     page.wait_for_url(f"**{path}")
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, *, full_page: bool = True) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)

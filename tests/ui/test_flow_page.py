@@ -50,7 +50,7 @@ def test_the_flow_page_from_sign_in_to_stop(server, page, tmp_path):
     expect(review).to_contain_text("serverless")
     expect(review).to_contain_text("small")
     expect(review).to_contain_text("2h")
-    shot(page, "start-wizard")
+    shot(page, "start-wizard", full_page=False)
     wizard.get_by_role("button", name="Apply and start compute session").click()
     state = page.locator("#session-state")
     expect(state).to_have_text("RUNNING", timeout=SESSION_UP)
@@ -78,7 +78,7 @@ def test_the_flow_page_from_sign_in_to_stop(server, page, tmp_path):
     expect(row).to_have_count(1)
     expect(row).to_contain_text("1.0")
     expect(row).to_contain_text("requirements")
-    shot(page, "installed-packages")
+    shot(page, "installed-packages", full_page=False)
     dialog.get_by_role("button", name="Close").click()
 
     # test one line: outputs, and the trace with the bypassed node marked
