@@ -82,7 +82,7 @@ def main() -> int:
         pages = {
             "/flows": ["/me", "/flows"],
             f"/flows/{flow}": ["/me", f"/flows/{flow}", f"/flows/{flow}/files/flow.dag.yaml",
-                               f"/flows/{flow}/session", "/runs?max_results=200"],
+                               "/sessions", "/runs?max_results=200"],
             "/runs": ["/me", "/runs?max_results=26&offset=0"],
             "/runs?page_no=30": ["/me", "/runs?max_results=26&offset=725"],
             f"/runs/{run}": ["/me", f"/runs/{run}"],

@@ -225,7 +225,9 @@ async def flow_page(request: Request, name: str) -> HTMLResponse:
     text = (await api.get(f"/flows/{q(name)}/files/{flow_file}", {})).get("content", "") \
         if flow_file else ""
     g = graph.build(text, flex=flow_file == "flow.flex.yaml")
-    session = await api.get(f"/flows/{q(name)}/session", None)
+    # its active session, if any (asking /flows/{name}/session would be a 404 without one)
+    session = next((s for s in await api.get("/sessions", [])
+                    if s.get("flow") == flow["path"] and s.get("owner") == flow["owner"]), None)
     runs = [r for r in await api.get("/runs?max_results=200", [])
             if r.get("flow") == flow.get("path")][:20]
     return await page(request, "flow.html", api, flow=flow, name=name, graph=g,

@@ -94,7 +94,7 @@ function flowPage(root) {
     imageNotice(live ? session : null);
     const transient = ["INSTALLING", "RESETTING", "BUILDING", "STARTING", "STOPPING"].includes(state);
     clearTimeout(polling);
-    polling = setTimeout(refresh, transient ? 1000 : 5000);
+    if (session) polling = setTimeout(refresh, transient ? 1000 : 5000);
   }
   let images = null;
   async function imageNotice(session) {  // a newer version of the session's image: say so
@@ -351,7 +351,7 @@ function flowPage(root) {
       location.href = `/runs/${enc(r.run.name)}`;
     } catch (e) { fail(e); }
   });
-  refresh();
+  render(JSON.parse(root.dataset.session || "null"));  // as the page was rendered: no request
 }
 
 // --- the run page ----------------------------------------------------------------------------
