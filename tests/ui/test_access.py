@@ -95,3 +95,41 @@ def test_a_change_without_the_pages_csrf_token_is_refused(server, page):
     session = next(c for c in cookies if c["name"] == "fs_session")
     assert session["httpOnly"] and session["sameSite"] == "Strict"
     assert page.evaluate("document.cookie") == ""  # the token is out of the scripts' reach
+
+
+def test_errors_show_where_they_happen_in_the_apis_words(server, page, tmp_path):
+    import io
+    import zipfile
+
+    sign_in(page, server.url, server.token)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("notaflow/readme.txt", "no flow file here")
+    (tmp_path / "bad.zip").write_bytes(buf.getvalue())
+    page.get_by_label("Name", exact=True).fill("broken")
+    page.get_by_label("or a .zip of it, or its files").set_input_files(str(tmp_path / "bad.zip"))
+    page.get_by_role("button", name="Upload").click()
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("flow.dag.yaml")  # the API's message names what is missing
+    expect(page.locator("#flows")).not_to_contain_text("broken")
+
+
+def test_an_owner_makes_a_user_and_an_instance_from_the_pages(server, page, admin):
+    sign_in(page, server.url, server.token, "/admin")
+    page.get_by_label("New user").fill("dana")
+    page.get_by_label("Role").select_option("Data Scientist")
+    page.get_by_role("button", name="Create user").click()
+    expect(page.locator("#users")).to_contain_text("dana")
+    page.get_by_label("Token for yourself, label").fill("laptop")
+    page.get_by_role("button", name="Issue token").click()
+    expect(page.locator("#new-token")).to_contain_text("fs_")
+    shot(page, "admin")
+
+    page.goto(server.url + "/computes")
+    page.get_by_label("Name").fill("box-one")
+    page.get_by_label("Size").select_option("small")
+    page.get_by_role("button", name="Create").click()
+    row = page.locator("#computes tr", has_text="box-one")
+    expect(row).to_be_visible()
+    row.get_by_role("button", name="Delete").click()
+    expect(page.locator("#computes")).not_to_contain_text("box-one")

@@ -67,6 +67,13 @@ def test_the_flow_page_from_sign_in_to_stop(server, page, tmp_path):
         "Installing packages from requirements.txt: succeeded", timeout=SESSION_UP)
     expect(state).to_have_text("RUNNING", timeout=30_000)
 
+    # change the session's settings in place: the idle time
+    page.get_by_text("Compute session running").click()
+    page.get_by_role("menuitem", name="Change compute session settings").click()
+    page.locator("#settings").get_by_label("Idle time").fill("3h")
+    page.locator("#settings").get_by_role("button", name="Apply").click()
+    expect(page.locator("#session-info")).to_contain_text("idle time 180 min")
+
     # view installed packages: the new one, from the requirements; searchable
     page.get_by_text("Compute session running").click()
     page.get_by_role("menuitem", name="View installed packages").click()
