@@ -57,6 +57,10 @@ def test_the_flow_page_from_sign_in_to_stop(server, page, tmp_path):
     expect(page.locator("#session-info")).to_contain_text("small")
     expect(page.get_by_text("Start compute session", exact=True)).to_be_hidden()
 
+    page.get_by_text("Compute session running").click()
+    page.get_by_role("menuitem", name="View compute session log").click()
+    expect(page.locator("#oplog-status")).to_contain_text("the log of session")
+
     # edit requirements.txt: Save and install
     page.locator('#file-tree a[data-file="requirements.txt"]').click()
     expect(page.get_by_role("button", name="Save and install")).to_be_visible()

@@ -142,6 +142,16 @@ function flowPage(root) {
     try { render(await api("POST", `${F}/session/stop`)); toast("Compute session stopped"); } catch (e) { fail(e); }
   });
 
+  $("#m-logs")?.addEventListener("click", async () => {  // the supervisor's and workers' log
+    $("#when-running").open = false;
+    if (!current) return;
+    try {
+      const l = await api("GET", `/sessions/${enc(current.id)}/logs?tail_bytes=65536`);
+      $("#oplog-status").textContent = `the log of session ${l.session_id} (${l.state})`;
+      log.textContent = l.text || "(empty)"; $("#oplog-box").open = true; log.scrollTop = log.scrollHeight;
+    } catch (e) { fail(e); }
+  });
+
   // installed packages
   const pkgDialog = $("#packages");
   let pkgs = [];
