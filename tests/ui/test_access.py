@@ -10,7 +10,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from conftest import FLOW, shot, sign_in
+from ui_helpers import FLOW, shot, sign_in
 
 
 @pytest.fixture(scope="module")

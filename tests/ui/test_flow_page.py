@@ -9,7 +9,7 @@ import re
 
 from playwright.sync_api import expect
 
-from conftest import flow_zip, shot, sign_in
+from ui_helpers import flow_zip, shot, sign_in
 
 SESSION_UP = 240_000  # ms: a first environment build and start on a busy machine
 
