@@ -76,3 +76,4 @@ bench: setup
 	$(VENV)/bin/python bench/session_start.py
 	$(VENV)/bin/python bench/batch.py
 	$(VENV)/bin/python bench/api.py
+	$(VENV)/bin/python bench/ui.py
