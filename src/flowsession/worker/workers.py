@@ -238,7 +238,10 @@ def node_trace(result: Any) -> list[dict[str, Any]]:
         except (TypeError, AttributeError):
             duration = None
         err = getattr(info, "error", None) or {}
-        trace.append({"node": str(name),
+        usage = getattr(info, "system_metrics", None) or {}
+        tokens = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                  if isinstance(usage, dict) and isinstance(usage.get(k), int)}
+        trace.append({"node": str(name), "tokens": tokens,
                       "status": str(getattr(info.status, "value", info.status)),
                       "inputs": {k: plain(v) for k, v in (getattr(info, "inputs", None)
                                                           or {}).items()},

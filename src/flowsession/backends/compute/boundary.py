@@ -144,8 +144,11 @@ def trace(value: Any) -> list[dict[str, Any]]:
     for item in value[:MAX_TRACE_NODES]:
         if not isinstance(item, Mapping):
             continue
-        inputs = item.get("inputs")
+        inputs, tokens = item.get("inputs"), item.get("tokens")
         out.append({"node": text(item.get("node"), 200, one_line=True),
+                    "tokens": {text(k, 40): v for k, v in tokens.items()
+                               if type(v) is int and 0 <= v < 2**53}
+                    if isinstance(tokens, Mapping) else {},
                     "status": text(item.get("status"), 40, one_line=True),
                     "inputs": dict(inputs) if isinstance(inputs, Mapping) else {},
                     "output": item.get("output"),

@@ -314,10 +314,11 @@ function flowPage(root) {
   function traceTable(trace) {
     return el("table", { class: "grid", id: "trace" },
       el("caption", { text: "Trace: each node" }),
-      el("thead", {}, el("tr", {}, ...["Node", "Status", "Duration", "Inputs", "Output"].map((h) => el("th", { text: h })))),
+      el("thead", {}, el("tr", {}, ...["Node", "Status", "Duration", "Tokens", "Inputs", "Output"].map((h) => el("th", { text: h })))),
       el("tbody", {}, ...trace.map((t) => el("tr", { class: "st-" + t.status, "data-node": t.node },
         el("td", { text: t.node }), el("td", { text: t.status === "Bypassed" ? "Bypassed (skipped)" : t.status }),
         el("td", { text: t.duration == null ? "" : `${(t.duration * 1000).toFixed(1)} ms` }),
+        el("td", { text: t.tokens && t.tokens.total_tokens != null ? `${t.tokens.total_tokens} (${t.tokens.prompt_tokens ?? "?"} + ${t.tokens.completion_tokens ?? "?"})` : "" }),
         el("td", { class: "mono small", text: show(t.inputs) }),
         el("td", { class: "mono small", text: t.error ? t.error : show(t.output) })))));
   }
