@@ -463,6 +463,15 @@ function uploadForm(form) {
   });
 }
 
+// menus (<details class="menu">): Escape or a click elsewhere closes them
+document.addEventListener("keydown", (ev) => {
+  if (ev.key !== "Escape") return;
+  for (const m of $$("details.menu[open]")) { m.open = false; $("summary", m).focus(); }
+});
+document.addEventListener("click", (ev) => {
+  for (const m of $$("details.menu[open]")) if (!m.contains(ev.target)) m.open = false;
+});
+
 document.addEventListener("DOMContentLoaded", () => {
   fmtTime();
   const f = $("#flow-page"); if (f) flowPage(f);
