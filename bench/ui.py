@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -77,7 +78,8 @@ def main() -> int:
                            headers={"Authorization": f"Bearer {srv.token}"})
         flow, run = seed(srv, api, args.flows, args.runs)
         ui = httpx.Client(base_url=srv.url, timeout=60)
-        assert ui.post("/signin", data={"token": srv.token}).status_code == 303
+        nonce = re.search(r'name="nonce" value="([^"]+)"', ui.get("/signin").text).group(1)
+        assert ui.post("/signin", data={"token": srv.token, "nonce": nonce}).status_code == 303
         assert ui.cookies.get("fs_session")
         pages = {
             "/flows": ["/me", "/flows"],

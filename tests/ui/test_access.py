@@ -133,3 +133,33 @@ def test_an_owner_makes_a_user_and_an_instance_from_the_pages(server, page, admi
     expect(row).to_be_visible()
     row.get_by_role("button", name="Delete").click()
     expect(page.locator("#computes")).not_to_contain_text("box-one")
+
+
+def test_a_sign_in_posted_from_another_site_is_refused(server):
+    """Login CSRF: without the sign-in form's own cookie, a valid token signs no one in."""
+    r = httpx.post(server.url + "/signin", data={"token": server.token, "nonce": "guess"})
+    assert r.status_code == 403 and "fs_session" not in r.cookies
+    with httpx.Client(base_url=server.url) as c:  # the form's cookie and field: signed in
+        nonce = re.search(r'name="nonce" value="([^"]+)"', c.get("/signin").text).group(1)
+        r = c.post("/signin", data={"token": server.token, "nonce": nonce, "next": "//evil.example"})
+        assert r.status_code == 303 and r.headers["location"] == "/flows"  # never off-site
+        assert c.cookies.get("fs_session") == server.token
+
+
+def test_a_zip_that_unpacks_too_large_is_refused_before_it_is_unpacked(server):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("f/flow.dag.yaml", "inputs: {}\n")
+        z.writestr("f/big.txt", "0" * (5 * 2**20))  # 5 MB of zeros: a few kB zipped
+    assert len(buf.getvalue()) < 64 * 1024
+    with httpx.Client(base_url=server.url) as c:
+        nonce = re.search(r'name="nonce" value="([^"]+)"', c.get("/signin").text).group(1)
+        c.post("/signin", data={"token": server.token, "nonce": nonce})
+        csrf = re.search(r'name="csrf-token" content="([0-9a-f]+)"', c.get("/flows").text).group(1)
+        r = c.post("/flows/upload", data={"csrf": csrf, "name": "bomb"},
+                   files={"files": ("bomb.zip", buf.getvalue(), "application/zip")})
+        assert r.status_code == 422 and "big.txt" in r.text and "larger than" in r.text
+        assert "bomb" not in c.get("/api/flows").text

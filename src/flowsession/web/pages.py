@@ -4,7 +4,9 @@ the flow upload form. No domain logic here: what a page shows is what the API re
 
 from __future__ import annotations
 
+import hmac
 import io
+import secrets
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -104,10 +106,25 @@ def error_page(request: Request, exc: ApiError) -> HTMLResponse:
 
 # --- sign-in --------------------------------------------------------------------------------
 
+SIGNIN_COOKIE = "fs_signin"
+
+
+def signin_page(request: Request, target: str, error: str = "", status: int = 200
+                ) -> HTMLResponse:
+    """The sign-in form, with a fresh token in a cookie and in the form: a sign-in posted
+    from another site (login CSRF) has no cookie to match."""
+    nonce = secrets.token_urlsafe(24)
+    resp = templates.TemplateResponse(request, "signin.html", {
+        "me": None, "csrf": "", "can": lambda s: False, "next": target, "error": error,
+        "nonce": nonce}, status_code=status)
+    resp.set_cookie(SIGNIN_COOKIE, nonce, httponly=True, samesite="strict", path="/signin",
+                    secure=request.url.scheme == "https")
+    return resp
+
+
 @router.get("/signin")
 async def signin_form(request: Request, next: str = "/flows") -> HTMLResponse:
-    return templates.TemplateResponse(request, "signin.html", {
-        "me": None, "csrf": "", "can": lambda s: False, "next": _local(next), "error": ""})
+    return signin_page(request, _local(next))
 
 
 def _local(target: str) -> str:
@@ -121,14 +138,18 @@ def _local(target: str) -> str:
 async def signin(request: Request) -> Response:
     form = await request.form()
     token, target = str(form.get("token", "")).strip(), _local(str(form.get("next", "/flows")))
+    nonce = request.cookies.get(SIGNIN_COOKIE, "")
+    if not nonce or not hmac.compare_digest(nonce, str(form.get("nonce", ""))):
+        return signin_page(request, target, "the sign-in form was stale or sent from another "
+                           "page: sign in again", 403)
     try:
         api = Api(request, token=token or None)
         await api.get("/me")
     except (SignIn, ApiError):
-        return templates.TemplateResponse(request, "signin.html", {
-            "me": None, "csrf": "", "can": lambda s: False, "next": target,
-            "error": "that token is not valid (wrong, expired or revoked)"}, status_code=401)
+        return signin_page(request, target, "that token is not valid (wrong, expired or "
+                           "revoked)", 401)
     resp = RedirectResponse(target, status_code=303)
+    resp.delete_cookie(SIGNIN_COOKIE, path="/signin")
     resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/",
                     secure=request.url.scheme == "https")
     return resp
@@ -169,7 +190,8 @@ async def upload(request: Request) -> Response:
     name = str(form.get("name", "")).strip()
     error, files = None, {}
     try:
-        files = await _uploaded_files(form.getlist("files"))
+        files = await _uploaded_files(form.getlist("files"),
+                                      request.app.state.services.settings.max_body)
     except ValueError as exc:
         error = {"message": str(exc), "hint": "upload a flow folder or a .zip of it"}
     if error is None:
@@ -182,8 +204,11 @@ async def upload(request: Request) -> Response:
     return resp
 
 
-async def _uploaded_files(items: list) -> dict[str, str]:
+async def _uploaded_files(items: list, limit: int) -> dict[str, str]:
+    """The files' text by relative path; at most ``limit`` bytes in all (the server's body
+    limit: the API would refuse more), whatever a zip claims."""
     files: dict[str, str] = {}
+    total = 0
     for item in items:
         if not isinstance(item, UploadFile) or not item.filename:
             continue
@@ -192,13 +217,23 @@ async def _uploaded_files(items: list) -> dict[str, str]:
             try:
                 with zipfile.ZipFile(io.BytesIO(data)) as z:
                     for info in z.infolist()[:MAX_UPLOAD_FILES]:
-                        if not info.is_dir() and info.file_size <= MAX_FILE_BYTES:
-                            files[info.filename] = z.read(info).decode("utf-8", "replace")
+                        if info.is_dir():
+                            continue
+                        total += info.file_size
+                        if info.file_size > MAX_FILE_BYTES or total > limit:
+                            raise ValueError(f"{item.filename}: {info.filename} makes the "
+                                             f"flow larger than {limit // 2**20} MB unpacked")
+                        with z.open(info) as fh:  # never more than it claimed
+                            data_ = fh.read(info.file_size + 1)[:info.file_size]
+                        files[info.filename] = data_.decode("utf-8", "replace")
             except zipfile.BadZipFile:
                 raise ValueError(f"{item.filename} is not a zip file") from None
         else:
             if len(data) > MAX_FILE_BYTES:
                 raise ValueError(f"{item.filename} is larger than 4 MB")
+            total += len(data)
+            if total > limit:
+                raise ValueError(f"the flow is larger than {limit // 2**20} MB")
             files[item.filename] = data.decode("utf-8", "replace")
         if len(files) > MAX_UPLOAD_FILES:
             raise ValueError(f"more than {MAX_UPLOAD_FILES} files")
