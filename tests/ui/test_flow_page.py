@@ -92,6 +92,13 @@ def test_the_flow_page_from_sign_in_to_stop(server, page, tmp_path):
     shot(page, "installed-packages", full_page=False)
     dialog.get_by_role("button", name="Close").click()
 
+    # reset: the session comes back, with the package still installed
+    page.get_by_text("Compute session running").click()
+    page.get_by_role("menuitem", name="Reset compute session").click()
+    expect(page.locator("#oplog-status")).to_have_text(
+        "Resetting the compute session: succeeded", timeout=SESSION_UP)
+    expect(state).to_have_text("RUNNING", timeout=30_000)
+
     # test one line: outputs, and the trace with the bypassed node marked
     page.get_by_label("name (string)").fill("Ada")
     page.get_by_role("button", name="Run test").click()
