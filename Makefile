@@ -18,6 +18,11 @@ $(VENV)/.setup-done: pyproject.toml uv.lock
 	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 \
 	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } \
 	  || echo "note: bubblewrap is not installed: sessions will run without a sandbox"
+	@# the web UI's end-to-end tests (tests/ui) drive Debian's chromium (never `playwright install`)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -q chromium >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } \
+	  || echo "note: chromium is not installed: the web UI's tests (tests/ui) will be skipped"
 	@touch $@
 
 # The product's main job: the server (REST API at http://127.0.0.1:8765, docs at /docs) with the
@@ -71,3 +76,4 @@ bench: setup
 	$(VENV)/bin/python bench/session_start.py
 	$(VENV)/bin/python bench/batch.py
 	$(VENV)/bin/python bench/api.py
+	$(VENV)/bin/python bench/ui.py

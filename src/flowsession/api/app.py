@@ -208,6 +208,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         """Unauthenticated: is the server up."""
         return {"ok": True, "version": __version__}
 
+    from flowsession import web
+
+    web.mount(app)  # the web UI at /, over this API
     return app
 
 

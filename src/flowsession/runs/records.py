@@ -145,14 +145,16 @@ class RunRecords:
         return run
 
     def list(self, *, owner: str | None, statuses: Iterable[str] | None = None,
-             limit: int | None = None) -> list[Run]:
-        q = select(runs).order_by(runs.c.created_at.desc())
+             limit: int | None = None, offset: int = 0) -> list[Run]:
+        q = select(runs).order_by(runs.c.created_at.desc(), runs.c.name)
         if owner is not None:
             q = q.where(runs.c.owner == owner)
         if statuses is not None:
             q = q.where(runs.c.status.in_(list(statuses)))
         if limit:
             q = q.limit(limit)
+        if offset:
+            q = q.offset(offset)
         with self.store.engine.connect() as conn:
             return [_row(r) for r in conn.execute(q)]
 

@@ -448,8 +448,8 @@ class SessionService:
         return self.records.get(session.id)
 
     async def test(self, flow: str | Path, inputs: Mapping[str, Any], *, user: str,
-                   timeout: float = 600, init: Mapping[str, Any] | None = None
-                   ) -> dict[str, Any]:
+                   timeout: float = 600, init: Mapping[str, Any] | None = None,
+                   with_trace: bool = False) -> dict[str, Any]:
         """One line on the flow's session (started with default settings if none runs), with
         the connections the flow refers to as they are now, and ``init`` for a flex flow
         class."""
@@ -457,7 +457,8 @@ class SessionService:
         try:
             return await self.backend.test_line(
                 session.session_handle, inputs, timeout=timeout,
-                connections=self.flow_connections(session), init=dict(init or {}))
+                connections=self.flow_connections(session), init=dict(init or {}),
+                **({"with_trace": True} if with_trace else {}))
         except SessionFailed as exc:
             self.records.transition(session, S.FAILED, actor="system:supervisor",
                                     reason=exc.message, expect=[S.RUNNING])

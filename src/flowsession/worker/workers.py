@@ -215,14 +215,41 @@ def run_line(executor: Any, inputs: dict[str, Any], index: int | None,
         return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message_of(exc)}}
     run_info = result.run_info
     status = str(getattr(run_info.status, "value", run_info.status))
+    trace = node_trace(result)
     if status != "Completed":
         err = run_info.error or {}
         message = err.get("message") or f"the line ended with status {status}"
-        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message}}
+        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message},
+                "trace": trace}
     output = dict(result.output or {})
     if "line_number" not in declared and output.get("line_number") == index:
         output.pop("line_number", None)  # promptflow's bookkeeping, not a flow output
-    return {"ok": True, "output": {k: plain(v) for k, v in output.items()}}
+    return {"ok": True, "output": {k: plain(v) for k, v in output.items()}, "trace": trace}
+
+
+def node_trace(result: Any) -> list[dict[str, Any]]:
+    """Each node's inputs, output, duration (s), status (Bypassed for a skipped one) and
+    error, in the order they started: a test's trace."""
+    trace = []
+    for name, info in (getattr(result, "node_run_infos", None) or {}).items():
+        start, end = getattr(info, "start_time", None), getattr(info, "end_time", None)
+        try:
+            duration = round((end - start).total_seconds(), 6)
+        except (TypeError, AttributeError):
+            duration = None
+        err = getattr(info, "error", None) or {}
+        usage = getattr(info, "system_metrics", None) or {}
+        tokens = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                  if isinstance(usage, dict) and isinstance(usage.get(k), int)}
+        trace.append({"node": str(name), "tokens": tokens,
+                      "status": str(getattr(info.status, "value", info.status)),
+                      "inputs": {k: plain(v) for k, v in (getattr(info, "inputs", None)
+                                                          or {}).items()},
+                      "output": plain(getattr(info, "output", None)),
+                      "duration": duration, "start": str(start or ""),
+                      "error": err.get("message") if isinstance(err, dict) else str(err)})
+    trace.sort(key=lambda t: t["start"])
+    return trace
 
 
 def plain(value: Any) -> Any:

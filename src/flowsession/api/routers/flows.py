@@ -54,6 +54,8 @@ class TestIn(Strict):
     timeout: float = Field(default=600, gt=0, le=86400)
     init: dict[str, Any] = Field(default_factory=dict, description="a flex flow class's "
                                  "__init__ arguments")
+    trace: bool = Field(default=False, description="also each node's inputs, output, "
+                        "duration and status (the answer's 'trace')")
 
 
 def registry(svc: Services) -> FlowRegistry:
@@ -236,5 +238,8 @@ async def test(name: str, body: TestIn, who: Principal = Depends(require("sessio
                svc: Services = Depends(services)) -> dict:
     """One line on the flow's session (started with default settings if none runs)."""
     flow, owner = flow_of(svc, who, name)
+    if body.trace:
+        return await svc.sessions.test(flow.path, body.inputs, user=owner, timeout=body.timeout,
+                                       init=body.init, with_trace=True)
     return {"outputs": await svc.sessions.test(flow.path, body.inputs, user=owner,
                                                timeout=body.timeout, init=body.init)}

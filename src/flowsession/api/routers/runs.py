@@ -168,10 +168,12 @@ async def create_run(body: RunIn, request: Request,
 
 @router.get("/runs")
 def list_runs(max_results: int = Query(50, ge=1, le=10000),
+              offset: int = Query(0, ge=0, le=2**31 - 1, description="skip this many (paging)"),
               who: Principal = Depends(require("runs:read")),
               svc: Services = Depends(services)) -> list[dict]:
     owner = None if who.manages_all else who.user
-    return [_run_dict(r) for r in svc.runs.records.list(owner=owner, limit=max_results)]
+    return [_run_dict(r) for r in svc.runs.records.list(owner=owner, limit=max_results,
+                                                         offset=offset)]
 
 
 @router.get("/runs/{name}")
@@ -185,9 +187,17 @@ async def get_run(name: str, who: Principal = Depends(require("runs:read")),
 
 @router.get("/runs/{name}/details")
 def details(name: str, who: Principal = Depends(require("runs:read")),
-            svc: Services = Depends(services)) -> list[dict]:
+            svc: Services = Depends(services),
+            offset: int = Query(0, ge=0, le=2**31 - 1, description="paging: skip this many"),
+            max_results: int | None = Query(None, ge=1, le=100000),
+            status: str | None = Query(None, pattern="^(Completed|Failed|NotStarted)$",
+                                       description="only the lines with this status")
+            ) -> list[dict]:
     run = run_of(svc, who, name)
-    return svc.runs.details(name, user=run.owner)
+    rows = svc.runs.details(name, user=run.owner)
+    if status is not None:
+        rows = [r for r in rows if r["status"] == status]
+    return rows[offset: offset + max_results if max_results else None]
 
 
 @router.get("/runs/{name}/outputs")

@@ -207,8 +207,10 @@ class ComputeBackend(Protocol):
 
     async def test_line(self, handle: SessionHandle, inputs: Mapping[str, Any], *,
                         timeout: float, connections: Mapping[str, Any] | None = None,
-                        init: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """One line; ``connections``/``init`` (when given) are what the flow loads with."""
+                        init: Mapping[str, Any] | None = None, with_trace: bool = False
+                        ) -> dict[str, Any]:
+        """One line; ``connections``/``init`` (when given) are what the flow loads with;
+        ``with_trace``: ``{"outputs", "trace", "duration"}``."""
         ...
 
     async def reload(self, handle: SessionHandle, snapshot: Path) -> None:

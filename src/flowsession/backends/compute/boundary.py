@@ -125,6 +125,38 @@ def record(raw: bytes | str | Mapping[str, Any], total: int) -> bytes | None:
     return data
 
 
+MAX_TRACE_NODES = 1000  # nodes a test's trace may name
+
+
+def seconds(value: Any) -> float | None:
+    """A duration a session sent: a finite, non-negative number, else None."""
+    ok = type(value) in (int, float) and math.isfinite(value) and value >= 0
+    return float(value) if ok else None
+
+
+def trace(value: Any) -> list[dict[str, Any]]:
+    """A test's trace as a session sent it, kept to its known fields and their types (node
+    and status short text, an error bounded, a duration a number); what is not a list of
+    objects is no trace."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value[:MAX_TRACE_NODES]:
+        if not isinstance(item, Mapping):
+            continue
+        inputs, tokens = item.get("inputs"), item.get("tokens")
+        out.append({"node": text(item.get("node"), 200, one_line=True),
+                    "tokens": {text(k, 40): v for k, v in tokens.items()
+                               if type(v) is int and 0 <= v < 2**53}
+                    if isinstance(tokens, Mapping) else {},
+                    "status": text(item.get("status"), 40, one_line=True),
+                    "inputs": dict(inputs) if isinstance(inputs, Mapping) else {},
+                    "output": item.get("output"),
+                    "duration": seconds(item.get("duration")),
+                    "error": text(item.get("error"), MAX_ERROR) if item.get("error") else None})
+    return out
+
+
 def _dump(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode()

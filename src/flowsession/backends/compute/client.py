@@ -97,7 +97,10 @@ class SupervisorClient:
 
     async def test_line(self, handle: SessionHandle, inputs: Mapping[str, Any], *,
                         timeout: float, connections: Mapping[str, Any] | None = None,
-                        init: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                        init: Mapping[str, Any] | None = None, with_trace: bool = False
+                        ) -> dict[str, Any]:
+        """The line's outputs; ``with_trace``: ``{"outputs", "trace", "duration"}``, the trace
+        (each node's inputs, output, status, duration) checked as session data."""
         msg: dict[str, Any] = {"op": "test", "inputs": dict(inputs), "timeout": timeout}
         if connections is not None:
             msg["connections"] = dict(connections)
@@ -112,6 +115,9 @@ class SupervisorClient:
             raise SessionFailed(f"the session's supervisor is not answering: {exc}",
                                 hint=RESET_HINT) from None
         if answer.get("ok") is True and isinstance(answer.get("output"), dict):
+            if with_trace:
+                return {"outputs": answer["output"], "trace": boundary.trace(answer.get("trace")),
+                        "duration": boundary.seconds(answer.get("duration"))}
             return answer["output"]
         err = answer.get("error") if isinstance(answer.get("error"), dict) else {}
         kind, message = err.get("type"), boundary.text(err.get("message"), boundary.MAX_ERROR)
