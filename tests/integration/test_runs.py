@@ -715,7 +715,9 @@ def test_a_line_that_kills_its_worker_fails_alone_after_three_tries(rs, tmp_path
     assert [o["out"] for o in outs(rs, r.name)] == ["a", "b", "c", "d", "e"]
     assert sorted(stored_positions(rs, r.name)) == list(range(6))
     ran = executions(rs, r.session_id)
-    assert ran.count("die") == 3 and all(ran.count(t) == 1 for t in "abcde"), ran
+    # three times alone (blamed each time); once more first if it died among other lines in
+    # flight (then nobody is blamed: they all run again, one at a time)
+    assert ran.count("die") in (3, 4) and all(ran.count(t) in (1, 2) for t in "abcde"), ran
 
 
 # --- a worker killed --------------------------------------------------------------------------
