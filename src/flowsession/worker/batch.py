@@ -266,8 +266,7 @@ class Batch:
         return max(1, min(MAX_CHUNK, by_time, fair))
 
     def _feed(self, b: BatchWorker) -> None:
-        """Keep a worker's threads busy: two chunks queued, at least twice its slots of lines
-        (a suspects' worker: one line at a time)."""
+        """Keep a worker's threads busy (a suspects' worker: one line at a time)."""
         if (self.state != RunState.RUNNING or not b.loaded or not b.worker.alive
                 or b.draining or b.worker.retired):
             return
@@ -278,8 +277,14 @@ class Batch:
                 b.worker.retired = True
                 b.worker.channel.close_after_flush()
             return
-        while self.pending and (len(b.chunks) < 2 or len(b.chunk) < 2 * self.slots):
-            n = self._chunk_size()
+        while self.pending:
+            # plenty left: two chunks and twice its slots queued, so its threads never wait
+            # for the next chunk; near the end (or before the others have loaded): its share
+            plenty = len(self.pending) > 2 * self.slots * self.n_workers
+            room = (2 * self.slots if plenty else self.slots) - len(b.chunk)
+            if room <= 0 and not (plenty and len(b.chunks) < 2):
+                break
+            n = self._chunk_size() if room <= 0 else min(room, self._chunk_size())
             self._send(b, [self.pending.popleft() for _ in range(min(n, len(self.pending)))])
 
     def _send(self, b: BatchWorker, lines: list[int]) -> None:

@@ -140,8 +140,11 @@ class _Runner:
     def load(self) -> bool:
         from promptflow.executor import FlowExecutor
 
-        os.environ.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
+        env = {str(k): str(v) for k, v in (self.spec.get("env") or {}).items()}
+        os.environ.update(env)
         flow_dir = Path(self.spec["flow"])
+        if "PF_DISABLE_TRACING" not in env and calls_llms(flow_dir):
+            os.environ["PF_DISABLE_TRACING"] = "false"  # promptflow counts tokens in traces
         started = time.monotonic()
         try:
             self.executor = FlowExecutor.create(
@@ -250,9 +253,12 @@ class _Runner:
                     del self.inflight[pos]
                     log.warning("run %s: line %d ran over its timeout of %g s", self.run_id,
                                 pos, self.timeout)
+                    why = (f" (the endpoint answered 429, rate limited, "
+                           f"{self.gate.throttled} time(s) in this worker)"
+                           if self.gate.throttled else "")
                     record = {"i": pos, "ok": False, "d": round(now - st, 6),
                               "error": f"the line timed out: it ran over the run's line "
-                                       f"timeout of {self.timeout:g} s"}
+                                       f"timeout of {self.timeout:g} s{why}"}
                     self._write(record)
                     self._ended(c, record)
                     threading.Thread(target=self._runner, daemon=True).start()
@@ -318,6 +324,30 @@ class _Runner:
         return {"ok": not failed, "metrics": {k: plain(v) for k, v in result.metrics.items()},
                 "output": {k: plain(v) for k, v in (result.output or {}).items()},
                 "error": "; ".join(failed) or None}
+
+
+def calls_llms(flow_dir: Path, max_files: int = 200, max_bytes: int = 1 << 20) -> bool:
+    """Does the flow call LLMs (an ``llm`` node, or code that names openai)? Then its lines'
+    token usage is worth promptflow's tracing (which doubles the cost of a trivial line).
+    Only the flow's own files are read (bounded; no symlink followed)."""
+    seen = 0
+    for root, dirs, files in os.walk(flow_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__",
+                                                                          "node_modules")]
+        for name in files:
+            if not name.endswith((".py", ".yaml", ".yml", ".prompty")):
+                continue
+            seen += 1
+            if seen > max_files:
+                return False
+            f = open_regular(Path(root) / name)
+            if f is None:
+                continue
+            with f:
+                text = f.read(max_bytes).decode("utf-8", errors="replace")
+            if "openai" in text.lower() or "type: llm" in text:
+                return True
+    return False
 
 
 class _Chunk:

@@ -2,13 +2,14 @@
 halves on a rate limit (HTTP 429) and grows back by one line per window of successes (AIMD),
 and holds new lines back while the endpoint's ``retry-after`` runs. Stdlib only.
 
-The 429s are seen where every OpenAI call passes: ``httpx``'s ``send`` (the ``openai`` client
-sends each attempt, its own retries included, through it). ``watch_http`` wraps it once per
+The 429s are seen where every OpenAI call passes: ``httpx``'s (or ``httpx2``'s) ``send`` (the
+``openai`` client sends each attempt, its own retries included, through it). ``watch_http`` wraps it once per
 worker process; without httpx nothing is watched and the gate stays at ``slots``.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable
@@ -82,38 +83,44 @@ def retry_after_of(headers: Any) -> float | None:
 
 
 _watchers: list[Callable[[float | None], None]] = []
-_patched = False
+_patched: set[str] = set()
+HTTP_MODULES = ("httpx", "httpx2")  # openai's client: httpx, or its successor httpx2
 
 
 def watch_http(on_429: Callable[[float | None], None]) -> bool:
-    """Call ``on_429(retry_after)`` for every 429 answered to httpx in this process."""
-    global _patched
+    """Call ``on_429(retry_after)`` for every 429 answered to httpx (or httpx2) in this
+    process; False when neither is installed."""
     _watchers.append(on_429)
-    if _patched:
-        return True
-    try:
-        import httpx
-    except ImportError:
-        return False
+    for name in HTTP_MODULES:
+        if name in _patched:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        _patch(module)
+        _patched.add(name)
+    return bool(_patched)
 
-    def seen(response: Any) -> None:
-        if getattr(response, "status_code", None) == 429:
-            after = retry_after_of(getattr(response, "headers", None))
-            for w in list(_watchers):
-                w(after)
 
-    sync_send, async_send = httpx.Client.send, httpx.AsyncClient.send
+def _seen(response: Any) -> None:
+    if getattr(response, "status_code", None) == 429:
+        after = retry_after_of(getattr(response, "headers", None))
+        for w in list(_watchers):
+            w(after)
+
+
+def _patch(module: Any) -> None:
+    sync_send, async_send = module.Client.send, module.AsyncClient.send
 
     def send(self: Any, *args: Any, **kwargs: Any) -> Any:
         response = sync_send(self, *args, **kwargs)
-        seen(response)
+        _seen(response)
         return response
 
     async def asend(self: Any, *args: Any, **kwargs: Any) -> Any:
         response = await async_send(self, *args, **kwargs)
-        seen(response)
+        _seen(response)
         return response
 
-    httpx.Client.send, httpx.AsyncClient.send = send, asend
-    _patched = True
-    return True
+    module.Client.send, module.AsyncClient.send = send, asend
