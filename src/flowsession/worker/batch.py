@@ -100,6 +100,7 @@ class Batch:
         self.throttled_at: float | None = None  # when the last was reported
         self.limits: dict[int, int] = {}  # worker pid -> lines in flight it allows now
         self._throttled_by: dict[int, int] = {}  # worker pid -> 429s it reported
+        self._last_limit = self.concurrency
         self.pending_aggregate: Any = None  # the aggregate request waiting for its answer
         self.agg_worker: BatchWorker | None = None
         self._answer: Callable[[Any, dict], None] | None = None
@@ -314,8 +315,11 @@ class Batch:
                          "lowered to %s", self.id, self.throttled, self._in_flight_limit())
 
     def _in_flight_limit(self) -> int:
+        """The lines in flight the workers allow now (once they are gone: the last figure)."""
         live = [b for b in self.workers if b.worker.alive and not b.draining and not b.solo]
-        return sum(self.limits.get(b.worker.pid, self.slots) for b in live)
+        if live:
+            self._last_limit = sum(self.limits.get(b.worker.pid, self.slots) for b in live)
+        return self._last_limit
 
     def _count(self, done: int, failed: int, errors: list) -> None:
         self.done += done
