@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--rate-lines", type=int, default=500)
     parser.add_argument("--echo-sizes", default="10000")
     parser.add_argument("--skip-pf-echo", action="store_true")
+    parser.add_argument("--cases", default="sleep,llm,429,echo",
+                        help="which cases to run (the table shows those)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
@@ -202,31 +204,44 @@ def main() -> None:
                 print(f"  {key:6s} {label:11s} {lines:>7,} lines: {out[label]['wall']:7.2f} s "
                       f"(pf's duration {out[label]['duration']:.2f} s)  {load()}", flush=True)
 
-        case("sleep", sleepy, data["sleep"], n)
-        before = llm.stats()
-        case("llm", chat, data["llm"], n, pf_too=True, pf16=True)
-        res["llm"]["server"] = {"before": before, "after": llm.stats()}
-        # (c): the rate-limited server (the connection override points the node at it)
-        s0 = limited.stats()
-        res["429"] = {"lines": args.rate_lines}
-        res["429"]["fs"] = fs_run(env, tmp, chat, data["429"], args.rate_lines,
-                                  "--connections", "chat.connection=limited")
-        s1 = limited.stats()
-        res["429"]["server"] = {"before": s0, "after": s1}
-        print(f"  429    flowsession {args.rate_lines:>7,} lines: "
-              f"{res['429']['fs']['wall']:7.2f} s; server {s1}", flush=True)
-        for size in echo_sizes:
+        cases = set(args.cases.split(","))
+        if "sleep" in cases:
+            case("sleep", sleepy, data["sleep"], n)
+        if "llm" in cases:
+            before = llm.stats()
+            case("llm", chat, data["llm"], n, pf_too=True, pf16=True)
+            res["llm"]["server"] = {"before": before, "after": llm.stats()}
+        if "429" in cases:
+            rate_case(res, args, env, tmp, chat, data, limited)
+        for size in echo_sizes if "echo" in cases else []:
             key = f"echo{size}"
             case(key, echo, data[key], size, pf_too=not args.skip_pf_echo and size <= 10000,
                  pf16=False)
         res["floor_ms"] = floor_ms(python, echo, 10000, tmp / "floor.json")
     finally:
-        llm.stop()
-        limited.stop()
-        subprocess.run([str(EXE), "server", "stop"], env=env, capture_output=True)
-        subprocess.run([*pf, "service", "stop"], env=pf_env, cwd=tmp, capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(llm, limited, env, pf, pf_env, tmp)
     report(res, args)
+
+
+def stop(llm: LLM, limited: LLM, env: dict, pf: list, pf_env: dict, tmp: Path) -> None:
+    llm.stop()
+    limited.stop()
+    subprocess.run([str(EXE), "server", "stop"], env=env, capture_output=True)
+    subprocess.run([*pf, "service", "stop"], env=pf_env, cwd=tmp, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rate_case(res: dict, args, env: dict, tmp: Path, chat: Path, data: dict,
+              limited: LLM) -> None:
+    """(c): the rate-limited server (the connection override points the node at it)."""
+    s0 = limited.stats()
+    res["429"] = {"lines": args.rate_lines}
+    res["429"]["fs"] = fs_run(env, tmp, chat, data["429"], args.rate_lines,
+                              "--connections", "chat.connection=limited")
+    s1 = limited.stats()
+    res["429"]["server"] = {"before": s0, "after": s1}
+    print(f"  429    flowsession {args.rate_lines:>7,} lines: "
+          f"{res['429']['fs']['wall']:7.2f} s; server {s1}", flush=True)
 
 
 def report(res: dict, args) -> None:
@@ -238,6 +253,8 @@ def report(res: dict, args) -> None:
     verdicts = []
     for key, label in (("sleep", "(a) python node, sleep 100 ms"),
                        ("llm", "(b) llm node, 100 ms endpoint")):
+        if key not in res:
+            continue
         r = res[key]
         f, p, p16 = r["fs"]["wall"], r["pf"]["wall"], r["pf16"]["wall"]
         r["x_pf"], r["x_pf16"] = p / f, p16 / f
@@ -252,19 +269,9 @@ def report(res: dict, args) -> None:
         verdicts.append((f"{key}: achieved concurrency {r['achieved_concurrency']:.1f} >= "
                          f"0.8 x {DEFAULT_CONCURRENCY}",
                          r["achieved_concurrency"] >= 0.8 * DEFAULT_CONCURRENCY))
-    c = res["429"]
-    a, b = c["server"]["before"], c["server"]["after"]
-    answered = b["answered"] - a["answered"]
-    span = (b["last"] - (b["first"] if a["first"] is None else b["first"])) if b["last"] else 0
-    c["achieved_rate"] = answered / span if span else 0.0
-    c["rate_limited"] = b["rate_limited"] - a["rate_limited"]
-    print(f"{'(c) llm, endpoint at ' + str(int(args.rate)) + ' req/s':34s}"
-          f"{c['lines']:>8,}{c['fs']['wall']:>8.2f}{'':>8s}{'':>8s}{'':>8s}{'':>8s}"
-          f"{c['fs']['duration']:>10.2f}")
-    verdicts.append((f"429: achieved {c['achieved_rate']:.1f} req/s >= 0.9 x {args.rate:g}",
-                     c["achieved_rate"] >= 0.9 * args.rate))
-    verdicts.append((f"429: {c['fs']['failed']} failed lines (429s answered: "
-                     f"{c['rate_limited']})", c["fs"]["failed"] == 0))
+    c = res.get("429")
+    if c is not None:
+        rate_report(c, args, verdicts)
     floor_cores = 1000 / res["floor_ms"] * cores
     for key in [k for k in res if k.startswith("echo")]:
         r = res[key]
@@ -279,14 +286,31 @@ def report(res: dict, args) -> None:
         verdicts.append((f"{key}: run {r['run_lines_per_s']:.0f} lines/s >= 0.6 x floor x "
                          f"cores {floor_cores:.0f}", r["run_lines_per_s"] >= 0.6 * floor_cores))
     print(f"\nfloor: {res['floor_ms']:.3f} ms/line; floor x cores {floor_cores:.0f} lines/s")
-    tokens = (res["llm"]["fs"].get("system_metrics") or {})
-    print(f"(b) token usage (run show system_metrics): {tokens}")
-    print(f"(c) throttle (run show): {c['fs'].get('throttle')}")
+    if "llm" in res:
+        print(f"(b) token usage (run show system_metrics): "
+              f"{res['llm']['fs'].get('system_metrics')}")
+    if c is not None:
+        print(f"(c) throttle (run show): {c['fs'].get('throttle')}")
     print()
     for text, ok in verdicts:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+
+def rate_report(c: dict, args, verdicts: list) -> None:
+    a, b = c["server"]["before"], c["server"]["after"]
+    answered = b["answered"] - a["answered"]
+    span = (b["last"] - (b["first"] if a["first"] is None else b["first"])) if b["last"] else 0
+    c["achieved_rate"] = answered / span if span else 0.0
+    c["rate_limited"] = b["rate_limited"] - a["rate_limited"]
+    print(f"{'(c) llm, endpoint at ' + str(int(args.rate)) + ' req/s':34s}"
+          f"{c['lines']:>8,}{c['fs']['wall']:>8.2f}{'':>8s}{'':>8s}{'':>8s}{'':>8s}"
+          f"{c['fs']['duration']:>10.2f}")
+    verdicts.append((f"429: achieved {c['achieved_rate']:.1f} req/s >= 0.9 x {args.rate:g}",
+                     c["achieved_rate"] >= 0.9 * args.rate))
+    verdicts.append((f"429: {c['fs']['failed']} failed lines (429s answered: "
+                     f"{c['rate_limited']})", c["fs"]["failed"] == 0))
 
 
 if __name__ == "__main__":

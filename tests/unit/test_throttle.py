@@ -1,4 +1,4 @@
-"""The lines-in-flight gate of a batch worker: halves on a 429, waits out retry-after, grows
+"""The lines-in-flight gate of a batch worker: shrinks on a 429, waits out retry-after, grows
 back one line per window of successes (a fake clock; no threads needed)."""
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ class Clock:
         return self.now
 
 
-def test_a_429_halves_the_lines_in_flight_and_successes_bring_them_back():
+def test_a_429_cuts_the_lines_in_flight_and_successes_bring_them_back():
     clock = Clock()
-    gate = Gate(16, clock=clock)
+    gate = Gate(20, clock=clock)
     gate.rate_limited(0.5)
-    assert gate.report() == {"throttled": 1, "limit": 8, "lowest": 8}
+    assert gate.report() == {"throttled": 1, "limit": 14, "lowest": 14}
     gate.rate_limited(0.5)  # the same burst of 429s: one signal
-    assert gate.report()["limit"] == 8
+    assert gate.report()["limit"] == 14
     clock.now += 1.5
     gate.rate_limited(None)
-    assert gate.report()["limit"] == 4
+    assert gate.report()["limit"] == 9
     clock.now += 2
     for _ in range(200):
         gate.inflight = 1
         gate.leave(ok=True)
-    assert gate.report()["limit"] == 16  # never above the setting
+    assert gate.report()["limit"] == 20  # never above the setting
 
 
 def test_new_lines_wait_out_the_retry_after_and_never_go_below_one():
