@@ -37,3 +37,21 @@ def test_max_concurrency_from_the_shell_and_its_limits(fs, tmp_path, settings):
     assert answer.status_code == 422
     error = answer.json()["error"]
     assert error["field"] == "max_concurrency" and "1024" in error["message"], error
+
+
+def test_run_show_says_a_run_was_throttled_and_counts_its_tokens(fs, tmp_path):
+    from helpers.llm_server import LLMServer
+
+    flow_copy(tmp_path, "llm_chat")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": f"q {i}"}) + "\n"
+                                              for i in range(60)))
+    with LLMServer(latency=0.05, rate=20) as server:
+        (tmp_path / "conn.yml").write_text(server.connection_yaml())
+        fs.ok("connection", "create", "--file", "conn.yml")
+        r = fs.json("run", "create", "--flow", "llm_chat", "--data", "q.jsonl", "--name", "lim")
+    assert r["status"] == "Completed" and (r["completed"], r["failed"]) == (60, 0), r
+    shown = fs.ok("run", "show", "lim").stdout
+    assert "throttled: the endpoint answered 429 (rate limited)" in shown, shown
+    assert f"tokens: {r['system_metrics']['total_tokens']} (prompt" in shown, shown
+    details = fs.json("run", "show-details", "lim")
+    assert all(row["system_metrics"]["total_tokens"] > 0 for row in details), details[:2]
