@@ -219,13 +219,17 @@ def main() -> None:
                  pf16=False)
         res["floor_ms"] = floor_ms(python, echo, 10000, tmp / "floor.json")
     finally:
-        stop(llm, limited, env, pf, pf_env, tmp)
+        stop(llm, limited, env, pf, pf_env, tmp, [sleepy, chat, echo])
     report(res, args)
 
 
-def stop(llm: LLM, limited: LLM, env: dict, pf: list, pf_env: dict, tmp: Path) -> None:
+def stop(llm: LLM, limited: LLM, env: dict, pf: list, pf_env: dict, tmp: Path,
+         flows: list[Path]) -> None:
     llm.stop()
     limited.stop()
+    for flow in flows:  # the sessions outlive the server: stop them first
+        subprocess.run([str(EXE), "session", "stop", str(flow)], env=env, cwd=tmp,
+                       capture_output=True)
     subprocess.run([str(EXE), "server", "stop"], env=env, capture_output=True)
     subprocess.run([*pf, "service", "stop"], env=pf_env, cwd=tmp, capture_output=True)
     shutil.rmtree(tmp, ignore_errors=True)
