@@ -22,7 +22,7 @@ Each run is checked (Completed, every line completed, token counts for llm). Tar
 >= 10x pf defaults and >= 3x pf PF_WORKER_COUNT=16, achieved concurrency >= 80% of the
 setting; (c) >= 90% of R, 0 failed; (d) >= 30x pf, run lines/s >= 60% of floor x cores.
 
-    .venv/bin/python bench/llm_batch.py [--lines 1000] [--rate 50] [--rate-lines 500]
+    .venv/bin/python bench/llm_batch.py [--lines 1000] [--rate 50] [--rate-lines 500] [--cases sleep,llm,429,echo]
                                         [--echo-sizes 10000,100000] [--skip-pf-echo]
                                         [--json PATH]
 
