@@ -140,10 +140,9 @@ class _Runner:
     def load(self) -> bool:
         from promptflow.executor import FlowExecutor
 
-        env = {str(k): str(v) for k, v in (self.spec.get("env") or {}).items()}
-        os.environ.update(env)
+        os.environ.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
         flow_dir = Path(self.spec["flow"])
-        if "PF_DISABLE_TRACING" not in env and calls_llms(flow_dir):
+        if "PF_DISABLE_TRACING" not in (self.spec.get("env") or {}) and calls_llms(flow_dir):
             os.environ["PF_DISABLE_TRACING"] = "false"  # promptflow counts tokens in traces
         started = time.monotonic()
         try:
@@ -162,8 +161,19 @@ class _Runner:
         log.info("run %s: worker %d loaded %s in %.3f s", self.run_id, os.getpid(), flow_dir,
                  time.monotonic() - started)
         throttle.watch_http(self.gate.rate_limited)
+        self._keep_results()
         self.send({"event": "loaded", "aggregation": self.aggregation})
         return True
+
+    def _keep_results(self) -> None:
+        """Each thread's last line result (its token usage is read from it)."""
+        exec_line, local = self.executor.exec_line, self.local
+
+        def keeping(*args: Any, **kwargs: Any) -> Any:
+            local.result = exec_line(*args, **kwargs)
+            return local.result
+
+        self.executor.exec_line = keeping
 
     def lines(self) -> list[bytes]:
         if self._lines is None:
@@ -275,7 +285,6 @@ class _Runner:
             return {"i": pos, "ok": False, "error": f"no inputs for line {pos}: {exc}"}
         try:
             result = self.executor.exec_line(inputs, index=pos, run_id=self.run_id)
-            self.local.result = result
         except Exception as exc:  # noqa: BLE001 - refused inputs, whatever promptflow raises
             return {"i": pos, "ok": False, "error": message_of(exc)}
         run_info = result.run_info
