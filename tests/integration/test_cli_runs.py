@@ -236,7 +236,8 @@ def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, 
     (tmp_path / "slow.jsonl").write_text("".join(
         json.dumps({"text": f"l{i}", "seconds": "0.4"}) + "\n" for i in range(n)))
     proc = fs.popen("run", "create", "--flow", "slow", "--data", "slow.jsonl",
-                    "--name", "orphan", "--workers", "2", "--stream")
+                    "--name", "orphan", "--workers", "2", "--max-concurrency", "2",
+                    "--stream")
     records = RunRecords(open_store(settings.db_url))
     deadline = time.monotonic() + 120
     try:

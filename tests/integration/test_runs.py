@@ -679,7 +679,8 @@ def test_a_line_over_its_timeout_fails_alone_and_quickly(rs, tmp_path):
                                               {"seconds": "0"}, {"seconds": "0.2"},
                                               {"seconds": "0.1"}])
     started = time.monotonic()
-    r = go(rs, flow=str(flow), data=str(data), line_timeout=1, workers=1)
+    r = go(rs, flow=str(flow), data=str(data), line_timeout=1, workers=1,
+           max_concurrency=1)
     took = time.monotonic() - started
     assert took < 20, took
     assert r.status == R.RunStatus.COMPLETED and (r.completed, r.failed) == (4, 1)
@@ -715,7 +716,9 @@ def test_a_line_that_kills_its_worker_fails_alone_after_three_tries(rs, tmp_path
     assert [o["out"] for o in outs(rs, r.name)] == ["a", "b", "c", "d", "e"]
     assert sorted(stored_positions(rs, r.name)) == list(range(6))
     ran = executions(rs, r.session_id)
-    assert ran.count("die") == 3 and all(ran.count(t) == 1 for t in "abcde"), ran
+    # three times alone (blamed each time); once more first if it died among other lines in
+    # flight (then nobody is blamed: they all run again, one at a time)
+    assert ran.count("die") in (3, 4) and all(ran.count(t) in (1, 2) for t in "abcde"), ran
 
 
 # --- a worker killed --------------------------------------------------------------------------
@@ -723,7 +726,8 @@ def test_a_line_that_kills_its_worker_fails_alone_after_three_tries(rs, tmp_path
 
 def test_a_batch_worker_killed_mid_run_loses_nothing_and_stores_nothing_twice(rs, tmp_path):
     flow, data = slow_flow(tmp_path, 16, 0.4)
-    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2), user=USER))
+    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2,
+                                    max_concurrency=2), user=USER))
     name = created.name
 
     def some_done() -> bool:
@@ -753,7 +757,8 @@ def test_a_batch_worker_killed_mid_run_loses_nothing_and_stores_nothing_twice(rs
 
 def test_a_session_killed_mid_run_is_replaced_and_only_missing_lines_run(rs, tmp_path):
     flow, data = slow_flow(tmp_path, 16, 0.4)
-    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2), user=USER))
+    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2,
+                                    max_concurrency=2), user=USER))
     name, first_session = created.name, created.session_id
     wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 4, 60,
                what="four lines done")
@@ -807,7 +812,8 @@ def test_a_session_reset_mid_run_does_not_stop_the_run(rs, tmp_path):
 def test_cancel_mid_run_keeps_the_lines_done_and_a_canceled_base_run_is_refused(rs, tmp_path):
     flow, data = slow_flow(tmp_path, 20, 0.4)
     echo = flow_copy(tmp_path, "echo")
-    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2), user=USER))
+    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2,
+                                    max_concurrency=2), user=USER))
     name = created.name
     assert created.status == R.RunStatus.RUNNING
 

@@ -62,6 +62,17 @@ def _print_run(run: Run, c: Client) -> None:
     fields(d, ["name", "display_name", "status", "summary", "flow", "data", "base_run",
                "variant", "column_mapping", "session_id", "error", "created", "started",
                "ended", "duration", "output_path"])
+    metrics = run.system_metrics or {}
+    if metrics.get("total_tokens"):
+        out.print(f"[bold]tokens:[/] {metrics.get('total_tokens', 0)} "
+                  f"(prompt {metrics.get('prompt_tokens', 0)}, completion "
+                  f"{metrics.get('completion_tokens', 0)})", highlight=False)
+    throttle = run.throttle or {}
+    if throttle.get("throttled"):
+        out.print(f"[bold yellow]throttled:[/] the endpoint answered 429 (rate limited) "
+                  f"{throttle['throttled']} time(s), last at {_when(throttle.get('at'))}; "
+                  f"lines in flight lowered to {throttle.get('in_flight_limit')} of "
+                  f"{throttle.get('concurrency')}", highlight=False)
     if run.errors:
         out.print("[bold]first errors:[/]", highlight=False)
         for line, message in run.errors:
@@ -85,7 +96,7 @@ def _spec(file: Path | None, values: dict[str, Any]) -> RunSpec:
     else:
         data = {}
     for key, value in values.items():
-        if value in (None, {}, [], False):
+        if value is None or value is False or value in ({}, []):  # (0 is a value)
             continue
         if key in ("column_mapping", "environment_variables", "tags", "init",
                    "resources") and isinstance(data.get(key), dict):
@@ -140,6 +151,9 @@ def create(
                                 "vCPUs)."),
     line_timeout: float = typer.Option(None, "--line-timeout", help="Seconds a line may run "
                                        "(default 600; 0: no limit)."),
+    max_concurrency: int = typer.Option(None, "--max-concurrency", help="Lines in flight "
+                                        "(default 64, or PF_WORKER_COUNT; lowered while the "
+                                        "endpoint answers 429)."),
     skip_malformed: bool = typer.Option(False, "--skip-malformed", help="Skip malformed data "
                                         "lines (they are reported) instead of refusing."),
     resume_from: str = typer.Option(None, "--resume-from", help="Run again only the lines "
@@ -158,6 +172,7 @@ def create(
         "flow": flow, "data": data, "run": run, "variant": variant, "name": name,
         "display_name": display_name, "description": description, "identity": identity,
         "workers": workers, "line_timeout": line_timeout, "skip_malformed": skip_malformed,
+        "max_concurrency": max_concurrency,
         "resume_from": resume_from, "resources": resources,
         "column_mapping": parse_mapping_args(column_mapping or []),
         "environment_variables": parse_pairs(environment_variables,

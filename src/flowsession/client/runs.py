@@ -39,7 +39,8 @@ class Runs:
             name: str | None = None, display_name: str | None = None,
             description: str | None = None, tags: Mapping[str, str] | None = None,
             init: Mapping[str, Any] | None = None, workers: int | None = None,
-            line_timeout: float | None = None, skip_malformed: bool = False,
+            line_timeout: float | None = None, max_concurrency: int | None = None,
+            skip_malformed: bool = False,
             resume_from: str | Run | None = None, wait: bool = True,
             on_progress: OnRun = None, **extra: Any) -> Run:
         """Create a run (prompt flow's ``pf.run``) and, unless ``wait=False``, wait for it to
@@ -56,7 +57,8 @@ class Runs:
             "identity": identity, "environment_variables": environment_variables,
             "connections": connections, "name": name, "display_name": display_name,
             "description": description, "tags": tags, "init": init, "workers": workers,
-            "line_timeout": line_timeout, "skip_malformed": skip_malformed or None,
+            "line_timeout": line_timeout, "max_concurrency": max_concurrency,
+            "skip_malformed": skip_malformed or None,
             "resume_from": _name(resume_from)}
         spec, _ = spec_from_dict({k: v for k, v in fields.items() if v is not None},
                                  source="Client.run")

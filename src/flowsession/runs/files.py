@@ -33,6 +33,7 @@ from flowsession.environments import fsops
 INPUTS, LINE_NUMBERS, LINES, CURSORS = ("inputs.jsonl", "line_numbers.json", "lines.jsonl",
                                         "collect.json")
 OUTPUTS, METRICS, LOGS, RUN_LOG = "outputs.jsonl", "metrics.json", "logs", "run.log"
+THROTTLE = "throttle.json"  # the session's last word on 429s
 MAX_ERRORS = 5
 MAX_LOGS = 64 * 1024 * 1024  # the workers' log text a run keeps
 MAX_LOG_FILES = 256  # the workers' log files a run keeps (any further: OTHER_LOGS)
@@ -46,6 +47,7 @@ class RunFiles:
         self._ok = 0
         self._errors: list[list[Any]] = []
         self._read_upto = 0  # how much of lines.jsonl is in _known
+        self._usage: dict[str, int] = {}  # the stored lines' token counts, summed
         self._numbers: list[int] | None = None
 
     # --- inputs ----------------------------------------------------------------------------
@@ -129,6 +131,8 @@ class RunFiles:
 
     def _note(self, rec: dict[str, Any]) -> None:
         self._known.add(rec["i"])
+        for k, v in (rec.get("u") or {}).items():
+            self._usage[k] = self._usage.get(k, 0) + v
         if rec.get("ok"):
             self._ok += 1
         else:  # the first errors by line number, whichever worker stored them first
@@ -203,6 +207,20 @@ class RunFiles:
         with self.locked():
             self._catch_up()
         return self._ok, len(self._known) - self._ok, list(self._errors)
+
+    def usage(self) -> dict[str, int]:
+        """The stored lines' token counts (prompt, completion, total), summed."""
+        with self.locked():
+            self._catch_up()
+        return {k: self._usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
+                                                    "total_tokens")}
+
+    def write_throttle(self, info: Mapping[str, Any]) -> None:
+        _write_json(self.root / THROTTLE, dict(info))
+
+    def throttle(self) -> dict[str, Any] | None:
+        """What the session said of the endpoint's rate limits (429s), if it said anything."""
+        return _read_json(self.root / THROTTLE)
 
     def stored(self) -> set[int]:
         with self.locked():

@@ -76,6 +76,10 @@ class Run:
     created_at: float
     started_at: float | None
     ended_at: float | None
+    # from the run's files, not its row (the API adds them): pf's system metrics (token
+    # counts, duration) and what the session said of the endpoint's rate limits
+    system_metrics: dict[str, Any] | None = None
+    throttle: dict[str, Any] | None = None
 
     @property
     def duration(self) -> float | None:

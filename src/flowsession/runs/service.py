@@ -203,10 +203,11 @@ class RunService:
         handle = session.session_handle
         compute = self.sessions.computes.get(session.compute_id, user=run.owner)
         workers = spec.workers or max(1, math.ceil(compute.vcpu))
+        concurrency = spec.concurrency(self._env(run.name))
         stored = files.stored()
         todo = [p for p in range(run.total) if p not in stored]
         work = self._work(run, spec, session.flow, session.identity, workers=workers,
-                          lines=tuple(todo))
+                          lines=tuple(todo), concurrency=concurrency)
         status = await self.backend.submit_run(handle, work)
         first = run.started_at is None
         if not self.records.transition(run.name, RunStatus.RUNNING, session_id=session.id,
@@ -214,14 +215,16 @@ class RunService:
             await self.backend.cancel_run(handle, run.name)  # canceled meanwhile
             return await self._advance(run.name)
         files.log(f"{'submitted' if first else 'resubmitted'} to session {session.id}: "
-                  f"{len(todo)} line(s) to run on {workers} worker(s)"
+                  f"{len(todo)} line(s) to run on {workers} worker(s), "
+                  f"{concurrency} in flight"
                   + ("" if first else f", {len(stored)} already stored"))
         if status.get("state") == RunState.FAILED:
             return await self._advance(run.name)
         return self.records.get(run.name)
 
     def _work(self, run: Run, spec: RunSpec, flow: str, identity: str | None = None, *,
-              workers: int = 1, lines: tuple[int, ...] | None = None) -> RunWork:
+              workers: int = 1, lines: tuple[int, ...] | None = None,
+              concurrency: int | None = None) -> RunWork:
         """The run as its session gets it: the lines as data, the secrets only in memory
         (never stored)."""
         flow_def = load_flow(flow)
@@ -235,7 +238,7 @@ class RunService:
             self.connections.usable_names(run.owner, identity=identity)
         return RunWork(
             run_id=run.name, inputs=self.files(run.name).inputs_path.read_bytes(),
-            lines=lines, workers=workers,
+            lines=lines, workers=workers, concurrency=concurrency,
             line_timeout=spec.line_timeout if spec.line_timeout is not None else 600.0,
             flow=str(flow_path) if flow_path else None, env=self._env(run.name),
             init=dict(spec.init or {}), node_override=node_override,
@@ -325,6 +328,7 @@ class RunService:
                 return await self._submit(run)
             except FlowSessionError as exc:
                 return self._fail(name, f"the run could not be resubmitted: {exc.message}")
+        self._note_throttle(run, status)
         state = status.get("state")
         if state == RunState.FAILED:
             return await self._finish(run, RunStatus.FAILED, error=status.get("error"))
@@ -335,6 +339,29 @@ class RunService:
                 return await self._submit(run)
             return await self._finish(run, RunStatus.COMPLETED)
         return run
+
+    def _note_throttle(self, run: Run, status: dict[str, Any]) -> None:
+        """Keep what the session says of the endpoint's 429s (``run show`` tells it)."""
+        if not status.get("throttled"):
+            return
+        info = {"throttled": status["throttled"], "at": status.get("throttled_at"),
+                "in_flight_limit": status.get("in_flight_limit"),
+                "concurrency": status.get("concurrency")}
+        files = self.files(run.name)
+        before = files.throttle() or {}
+        if before.get("throttled") != info["throttled"] or \
+                before.get("in_flight_limit") != info["in_flight_limit"]:
+            if not before:
+                files.log(f"the endpoint answers 429 (rate limited): lines in flight lowered "
+                          f"from {info['concurrency']} to {info['in_flight_limit']}")
+            files.write_throttle(info)
+
+    def system(self, run: Run) -> dict[str, Any]:
+        """pf's system metrics (token counts summed over the stored lines, duration) and the
+        session's word on rate limits, for ``run show``."""
+        files = self.files(run.name)
+        return {"system_metrics": {**files.usage(), "duration": run.duration},
+                "throttle": files.throttle()}
 
     async def _replace_lost_session(self, run: Run) -> None:
         """The flow's session stopped answering. Its record may still say RUNNING (a killed
@@ -483,7 +510,8 @@ class RunService:
                 LineStatus.COMPLETED if rec.get("ok") else LineStatus.FAILED)
             rows.append({"line_number": files.line_number(pos), "status": status,
                          "inputs": inputs, "outputs": (rec or {}).get("output"),
-                         "error": (rec or {}).get("error"), "duration": (rec or {}).get("d")})
+                         "error": (rec or {}).get("error"), "duration": (rec or {}).get("d"),
+                         "system_metrics": (rec or {}).get("u") or {}})
         return rows
 
     def metrics(self, name: str, *, user: str) -> dict[str, Any]:

@@ -9,17 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flowsession.errors import InvalidInput
+from flowsession.worker.protocol import MAX_CONCURRENCY
 
 # prompt flow's Run schema, plus flowsession's own knobs
 RUN_YAML_FIELDS = frozenset({
     "$schema", "flow", "data", "column_mapping", "run", "variant", "environment_variables",
     "connections", "init", "resources", "identity", "runtime", "name", "display_name",
     "description", "tags", "workers", "line_timeout", "skip_malformed", "resume_from",
+    "max_concurrency",
 })
-RESOURCE_KEYS = ("instance_type", "compute")
+RESOURCE_KEYS = ("instance_type", "compute", "max_concurrency")
+# Lines in flight when a run says nothing (--max-concurrency, resources.max_concurrency, or
+# PF_WORKER_COUNT): LLM flows wait on their endpoint, so a session keeps many lines going
+# whatever its cores; 64 keeps a 0.1-2 s endpoint busy (~30-600 requests/s) and 429s lower it.
+DEFAULT_CONCURRENCY = 64
 _VARIANT = re.compile(r"^\$\{([A-Za-z_][\w-]*)\.([A-Za-z_][\w-]*)\}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
@@ -43,6 +49,9 @@ class RunSpec(BaseModel):
     description: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
     workers: int | None = Field(default=None, ge=1, le=256)
+    max_concurrency: int | None = Field(default=None, ge=1, le=MAX_CONCURRENCY,
+                                        description="lines in flight (default "
+                                        f"{DEFAULT_CONCURRENCY}; PF_WORKER_COUNT also sets it)")
     line_timeout: float | None = Field(default=None, ge=0)
     skip_malformed: bool = False
     resume_from: str | None = None
@@ -53,6 +62,40 @@ class RunSpec(BaseModel):
         if isinstance(v, Mapping):
             return {str(k): "" if x is None else str(x) for k, x in v.items()}
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _concurrency_from_resources(cls, data: Any) -> Any:
+        """``resources: {max_concurrency: N}`` is the same setting as ``max_concurrency``."""
+        if isinstance(data, Mapping) and isinstance(data.get("resources"), Mapping) \
+                and "max_concurrency" in data["resources"]:
+            resources = dict(data["resources"])
+            value = resources.pop("max_concurrency")
+            data = {**data, "resources": resources}
+            if data.get("max_concurrency") is None:
+                data["max_concurrency"] = value
+        return data
+
+    @field_validator("environment_variables")
+    @classmethod
+    def _worker_count(cls, v: dict[str, str]) -> dict[str, str]:
+        """``PF_WORKER_COUNT`` (prompt flow's lines in flight) must be a sensible count."""
+        if "PF_WORKER_COUNT" in v:
+            text = v["PF_WORKER_COUNT"].strip()
+            if not text.isdigit() or not 1 <= int(text) <= MAX_CONCURRENCY:
+                raise ValueError(f"PF_WORKER_COUNT={v['PF_WORKER_COUNT']!r}: it must be a "
+                                 f"whole number from 1 to {MAX_CONCURRENCY} (lines in flight)")
+        return v
+
+    def concurrency(self, env: Mapping[str, str] | None = None) -> int:
+        """The run's lines in flight: ``max_concurrency``, else ``PF_WORKER_COUNT`` of its
+        environment variables (``env``: those kept apart), else the default."""
+        if self.max_concurrency:
+            return self.max_concurrency
+        count = (env if env is not None else self.environment_variables).get("PF_WORKER_COUNT")
+        if count and count.strip().isdigit() and 1 <= int(count) <= MAX_CONCURRENCY:
+            return int(count)
+        return DEFAULT_CONCURRENCY
 
     @field_validator("identity", mode="before")
     @classmethod

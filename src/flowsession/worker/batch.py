@@ -45,9 +45,16 @@ BACKSTOP_S = 30.0  # beyond chunk lines x line timeout, a silent worker is kille
 @dataclass(eq=False)
 class BatchWorker:
     worker: wk.Worker
-    chunk: list[int] = field(default_factory=list)
-    chunk_started: float = 0.0
+    chunks: dict[int, list[int]] = field(default_factory=dict)  # sent, not done: id -> lines
+    last_progress: float = 0.0  # when it last sent chunk_done (or was fed while idle)
     loaded: bool = False
+    solo: bool = False  # runs suspects, one line at a time
+    draining: bool = False  # asked to be retired: fed no more
+
+    @property
+    def chunk(self) -> list[int]:
+        """Every line sent to it and not done."""
+        return [p for c in self.chunks.values() for p in c]
 
 
 class Batch:
@@ -63,6 +70,10 @@ class Batch:
             raise ValueError(f"no flow.dag.yaml or flow.flex.yaml in {flow}")
         self.spec = {**spec, "flow": str(flow), "flow_file": str(self.flow_file)}
         self.n_workers = max(1, int(spec.get("workers") or 1))
+        # lines in flight, spread over the workers (each runs its share on threads)
+        self.concurrency = max(1, int(spec.get("concurrency") or self.n_workers))
+        self.n_workers = min(self.n_workers, self.concurrency)
+        self.slots = math.ceil(self.concurrency / self.n_workers)
         self.line_timeout = float(spec.get("line_timeout") or 0)
         self._spawn_worker, self._on_end = spawn, on_end
         lines = (self.dir / bw.INPUTS_FILE).read_bytes().count(b"\n")
@@ -80,8 +91,16 @@ class Batch:
         self.started_at, self.ended_at = time.time(), None
         self.workers: list[BatchWorker] = []
         self.attempts: dict[int, int] = {}
+        self.suspects: deque[int] = deque()  # lines in flight on a worker that died
         self.restarts = 0
         self.line_seconds: float | None = None  # moving average, for chunk sizes
+        self._chunk_ids = 0
+        self.usage: dict[str, int] = {}  # token counts of the lines done
+        self.throttled = 0  # 429s the workers saw
+        self.throttled_at: float | None = None  # when the last was reported
+        self.limits: dict[int, int] = {}  # worker pid -> lines in flight it allows now
+        self._throttled_by: dict[int, int] = {}  # worker pid -> 429s it reported
+        self._last_limit = self.concurrency
         self.pending_aggregate: Any = None  # the aggregate request waiting for its answer
         self.agg_worker: BatchWorker | None = None
         self._answer: Callable[[Any, dict], None] | None = None
@@ -102,6 +121,9 @@ class Batch:
                 "skipped": self.skipped, "errors": self.errors, "error": self.error,
                 "workers": sum(1 for b in self.workers if b.worker.alive),
                 "restarts": self.restarts, "aggregation": self.aggregation,
+                "concurrency": self.concurrency, "usage": dict(self.usage),
+                "throttled": self.throttled, "throttled_at": self.throttled_at,
+                "in_flight_limit": self._in_flight_limit(), "suspects": len(self.suspects),
                 "started_at": self.started_at, "ended_at": self.ended_at,
                 "lines_per_second": round(self.done / elapsed, 3) if elapsed > 0 else 0.0}
 
@@ -135,14 +157,31 @@ class Batch:
                 self.error = error
                 self._end(RunState.FAILED)
         elif event == "chunk_done":
-            n, seconds = int(msg.get("done", 0)), float(msg.get("seconds", 0))
+            lines = b.chunks.pop(msg.get("id"), None)
+            if lines is None and msg.get("id") is None and b.chunks:  # an id-less worker
+                lines = b.chunks.pop(next(iter(b.chunks)))
+            n = int(msg.get("done", 0))
             self._count(n, int(msg.get("failed", 0)), msg.get("errors") or [])
             if n:
-                per_line = seconds / n
+                per_line = float(msg.get("busy", msg.get("seconds", 0))) / n
                 self.line_seconds = (per_line if self.line_seconds is None
                                      else 0.7 * self.line_seconds + 0.3 * per_line)
-            b.chunk = []
+            self._throttle_report(b, msg)
+            b.last_progress = time.monotonic()
+            if b.draining and not b.chunks:
+                b.worker.retired = True
+                b.worker.channel.close_after_flush()
             self._feed(b)
+            self._maybe_done()
+        elif event == "retire" and not b.draining:
+            log.info("run %s: worker %d retires (%s)", self.id, b.worker.pid,
+                     msg.get("reason"))
+            b.draining = True
+            if not b.chunks:
+                b.worker.retired = True
+                b.worker.channel.close_after_flush()
+            if self.state == RunState.RUNNING and (self.pending or b.solo and self.suspects):
+                self._spawn(solo=b.solo)
         elif event == "aggregated" and self.pending_aggregate is not None:
             req, self.pending_aggregate = self.pending_aggregate, None
             result = {k: v for k, v in msg.items() if k not in ("event", "ok")}
@@ -152,7 +191,7 @@ class Batch:
 
     def on_exit(self, b: BatchWorker, code: int | None) -> None:
         """A worker of this run exited (``code`` None: killed by a signal)."""
-        chunk, b.chunk = b.chunk, []
+        chunk, b.chunks = b.chunk, {}
         if b is self.agg_worker:
             self.workers.remove(b)
             self.agg_worker = None
@@ -172,9 +211,13 @@ class Batch:
             return
         self.restarts += 1
         if chunk:
-            self._recover(b, chunk, timed_out=code == bw.TIMEOUT_EXIT)
-        if self.pending and self.state == RunState.RUNNING:
-            self._spawn()
+            self._recover(b, chunk)
+        if self.state == RunState.RUNNING:
+            if self.pending and not b.solo and not b.draining:
+                self._spawn()
+            if self.suspects and not any(x.solo and x.worker.alive and not x.draining
+                                         for x in self.workers):
+                self._spawn(solo=True)
         self._maybe_done()
 
     def tick(self, now: float) -> None:
@@ -183,11 +226,12 @@ class Batch:
         if self.line_timeout <= 0:
             return
         for b in self.workers:
-            if b.chunk and b.worker.alive and not b.worker.retired:
-                limit = len(b.chunk) * self.line_timeout + BACKSTOP_S
-                if now - b.chunk_started > limit:
+            if b.chunks and b.worker.alive and not b.worker.retired:
+                slots = 1 if b.solo else self.slots
+                limit = math.ceil(len(b.chunk) / slots) * self.line_timeout + BACKSTOP_S
+                if now - b.last_progress > limit:
                     log.warning("run %s: worker %d silent for %.0f s: killing it", self.id,
-                                b.worker.pid, now - b.chunk_started)
+                                b.worker.pid, now - b.last_progress)
                     b.worker.kill()
 
     def cancel(self) -> None:
@@ -208,30 +252,74 @@ class Batch:
 
     # --- inside ----------------------------------------------------------------------------
 
-    def _spawn(self) -> BatchWorker:
-        spec = self.spec
+    def _spawn(self, *, solo: bool = False) -> BatchWorker:
+        spec = {**self.spec, "concurrency": 1 if solo else self.slots}
         w = self._spawn_worker(lambda sock, sup: bw.serve(sock, sup, spec))
-        b = BatchWorker(w)
+        b = BatchWorker(w, solo=solo)
         self.workers.append(b)
         return b
 
     def _chunk_size(self) -> int:
         left = len(self.pending)
         fair = math.ceil(left / (2 * self.n_workers))  # the tail stays balanced
-        by_time = 4 if self.line_seconds is None else int(CHUNK_SECONDS / max(self.line_seconds,
-                                                                               1e-6))
+        by_time = (max(4, self.slots) if self.line_seconds is None
+                   else int(CHUNK_SECONDS * self.slots / max(self.line_seconds, 1e-6)))
         return max(1, min(MAX_CHUNK, by_time, fair))
 
     def _feed(self, b: BatchWorker) -> None:
-        if self.state != RunState.RUNNING or b.chunk or not b.worker.alive:
+        """Keep a worker's threads busy (a suspects' worker: one line at a time)."""
+        if (self.state != RunState.RUNNING or not b.loaded or not b.worker.alive
+                or b.draining or b.worker.retired):
             return
-        if not self.pending:
-            self._maybe_done()
+        if b.solo:
+            if not b.chunks and self.suspects:
+                self._send(b, [self.suspects.popleft()])
+            elif not b.chunks:  # no suspects left: it is done
+                b.worker.retired = True
+                b.worker.channel.close_after_flush()
             return
-        n = self._chunk_size()
-        b.chunk = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
-        b.chunk_started = time.monotonic()
-        b.worker.channel.send({"op": "chunk", "lines": b.chunk})
+        while self.pending:
+            # plenty left: two chunks and twice its slots queued, so its threads never wait
+            # for the next chunk; near the end (or before the others have loaded): its share
+            plenty = len(self.pending) > 2 * self.slots * self.n_workers
+            room = (2 * self.slots if plenty else self.slots) - len(b.chunk)
+            if room <= 0 and not (plenty and len(b.chunks) < 2):
+                break
+            n = self._chunk_size() if room <= 0 else min(room, self._chunk_size())
+            self._send(b, [self.pending.popleft() for _ in range(min(n, len(self.pending)))])
+
+    def _send(self, b: BatchWorker, lines: list[int]) -> None:
+        if not b.chunks:
+            b.last_progress = time.monotonic()
+        self._chunk_ids += 1
+        b.chunks[self._chunk_ids] = lines
+        b.worker.channel.send({"op": "chunk", "id": self._chunk_ids, "lines": lines})
+
+    def _throttle_report(self, b: BatchWorker, msg: dict[str, Any]) -> None:
+        """A chunk's token usage and what its worker's gate says about rate limits."""
+        usage = msg.get("usage")
+        if isinstance(usage, dict):
+            for k, v in usage.items():
+                if isinstance(k, str) and type(v) is int:
+                    self.usage[k] = self.usage.get(k, 0) + v
+        throttled, limit = msg.get("throttled"), msg.get("limit")
+        if type(limit) is int:
+            self.limits[b.worker.pid] = limit
+        if type(throttled) is int:
+            new = throttled - self._throttled_by.get(b.worker.pid, 0)
+            if new > 0:
+                self._throttled_by[b.worker.pid] = throttled
+                self.throttled += new
+                self.throttled_at = time.time()
+                log.info("run %s: the endpoint answered 429 (%d so far): lines in flight "
+                         "lowered to %s", self.id, self.throttled, self._in_flight_limit())
+
+    def _in_flight_limit(self) -> int:
+        """The lines in flight the workers allow now (once they are gone: the last figure)."""
+        live = [b for b in self.workers if b.worker.alive and not b.draining and not b.solo]
+        if live:
+            self._last_limit = sum(self.limits.get(b.worker.pid, self.slots) for b in live)
+        return self._last_limit
 
     def _count(self, done: int, failed: int, errors: list) -> None:
         self.done += done
@@ -240,14 +328,22 @@ class Batch:
             if len(self.errors) < 10:
                 self.errors.append(e)
 
-    def _recover(self, b: BatchWorker, chunk: list[int], *, timed_out: bool) -> None:
-        """Count what the dead worker stored of its chunk; run the rest again."""
+    def _recover(self, b: BatchWorker, chunk: list[int]) -> None:
+        """Count what the dead worker stored of its lines; run the rest again. Which of them
+        killed it is known only when it ran one line at a time: otherwise they all become
+        suspects, run again one at a time on a worker of their own, and only a line that
+        kills that worker is blamed."""
         stored = {r["i"]: r for r in bw.read_records(bw.results_file(self.dir, b.worker.pid))}
         mine = [p for p in chunk if p in stored]
         bad = [p for p in mine if not stored[p].get("ok")]
         self._count(len(mine), len(bad), [[p, stored[p].get("error")] for p in bad[:5]])
         rest = [p for p in chunk if p not in stored]
-        if rest and not timed_out:  # it died running rest[0]
+        if len(rest) > 1 and not b.solo:
+            log.warning("run %s: worker %d %s with %d line(s) not done: each runs again "
+                        "alone", self.id, b.worker.pid, b.worker.exit, len(rest))
+            self.suspects.extend(rest)
+            return
+        if rest:  # it died running rest[0]
             blamed = rest[0]
             self.attempts[blamed] = self.attempts.get(blamed, 0) + 1
             log.warning("run %s: worker %d %s running line %d (attempt %d of %d)", self.id,
@@ -262,11 +358,14 @@ class Batch:
                     out.write(encode({"i": blamed, "ok": False, "error": message, "d": 0}))
                 self._count(1, 1, [[blamed, message]])
                 rest = rest[1:]
-        self.pending.extendleft(reversed(rest))
+        if b.solo:
+            self.suspects.extendleft(reversed(rest))
+        else:
+            self.pending.extendleft(reversed(rest))
 
     def _maybe_done(self) -> None:
-        if (self.state == RunState.RUNNING and not self.pending
-                and not any(b.chunk for b in self.workers)):
+        if (self.state == RunState.RUNNING and not self.pending and not self.suspects
+                and not any(b.chunks for b in self.workers)):
             self._end(RunState.COMPLETED)
 
     def _end(self, state: RunState) -> None:

@@ -98,12 +98,15 @@ its workers write, in the run's folder ``DIR/runs/<id>/`` -- its own: nobody out
 reads it by path. Positions already recorded there are not run again::
 
     -> {"op": "run", "id": str, "inputs": str (optional once sent), "flow": DIR (optional),
-        "lines": [pos, ...] | null (null: every line), "workers": n, "line_timeout": s,
+        "lines": [pos, ...] | null (null: every line), "workers": n (processes),
+        "concurrency": n (lines in flight, spread over the workers; default: one per worker;
+        at most MAX_CONCURRENCY), "line_timeout": s,
         "env": {...}, "connections": {...}, "init": {...}, "node_override": {...}}
     <- {"ok": true, "run": {"id", "state": "loading"|"running"|"completed"|"canceled"|"failed",
         "total", "done", "ran", "failed", "skipped", "errors": [[pos, message], ...],
         "error", "workers", "restarts", "aggregation", "started_at", "ended_at",
-        "lines_per_second"}}          (answers at once; a run already going answers its status)
+        "lines_per_second", "concurrency", "in_flight_limit" (lowered on 429s),
+        "throttled" (429s seen), "throttled_at", "usage": {token counts}, "suspects"}}          (answers at once; a run already going answers its status)
     -> {"op": "run_status", "id": str}      <- {"ok": true, "run": {...} | null}
     -> {"op": "run_cancel", "id": str}      <- {"ok": true, "run": {...} | null}
     -> {"op": "collect", "id": str, "cursor": {name: offset}, "max_bytes": n}
@@ -197,6 +200,7 @@ EXIT_FILE = "exit.json"
 STATUS_FILE = "status.json"
 
 DEFAULT_LINE_TIMEOUT = 600.0
+MAX_CONCURRENCY = 1024  # a run's lines in flight, at most
 FLOW_FILES = ("flow.dag.yaml", "flow.dag.yml", "flow.flex.yaml", "flow.flex.yml")
 MAX_LINE = 64 * 1024 * 1024  # the longest request/response line accepted
 

@@ -22,6 +22,7 @@ from flowsession.worker.loop import BadRequest, Request, number
 from flowsession.worker.protocol import (
     E_SESSION_FAILED,
     E_WRONG_PHASE,
+    MAX_CONCURRENCY,
     Phase,
     error,
     write_json,
@@ -65,9 +66,13 @@ class RunOps:
         if lines is not None and not (isinstance(lines, list)
                                       and all(isinstance(i, int) for i in lines)):
             raise BadRequest("'lines' must be a list of line positions")
+        concurrency = int(number(msg, "concurrency", 0))
+        if not 0 <= concurrency <= MAX_CONCURRENCY:
+            raise BadRequest(f"'concurrency' must be 1 to {MAX_CONCURRENCY} lines in flight")
         run_dir = self.state_dir / bt.RUNS / run_id
         return {**msg, "dir": str(run_dir), "flow": msg.get("flow") or self.flow,
                 "workers": int(number(msg, "workers", self.n_workers)),
+                "concurrency": concurrency,
                 "line_timeout": number(msg, "line_timeout", self.line_timeout)}
 
     @staticmethod

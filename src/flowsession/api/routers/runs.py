@@ -30,6 +30,7 @@ from flowsession.runs.spec import RunSpec, spec_from_dict
 
 router = APIRouter(tags=["runs"])
 HEARTBEAT_S = 15.0
+EVENTS_POLL_S = 0.2  # a run's events: how often it is advanced (its end seen within this)
 
 
 class RunIn(RunSpec):
@@ -77,8 +78,13 @@ def run_of(svc: Services, who: Principal, name: str) -> Run:
     return run
 
 
-def _run_dict(run: Run, svc: Services | None = None) -> dict:
+def _run_dict(run: Run, svc: Services | None = None, *,
+              runs: Services | None = None) -> dict:
+    """``svc``: with where its files are (for managers); ``runs``: with its system metrics
+    and rate-limit word (from its files)."""
     d = run.to_dict()
+    if runs is not None:
+        d.update(runs.runs.system(run))
     d["spec"] = {k: v for k, v in run.spec.items() if k != "variant_node"}
     data = d["spec"].get("data")
     if isinstance(data, str) and _is_inline(data):  # the server's scratch copy: as sent
@@ -160,7 +166,8 @@ async def create_run(body: RunIn, request: Request,
                 emit({"event": "progress", "status": r.status, "total": r.total,
                       "completed": r.completed, "failed": r.failed})
 
-        return _run_dict(await svc.runs.wait(run.name, user=owner, on_progress=progress))
+        ended = await svc.runs.wait(run.name, user=owner, on_progress=progress)
+        return _run_dict(ended, runs=svc)
 
     op = request.app.state.operations.start("run", run.name, who.user, work)
     return {"run": _run_dict(run), "operation": op, "warnings": warnings}
@@ -182,7 +189,8 @@ async def get_run(name: str, who: Principal = Depends(require("runs:read")),
     run = run_of(svc, who, name)
     if run.status not in ENDED:
         run = await svc.runs.advance(name)
-    return _run_dict(run, svc if who.manages_all else None)  # server paths: its managers'
+    return _run_dict(run, svc if who.manages_all else None,  # server paths: its managers'
+                     runs=svc)
 
 
 @router.get("/runs/{name}/details")
@@ -245,13 +253,13 @@ async def run_events(name: str, who: Principal = Depends(require("runs:read")),
             now = (run.status, run.completed, run.failed)
             if now != last:
                 last, said = now, time.monotonic()
-                yield f"data: {json.dumps(_run_dict(run), default=str)}\n\n"
+                yield f"data: {json.dumps(_run_dict(run, runs=svc), default=str)}\n\n"
             elif time.monotonic() - said > HEARTBEAT_S:  # keeps proxies and clients patient
                 said = time.monotonic()
                 yield ": heartbeat\n\n"
             if run.status in ENDED:
                 yield "event: end\ndata: {}\n\n"
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(EVENTS_POLL_S)
 
     return StreamingResponse(gen(), media_type="text/event-stream")

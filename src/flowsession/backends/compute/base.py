@@ -121,6 +121,7 @@ class RunWork:
     connections: Mapping[str, Any] = field(default_factory=dict, repr=False)
     init: Mapping[str, Any] = field(default_factory=dict)
     node_override: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int | None = None  # lines in flight (None: one per worker)
 
 
 @dataclass(frozen=True)

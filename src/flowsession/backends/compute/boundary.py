@@ -113,6 +113,9 @@ def record(raw: bytes | str | Mapping[str, Any], total: int) -> bytes | None:
             out["agg"] = obj["agg"]
     else:
         out = {"i": pos, "ok": False, "d": duration, "error": text(obj.get("error"), MAX_ERROR)}
+    usage = _usage(obj.get("u"))
+    if usage:
+        out["u"] = usage
     try:
         data = _dump(out)
     except (ValueError, TypeError, RecursionError):
@@ -175,6 +178,16 @@ def _leading_position(raw: bytes | str) -> int | None:
     return int(digits) if digits and len(digits) < 12 else None
 
 
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _usage(obj: Any) -> dict[str, int]:
+    """A line's token counts: known keys, whole numbers in range; the rest is dropped."""
+    if not isinstance(obj, Mapping):
+        return {}
+    return {k: obj[k] for k in USAGE_KEYS if type(obj.get(k)) is int and 0 <= obj[k] < 1 << 40}
+
+
 def run_progress(obj: Any) -> dict[str, Any] | None:
     """The supervisor's view of a run, with every field of the right type (None: unknown)."""
     if not isinstance(obj, Mapping):
@@ -191,7 +204,10 @@ def run_progress(obj: Any) -> dict[str, Any] | None:
     errors = obj.get("errors") if isinstance(obj.get("errors"), list) else []
     return {"state": state, "total": count("total"), "done": count("done"),
             "failed": count("failed"), "workers": count("workers"),
-            "restarts": count("restarts"),
+            "restarts": count("restarts"), "concurrency": count("concurrency"),
+            "in_flight_limit": count("in_flight_limit"), "throttled": count("throttled"),
+            "throttled_at": obj["throttled_at"] if type(obj.get("throttled_at")) in (int, float)
+            and 0 < obj["throttled_at"] < 1e11 else None,
             "error": reason(obj["error"]) if obj.get("error") else None,
             "errors": [[e[0], text(e[1], MAX_ERROR)] for e in errors[:10]
                        if isinstance(e, list) and len(e) == 2 and type(e[0]) is int]}

@@ -187,6 +187,8 @@ class SupervisorClient:
             "env": dict(work.env), "connections": dict(work.connections),
             "init": dict(work.init), "node_override": dict(work.node_override),
             "inputs": work.inputs.decode()}
+        if work.concurrency:
+            msg["concurrency"] = work.concurrency
         if work.flow:
             msg["flow"] = await self._place_flow(handle, Path(work.flow))
         return msg

@@ -1,0 +1,321 @@
+"""Benchmark: LLM-bound batch runs (issue 11), whole CLI commands through a real server, side
+by side in one run with `pf run create` at its defaults and with PF_WORKER_COUNT=16.
+
+  flowsession  `flowsession run create --flow F --data D --json` (this home's local server,
+               started by a first command and warmed up by a 10-line run of each flow: the
+               session start is not counted), the whole command, at the default concurrency
+               (64 lines in flight) unless said.
+  pf           `pf run create --flow F --data D --name N` (promptflow-devkit in the default
+               image, a temporary HOME; a 10-line warm-up run first, not counted), at pf's
+               defaults and with PF_WORKER_COUNT=16 in its environment.
+
+Cases:
+  (a) sleep   tests/flows/sleepy: a python node that sleeps 100 ms, 1,000 lines
+  (b) llm     tests/flows/llm_chat: an llm node against tests/helpers/llm_server.py (an
+              OpenAI-compatible server on 127.0.0.1, 100 ms latency, usage tokens), 1,000 lines
+  (c) 429     the same server limited to R answers/s (429 + retry-after beyond), --rate-lines
+              lines: achieved rate = answered / (last answer - first answer) vs R; 0 failed
+  (d) echo    tests/flows/echo at 10,000 (and --echo-sizes) lines; beside it the executor's
+              floor (one process, exec_line in a loop), floor x cores
+
+Each run is checked (Completed, every line completed, token counts for llm). Targets: (a), (b)
+>= 10x pf defaults and >= 3x pf PF_WORKER_COUNT=16, achieved concurrency >= 80% of the
+setting; (c) >= 90% of R, 0 failed; (d) >= 30x pf, run lines/s >= 60% of floor x cores.
+
+    .venv/bin/python bench/llm_batch.py [--lines 1000] [--rate 50] [--rate-lines 500] [--cases sleep,llm,429,echo]
+                                        [--echo-sizes 10000,100000] [--skip-pf-echo]
+                                        [--json PATH]
+
+The default image is built first if needed (PyPI); FLOWSESSION_IMAGES_DIR reuses a built one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from batch import floor_ms, load, pf_run, write_data  # noqa: E402
+
+from flowsession.config import Settings  # noqa: E402
+from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
+from flowsession.environments.service import EnvironmentService  # noqa: E402
+from flowsession.store import open_store  # noqa: E402
+
+EXE = REPO / ".venv/bin/flowsession"
+SERVER = REPO / "tests/helpers/llm_server.py"
+FLOWS = REPO / "tests/flows"
+WARMUP = 10
+DEFAULT_CONCURRENCY = 64
+
+
+def copy_flow(name: str, tmp: Path) -> Path:
+    dst = tmp / name
+    shutil.copytree(FLOWS / name, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o644 if p.is_file() else 0o755)
+    return dst
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class LLM:
+    """tests/helpers/llm_server.py as a process."""
+
+    def __init__(self, latency: float, rate: float | None = None):
+        cmd = [sys.executable, str(SERVER), "--latency", str(latency)]
+        if rate:
+            cmd += ["--rate", str(rate)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict:
+        import httpx
+
+        return httpx.get(f"http://127.0.0.1:{self.port}/stats", timeout=10).json()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def fs(env: dict, cwd: Path, *args: str, check: bool = True) -> tuple[float, dict | str]:
+    t0 = time.perf_counter()
+    p = subprocess.run([str(EXE), *args], env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if check and p.returncode != 0:
+        raise SystemExit(f"flowsession {' '.join(args)}: exit {p.returncode}\n{p.stdout}\n"
+                         f"{p.stderr[-3000:]}")
+    try:
+        return wall, json.loads(p.stdout)
+    except ValueError:
+        return wall, p.stdout
+
+
+def fs_run(env: dict, cwd: Path, flow: Path, data: Path, n: int, *extra: str) -> dict:
+    wall, r = fs(env, cwd, "run", "create", "--flow", str(flow), "--data", str(data), "--json",
+                 *extra)
+    if not isinstance(r, dict) or r.get("status") != "Completed" or r.get("completed") != n:
+        raise SystemExit(f"flowsession run of {flow.name} ({n} lines) went wrong: "
+                         f"{json.dumps(r)[:2000] if isinstance(r, dict) else r[-2000:]}")
+    duration = r.get("duration")  # "12.34 s" as the CLI shows it
+    duration = float(duration.split()[0]) if isinstance(duration, str) else duration
+    return {"wall": wall, "duration": duration, "failed": r.get("failed"),
+            "system_metrics": r.get("system_metrics"), "throttle": r.get("throttle"),
+            "name": r.get("name")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lines", type=int, default=1000, help="lines of (a) and (b)")
+    parser.add_argument("--rate", type=float, default=50, help="R of (c): answers/s")
+    parser.add_argument("--rate-lines", type=int, default=500)
+    parser.add_argument("--echo-sizes", default="10000")
+    parser.add_argument("--skip-pf-echo", action="store_true")
+    parser.add_argument("--cases", default="sleep,llm,429,echo",
+                        help="which cases to run (the table shows those)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+    cores = os.cpu_count() or 1
+    n = args.lines
+    echo_sizes = [int(s) for s in args.echo_sizes.split(",") if s]
+
+    base = Settings.from_env()
+    tmp = Path(tempfile.mkdtemp(prefix="fs-bench-llm-"))
+    home = tmp / "home"
+    settings = replace(base, home=home, images_path=base.images_dir, database_url=None)
+    image = asyncio.run(EnvironmentService(settings, open_store(settings.db_url))
+                        .images.ensure_built(DEFAULT_IMAGE))
+    python = Path(image.path) / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOWSESSION_URL",
+                                                           "FLOWSESSION_TOKEN")}
+    env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(base.images_dir),
+               FLOWSESSION_STANDBY_POOL="0")
+    pf_home = tmp / "pf-home"
+    pf_home.mkdir()
+    pf_env = {**os.environ, "HOME": str(pf_home), "PYTHONPATH": str(REPO / "bench"),
+              "PYTHON_KEYRING_BACKEND": "pf_keyring.FileKeyring"}  # pf's connection key
+    pf_env16 = {**pf_env, "PF_WORKER_COUNT": "16"}
+    pf = [str(python), "-m", "promptflow._cli._pf.entry"]
+    subprocess.run([*pf, "config", "set", "telemetry.enabled=false"], env=pf_env, cwd=tmp,
+                   capture_output=True)  # no waiting on an unreachable telemetry endpoint
+
+    sleepy, chat, echo = (copy_flow(f, tmp) for f in ("sleepy", "llm_chat", "echo"))
+    data = {
+        "sleep": jsonl(tmp / "sleep.jsonl", [{"seconds": "0.1"}] * n),
+        "llm": jsonl(tmp / "llm.jsonl", [{"question": f"question {i}"} for i in range(n)]),
+        "429": jsonl(tmp / "429.jsonl", [{"question": f"q {i}"}
+                                         for i in range(args.rate_lines)]),
+        "sleep_w": jsonl(tmp / "sleep_w.jsonl", [{"seconds": "0.1"}] * WARMUP),
+        "llm_w": jsonl(tmp / "llm_w.jsonl", [{"question": "warm"}] * WARMUP),
+    }
+    for size in {WARMUP, *echo_sizes}:
+        data[f"echo{size}"] = write_data(tmp / f"echo-{size}.jsonl", size)
+    llm = LLM(0.1)
+    limited = LLM(0.1, rate=args.rate)
+    res: dict = {"cores": cores, "lines": n, "rate": args.rate}
+    try:
+        print(f"{cores} cores; image {image.path}; {load()}", flush=True)
+        for name, url in (("open_ai_connection", llm.base_url), ("limited", limited.base_url)):
+            conn = tmp / f"{name}.yml"
+            conn.write_text(f"name: {name}\ntype: open_ai\napi_key: \"sk-test-key\"\n"
+                            f"base_url: \"{url}\"\n")
+            fs(env, tmp, "connection", "create", "--file", str(conn))
+            subprocess.run([*pf, "connection", "create", "--file", str(conn)], env=pf_env,
+                           cwd=tmp, capture_output=True, check=True)
+
+        # warm-ups: the local server, each flow's session; pf's service
+        t0 = time.perf_counter()
+        for flow, d, k in ((sleepy, "sleep_w", WARMUP), (chat, "llm_w", WARMUP),
+                           (echo, f"echo{WARMUP}", WARMUP)):
+            fs_run(env, tmp, flow, data[d], k)
+        print(f"  (warm-up: server + 3 sessions + 3 x {WARMUP}-line runs "
+              f"{time.perf_counter() - t0:.1f} s, not counted)", flush=True)
+        pf_run(python, sleepy, data["sleep_w"], "pf_warm", pf_env, tmp)
+
+        def case(key: str, flow: Path, d: Path, lines: int, *extra: str, pf_too=True,
+                 pf16=True) -> None:
+            out = res.setdefault(key, {"lines": lines})
+            out["fs"] = fs_run(env, tmp, flow, d, lines, *extra)
+            print(f"  {key:6s} flowsession {lines:>7,} lines: {out['fs']['wall']:7.2f} s "
+                  f"(run {out['fs']['duration']:.2f} s)  {load()}", flush=True)
+            for label, e, on in (("pf", pf_env, pf_too), ("pf16", pf_env16, pf16)):
+                if not on:
+                    continue
+                out[label] = pf_run(python, flow, d, f"{key}_{label}", e, tmp)
+                print(f"  {key:6s} {label:11s} {lines:>7,} lines: {out[label]['wall']:7.2f} s "
+                      f"(pf's duration {out[label]['duration']:.2f} s)  {load()}", flush=True)
+
+        cases = set(args.cases.split(","))
+        if "sleep" in cases:
+            case("sleep", sleepy, data["sleep"], n)
+        if "llm" in cases:
+            before = llm.stats()
+            case("llm", chat, data["llm"], n, pf_too=True, pf16=True)
+            res["llm"]["server"] = {"before": before, "after": llm.stats()}
+        if "429" in cases:
+            rate_case(res, args, env, tmp, chat, data, limited)
+        for size in echo_sizes if "echo" in cases else []:
+            key = f"echo{size}"
+            case(key, echo, data[key], size, pf_too=not args.skip_pf_echo and size <= 10000,
+                 pf16=False)
+        res["floor_ms"] = floor_ms(python, echo, 10000, tmp / "floor.json")
+    finally:
+        stop(llm, limited, env, pf, pf_env, tmp, [sleepy, chat, echo])
+    report(res, args)
+
+
+def stop(llm: LLM, limited: LLM, env: dict, pf: list, pf_env: dict, tmp: Path,
+         flows: list[Path]) -> None:
+    llm.stop()
+    limited.stop()
+    for flow in flows:  # the sessions outlive the server: stop them first
+        subprocess.run([str(EXE), "session", "stop", str(flow)], env=env, cwd=tmp,
+                       capture_output=True)
+    subprocess.run([str(EXE), "server", "stop"], env=env, capture_output=True)
+    subprocess.run([*pf, "service", "stop"], env=pf_env, cwd=tmp, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rate_case(res: dict, args, env: dict, tmp: Path, chat: Path, data: dict,
+              limited: LLM) -> None:
+    """(c): the rate-limited server (the connection override points the node at it)."""
+    s0 = limited.stats()
+    res["429"] = {"lines": args.rate_lines}
+    res["429"]["fs"] = fs_run(env, tmp, chat, data["429"], args.rate_lines,
+                              "--connections", "chat.connection=limited")
+    s1 = limited.stats()
+    res["429"]["server"] = {"before": s0, "after": s1}
+    print(f"  429    flowsession {args.rate_lines:>7,} lines: "
+          f"{res['429']['fs']['wall']:7.2f} s; server {s1}", flush=True)
+
+
+def report(res: dict, args) -> None:
+    cores = res["cores"]
+    print(f"\nLLM-bound batch runs, whole commands, {cores} cores; flowsession at its default "
+          f"concurrency ({DEFAULT_CONCURRENCY} lines in flight); {load()}\n")
+    print(f"{'case':34s}{'lines':>8s}{'fs s':>8s}{'pf s':>8s}{'pf16 s':>8s}{'x pf':>8s}"
+          f"{'x pf16':>8s}{'fs run s':>10s}")
+    verdicts = []
+    for key, label in (("sleep", "(a) python node, sleep 100 ms"),
+                       ("llm", "(b) llm node, 100 ms endpoint")):
+        if key not in res:
+            continue
+        r = res[key]
+        f, p, p16 = r["fs"]["wall"], r["pf"]["wall"], r["pf16"]["wall"]
+        r["x_pf"], r["x_pf16"] = p / f, p16 / f
+        # achieved concurrency: the lines' busy time over the run's duration
+        r["achieved_concurrency"] = r["lines"] * 0.1 / r["fs"]["duration"]
+        if key == "llm":  # the endpoint counts its requests in flight
+            r["achieved_concurrency"] = r["server"]["after"]["most_in_flight"]
+        print(f"{label:34s}{r['lines']:>8,}{f:>8.2f}{p:>8.2f}{p16:>8.2f}{r['x_pf']:>8.1f}"
+              f"{r['x_pf16']:>8.1f}{r['fs']['duration']:>10.2f}")
+        verdicts.append((f"{key}: x pf >= 10", r["x_pf"] >= 10))
+        verdicts.append((f"{key}: x pf16 >= 3", r["x_pf16"] >= 3))
+        verdicts.append((f"{key}: achieved concurrency {r['achieved_concurrency']:.1f} >= "
+                         f"0.8 x {DEFAULT_CONCURRENCY}",
+                         r["achieved_concurrency"] >= 0.8 * DEFAULT_CONCURRENCY))
+    c = res.get("429")
+    if c is not None:
+        rate_report(c, args, verdicts)
+    floor_cores = 1000 / res["floor_ms"] * cores
+    for key in [k for k in res if k.startswith("echo")]:
+        r = res[key]
+        f = r["fs"]["wall"]
+        p = r.get("pf", {}).get("wall")
+        r["run_lines_per_s"] = r["lines"] / r["fs"]["duration"]
+        print(f"{'(d) echo':34s}{r['lines']:>8,}{f:>8.2f}"
+              f"{(f'{p:.2f}' if p else '-'):>8s}{'-':>8s}"
+              f"{(f'{p / f:.1f}' if p else '-'):>8s}{'-':>8s}{r['fs']['duration']:>10.2f}")
+        if p:
+            verdicts.append((f"{key}: x pf {p / f:.1f} >= 30", p / f >= 30))
+        verdicts.append((f"{key}: run {r['run_lines_per_s']:.0f} lines/s >= 0.6 x floor x "
+                         f"cores {floor_cores:.0f}", r["run_lines_per_s"] >= 0.6 * floor_cores))
+    print(f"\nfloor: {res['floor_ms']:.3f} ms/line; floor x cores {floor_cores:.0f} lines/s")
+    if "llm" in res:
+        print(f"(b) token usage (run show system_metrics): "
+              f"{res['llm']['fs'].get('system_metrics')}")
+    if c is not None:
+        print(f"(c) throttle (run show): {c['fs'].get('throttle')}")
+    print()
+    for text, ok in verdicts:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+
+def rate_report(c: dict, args, verdicts: list) -> None:
+    a, b = c["server"]["before"], c["server"]["after"]
+    answered = b["answered"] - a["answered"]
+    span = (b["last"] - (b["first"] if a["first"] is None else b["first"])) if b["last"] else 0
+    c["achieved_rate"] = answered / span if span else 0.0
+    c["rate_limited"] = b["rate_limited"] - a["rate_limited"]
+    print(f"{'(c) llm, endpoint at ' + str(int(args.rate)) + ' req/s':34s}"
+          f"{c['lines']:>8,}{c['fs']['wall']:>8.2f}{'':>8s}{'':>8s}{'':>8s}{'':>8s}"
+          f"{c['fs']['duration']:>10.2f}")
+    verdicts.append((f"429: achieved {c['achieved_rate']:.1f} req/s >= 0.9 x {args.rate:g}",
+                     c["achieved_rate"] >= 0.9 * args.rate))
+    verdicts.append((f"429: {c['fs']['failed']} failed lines (429s answered: "
+                     f"{c['rate_limited']})", c["fs"]["failed"] == 0))
+
+
+if __name__ == "__main__":
+    main()
