@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import warnings
 import shutil
 import sys
 import time
@@ -92,8 +91,9 @@ def settings(tmp_path, images_dir, index) -> Settings:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(settings.runtime_dir, ignore_errors=True)  # sessions' slots under /tmp
-    if leftovers:
-        warnings.warn(f"processes left running by this test: {sorted(leftovers)}")
+    if leftovers:  # an error in this test's teardown: the test that leaked is the one named
+        pytest.fail(f"session processes left running by this test (killed): "
+                    f"{sorted(leftovers)}", pytrace=False)
 
 
 def stop_local_server(settings: Settings) -> None:
