@@ -310,11 +310,12 @@ def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):
 
 def test_commands_that_finish_a_run_at_the_same_time_agree(fs, tmp_path, settings):
     """`run show` in several terminals while the run's (slow) aggregation runs: one of them
-    aggregates and writes the outputs; the run ends Completed once, with its metrics."""
+    (or the server following the run) aggregates and writes the outputs; the run ends
+    Completed once, with its metrics."""
     flow = flow_copy(tmp_path, "aggregate")
     (flow / "accuracy.py").write_text(
         "import time\nfrom typing import List\n\nfrom promptflow.core import log_metric, tool\n"
-        "\n\n@tool\ndef accuracy(grades: List[str]) -> float:\n    time.sleep(2)\n"
+        "\n\n@tool\ndef accuracy(grades: List[str]) -> float:\n    time.sleep(6)\n"
         "    value = round(grades.count('correct') / len(grades), 2)\n"
         "    log_metric('accuracy', value)\n    return value\n")
     created = fs.json("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
@@ -322,16 +323,18 @@ def test_commands_that_finish_a_run_at_the_same_time_agree(fs, tmp_path, setting
     assert created["status"] in ("Preparing", "Running")  # submitted: its session runs it
     records = RunRecords(open_store(settings.db_url))
     deadline = time.monotonic() + 60
-    while not (list(Path(settings.runtime_dir).glob("slots/*/state/runs/busy/status.json"))
-               or records.find("busy").status == "Completed"):
-        # every line done (the server may have finished it already)
-        assert time.monotonic() < deadline
+    while not list(Path(settings.runtime_dir).glob("slots/*/state/runs/busy/status.json")):
+        assert time.monotonic() < deadline, records.find("busy")  # every line done
+        assert records.find("busy").status != "Completed", "finished before the race"
         time.sleep(0.05)
     shows = [fs.popen("run", "show", "busy", "--json") for _ in range(3)]
+    # the race happens: the commands are on their way while the run is being finished
+    assert records.find("busy").status != "Completed", "the commands came too late to race"
     results = [(p.wait(timeout=120), *p.communicate()) for p in shows]
     for code, out, err in results:
         assert code == 0, err
         assert "Traceback" not in err
+        assert json.loads(out)["name"] == "busy"
     final = fs.json("run", "show", "busy")
     assert final["status"] == "Completed", final
     assert fs.json("run", "show-metrics", "busy") == {"accuracy": 0.75}
