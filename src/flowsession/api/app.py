@@ -203,6 +203,10 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                    connections, identities):
         app.include_router(module.router, prefix="/api")
 
+    from flowsession.api.openapi import documented_schema
+
+    app.openapi = lambda: documented_schema(app)  # error answers and event streams told
+
     @app.get("/api/health", tags=["server"])
     async def health() -> dict:
         """Unauthenticated: is the server up."""
