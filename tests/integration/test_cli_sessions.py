@@ -84,7 +84,7 @@ def fs(settings, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
     env = {**base, "FLOWSESSION_HOME": str(settings.home),
            "FLOWSESSION_IMAGES_DIR": str(settings.images_dir),
-           "FLOWSESSION_INDEX_URL": settings.index_url, "FLOWSESSION_STANDBY_POOL": "0",
+           "FLOWSESSION_INDEX_URL": settings.index_url,
            "FLOWSESSION_USER": USER, "COLUMNS": "200", "NO_COLOR": "1"}
     cli = Cli(env, tmp_path)
     yield cli

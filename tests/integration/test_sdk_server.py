@@ -91,7 +91,6 @@ def test_with_no_server_the_client_starts_the_homes_local_server(settings, monke
     monkeypatch.setenv("FLOWSESSION_HOME", str(settings.home))
     monkeypatch.setenv("FLOWSESSION_IMAGES_DIR", str(settings.images_dir))
     monkeypatch.setenv("FLOWSESSION_INDEX_URL", settings.index_url)
-    monkeypatch.setenv("FLOWSESSION_STANDBY_POOL", "0")
     assert not (settings.home / "client.json").exists()
     flow = tmp_path / "mine"
     shutil.copytree(FLOWS / "echo", flow)

@@ -102,3 +102,49 @@ def _wait(ready, what: str, timeout: float = 60) -> None:
     while not ready():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def test_the_default_standby_pool_is_filled_after_a_start_and_stopped_with_the_server(
+        tmp_path, images_dir, index):
+    """With the default settings (a pool of one), a start leaves a warm standby behind it; a
+    second flow's session adopts it; stopping the server stops the standbys (its sessions
+    are stopped by the helper first, through the API) and leaves no process."""
+    from sqlalchemy import select
+
+    from flowsession.store import open_store
+    from flowsession.store.tables import standby
+
+    home = tmp_path / "home"
+    server = Server(home, images_dir, index.url)
+    runtime = Settings(home=home).runtime_dir
+    store = open_store(Settings(home=home).db_url)
+
+    def standbys() -> list:
+        with store.engine.connect() as c:
+            return c.execute(select(standby)).all()
+
+    try:
+        api = httpx.Client(base_url=server.url, timeout=120,
+                           headers={"Authorization": f"Bearer {server.token}"})
+        for name in ("echo", "sleepy"):
+            assert api.post("/api/flows", json={"name": name, "files": _files(name)}
+                            ).status_code == 201
+        op = api.post("/api/flows/echo/session").json()["id"]
+        _wait(lambda: api.get(f"/api/operations/{op}").json()["status"] != "running",
+              "the first start", timeout=120)
+        _wait(lambda: len(standbys()) == 1, "the pool to be filled", timeout=120)
+        [first] = standbys()
+        op = api.post("/api/flows/sleepy/session").json()["id"]
+        _wait(lambda: api.get(f"/api/operations/{op}").json()["status"] != "running",
+              "the second start", timeout=120)
+        assert api.get(f"/api/operations/{op}").json()["status"] == "succeeded"
+        _wait(lambda: len(standbys()) == 1 and standbys()[0].id != first.id,
+              "the standby to be adopted and replaced", timeout=120)
+    finally:
+        server.stop()
+    left = procs.with_argument_under(str(runtime))
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == {}, f"processes left after the server stopped: {left}"
+    assert standbys() == []
