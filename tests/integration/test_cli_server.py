@@ -296,3 +296,23 @@ def test_a_server_url_without_a_token_or_out_of_reach_is_a_clear_error(fs, setti
     assert "cannot reach the flowsession server at http://127.0.0.1:9" in away.stderr
     assert "hint:" in away.stderr
     assert not (settings.home / "server.pid").exists()  # no local server was started
+
+
+def test_a_new_users_first_session_builds_the_default_image_through_the_server(
+        fs, settings, tmp_path):
+    """No image anywhere (not the suite's prebuilt one): the first `session start` has the
+    home's server build the default image (from PyPI, the one network the suite uses), then
+    the session runs on it and `image list` shows it built."""
+    fs.env.pop("FLOWSESSION_IMAGES_DIR")
+    fs.env.pop("FLOWSESSION_INDEX_URL")  # uv's default index (the flow has no requirements)
+    images = settings.home / "images"
+    assert not images.exists()
+    flow = str(make_flow(tmp_path, "first", None))
+    fs.flows.append(flow)
+    started = fs.json("session", "start", flow, timeout=900)
+    assert started["state"] == "RUNNING", started
+    built = [i for i in fs.json("image", "list") if i["name"] == "flowsession/runtime"]
+    assert built and built[0]["state"] == "READY", built
+    assert str(images) in json.dumps(built) or list(images.glob("flowsession--runtime/*/bin"))
+    out = fs.ok("flow", "test", flow, "--inputs", "x=hi")
+    assert "hi" in out.stdout, out.stdout
