@@ -353,3 +353,43 @@ def test_flow_test_of_a_flex_class_takes_its_init(fs, tmp_path):
     assert refused.returncode != 0 and "prefix" in refused.stderr, refused.stderr
     out = fs.ok("flow", "test", "flex_class", "--inputs", "text=x", "--init", "prefix=>")
     assert json.loads(out.stdout) == {"out": ">x"}
+
+
+MOODY_PY = """\
+import os
+from promptflow.core import tool
+
+
+@tool
+def echo(x: str) -> str:
+    if x == "b" and os.environ.get("MODE") != "fixed":
+        raise ValueError("line b needs MODE=fixed")
+    return f"{x}:{os.environ['MODE']}"
+"""
+
+
+def test_a_run_on_a_chosen_size_with_variables_resumed_with_others(fs, tmp_path, settings):
+    """`--instance-type` picks the session's VM size (a run asking another size of the running
+    session is refused, naming it); `--environment-variables` reach the flow's code;
+    `--resume-from` reruns only the failed line, with the variables it is given."""
+    from helpers.flows import make_flow
+
+    flow = make_flow(tmp_path, "moody", None)
+    (flow / "echo.py").write_text(MOODY_PY)
+    (flow / "data.jsonl").write_text('{"x": "a"}\n{"x": "b"}\n{"x": "c"}\n')
+    first = fs.json("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
+                    "--column-mapping", "x=${data.x}", "--name", "moody1", "--stream",
+                    "--instance-type", "small", "--environment-variables", "MODE=broken")
+    assert (first["status"], first["completed"], first["failed"]) == ("Completed", 2, 1), first
+    shown = fs.json("session", "show", "moody")
+    assert "small" in json.dumps(shown), shown
+    refused = fs.json("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
+                      "--column-mapping", "x=${data.x}", "--instance-type", "medium", "--stream")
+    assert refused["status"] == "Failed" and refused["completed"] == 0, refused
+    assert "runs with vm_size small, not medium" in refused["error"], refused
+    resumed = fs.json("run", "create", "--resume-from", "moody1", "--name", "moody2",
+                      "--stream", "--environment-variables", "MODE=fixed")
+    assert (resumed["status"], resumed["completed"], resumed["failed"]) == ("Completed", 3, 0), \
+        resumed
+    rows = sorted((r["line_number"], r["y"]) for r in output_rows(settings, "moody2"))
+    assert rows == [(0, "a:broken"), (1, "b:fixed"), (2, "c:broken")], rows  # a, c kept
