@@ -316,3 +316,32 @@ def test_a_new_users_first_session_builds_the_default_image_through_the_server(
     assert str(images) in json.dumps(built) or list(images.glob("flowsession--runtime/*/bin"))
     out = fs.ok("flow", "test", flow, "--inputs", "x=hi")
     assert "hi" in out.stdout, out.stdout
+
+
+def test_server_register_and_show_token_as_make_run_uses_them(fs, settings, tmp_path):
+    """`flowsession server --show-token --register FOLDER`: it prints the administrator's token
+    (the one in client.json) and the folder is a registered flow, read in place."""
+    from helpers.server import free_port
+
+    flow = make_flow(tmp_path, "registered", None)
+    port = free_port()
+    log = tmp_path / "server.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([FLOWSESSION, "server", "--port", str(port), "--show-token",
+                                 "--register", str(flow)], env=fs.env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while not (settings.home / "client.json").exists() or "fs_" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        token = client_json(settings)["token"]
+        assert token in log.read_text()  # shown, as asked
+        flows = httpx.get(f"{url}/api/flows", headers={"Authorization": f"Bearer {token}"},
+                          timeout=30).json()
+        assert [f["name"] for f in flows] == ["registered"], flows
+        assert flows[0]["path"] == str(flow), flows
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
