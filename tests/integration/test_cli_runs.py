@@ -276,9 +276,26 @@ class TwoKeyServer(OpenAIServer):
     def __init__(self, keys: list[str]):
         super().__init__(api_key=keys[0], retry_after=0)
         self.keys = keys
+        self.keys_in_args = []
 
     def _authorized(self, authorization, api_key_header, *, azure):
+        # while a line calls the endpoint, no process's arguments hold a key
+        self.keys_in_args.append(any(k in _all_cmdlines() for k in self.keys))
         return any(authorization == f"Bearer {k}" for k in self.keys)
+
+    keys_in_args: list[bool]
+
+
+def _all_cmdlines() -> str:
+    seen = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    seen.append(fh.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return "\n".join(seen)
 
 
 def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):
@@ -304,6 +321,7 @@ def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):
         fs.ok("run", "show-details", "chat")
         fs.ok("run", "logs", "chat")
         fs.ok("run", "show", "over")
+    assert server.keys_in_args and not any(server.keys_in_args), "a key in a process's args"
     for key in (KEY_A, KEY_B):
         assert not any(key in text for text in fs.seen)
 
