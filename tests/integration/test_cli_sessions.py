@@ -192,6 +192,13 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
     assert fs("session", "show", flow).returncode == 1  # the flow has no session any more
     box = fs.json("compute", "show", "box")
     assert (box["state"], box["sessions"]) == ("STOPPED", 0)
+    assert fs.json("session", "list") == []  # stopped sessions only with --all
+    every = fs.json("session", "list", "--all")
+    assert [(x["id"], x["state"]) for x in every] == [(session["id"], "STOPPED")], every
+
+    assert fs.json("compute", "start", "box")["state"] == "RUNNING"  # an instance starts again
+    assert fs.json("compute", "show", "box")["state"] == "RUNNING"
+    assert fs("compute", "stop", "box").returncode == 0
 
     deleted = fs("compute", "delete", "box")
     assert deleted.returncode == 0, deleted.stderr
