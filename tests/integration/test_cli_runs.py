@@ -411,3 +411,34 @@ def test_a_run_on_a_chosen_size_with_variables_resumed_with_others(fs, tmp_path,
         resumed
     rows = sorted((r["line_number"], r["y"]) for r in output_rows(settings, "moody2"))
     assert rows == [(0, "a:broken"), (1, "b:fixed"), (2, "c:broken")], rows  # a, c kept
+
+
+def test_a_variant_run_from_the_shell_and_a_running_run_canceled(fs, tmp_path, settings):
+    """`--variant ${labeled.variant_1}` runs that variant on every line; `run cancel` on a run
+    still running ends it Canceled, keeping the lines it finished."""
+    flow_copy(tmp_path, "variants")
+    b = fs.json("run", "create", "--flow", "variants", "--data", "variants/data.jsonl",
+                "--column-mapping", "text=${data.text}", "--variant", "${labeled.variant_1}",
+                "--name", "vb", "--stream")
+    assert b["status"] == "Completed", b
+    outs = [r["out"] for r in sorted(output_rows(settings, "vb"), key=lambda r: r["line_number"])]
+    assert outs and all(o.startswith("B:") for o in outs), outs
+
+    flow_copy(tmp_path, "sleepy")
+    (tmp_path / "long.jsonl").write_text('{"seconds": "0.2"}\n' + '{"seconds": "60"}\n' * 4)
+    fs.json("run", "create", "--flow", "sleepy", "--data", "long.jsonl", "--name", "long",
+            "--detach")
+    records = RunRecords(open_store(settings.db_url))
+    deadline = time.monotonic() + 120
+    while records.find("long").status != "Running" or not records.find("long").completed:
+        assert time.monotonic() < deadline, records.find("long")
+        fs.ok("run", "show", "long")  # the server collects what the session finished
+        time.sleep(0.5)
+    canceled = fs.ok("run", "cancel", "long")
+    assert "long" in canceled.stdout, canceled.stdout
+    deadline = time.monotonic() + 60
+    while (run := fs.json("run", "show", "long"))["status"] not in ("Canceled", "Completed"):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.5)
+    assert run["status"] == "Canceled" and run["completed"] >= 1, run
+    assert run["completed"] < 5, run
