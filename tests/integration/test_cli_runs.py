@@ -442,3 +442,16 @@ def test_a_variant_run_from_the_shell_and_a_running_run_canceled(fs, tmp_path, s
         time.sleep(0.5)
     assert run["status"] == "Canceled" and run["completed"] >= 1, run
     assert run["completed"] < 5, run
+
+
+def test_a_run_yml_with_unknown_fields_runs_and_names_what_it_ignored(fs, tmp_path, settings):
+    flow_copy(tmp_path, "echo")
+    fs.flows.append("echo")  # its session is stopped afterwards (the flow is named in run.yml)
+    (tmp_path / "run.yml").write_text(
+        "flow: echo\ndata: echo/data.jsonl\ncolumn_mapping:\n  text: ${data.text}\n"
+        "name: from_yml\nfancy_option: 3\nresources:\n  instance_type: small\n  gpus: 2\n")
+    made = fs.ok("run", "create", "--file", "run.yml", "--stream")
+    assert "ignoring unknown field(s) fancy_option" in made.stderr, made.stderr
+    assert "gpus" in made.stderr, made.stderr
+    run = fs.json("run", "show", "from_yml")
+    assert run["status"] == "Completed" and run["failed"] == 0, run
