@@ -40,7 +40,7 @@ class Server:
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("FLOWSESSION_URL", "FLOWSESSION_TOKEN")}
         self.env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(images),
-                        FLOWSESSION_STANDBY_POOL="0", FLOWSESSION_USER=ADMIN)
+                        FLOWSESSION_USER=ADMIN)  # the default standby pool (1)
         if index_url:
             self.env["FLOWSESSION_INDEX_URL"] = index_url
         self.env.update(env or {})  # the server's settings, e.g. FLOWSESSION_VCPU_QUOTA

@@ -229,9 +229,10 @@ def test_no_token_is_401_without_detail(world, method, template, scope, owned):
 
 @pytest.mark.parametrize("method,template,scope,owned", ROUTES,
                          ids=[f"{m} {p}" for m, p, _, _ in ROUTES])
-def test_callers_without_the_scope_get_403_or_404(world, method, template, scope, owned):
-    """A caller whose roles lack the scope is refused (403), except on another user's
-    resource, which is 404 whatever the scopes: its existence is not told."""
+def test_callers_without_the_scope_get_403_naming_it(world, method, template, scope, owned):
+    """A caller whose roles lack the scope is refused with 403 naming the scope (the README's
+    promise), before anything is looked up: on another user's resource too, so the answer
+    tells nothing of its existence. With the scope, another user's resource is 404."""
     for who in ("alice", "bob", "rita", "uma"):
         granted = _grants(world.scopes[who], scope)
         foreign = owned and who != "alice"
@@ -241,9 +242,9 @@ def test_callers_without_the_scope_get_403_or_404(world, method, template, scope
         if granted and foreign:
             assert r.status_code == 404, (who, method, template, r.status_code, r.text)
         else:
-            assert r.status_code in (403, 404), (who, method, template, r.status_code, r.text)
-            if r.status_code == 403:
-                assert r.json()["error"]["scope"] == scope
+            assert r.status_code == 403, (who, method, template, r.status_code, r.text)
+            assert r.json()["error"]["scope"] == scope, r.text
+            assert scope in r.json()["error"]["message"], r.text
 
 
 def _grants(scopes: set[str], scope: str | None) -> bool:

@@ -19,6 +19,7 @@ from flowsession.api.app import bootstrap_admin, create_app
 from flowsession.errors import NotFound
 from flowsession.sessions.records import ACTIVE_STATES
 
+FLOWS = Path(__file__).resolve().parents[1] / "flows"
 SECRET = "sk-never-shown-0123456789"
 FEED_SECRET = "feeduser:f33d-t0ken-never-shown"
 
@@ -460,7 +461,7 @@ def test_identities_hold_feed_secrets_and_connections_but_never_show_a_secret(
         assert secret not in everything, secret
 
 
-def test_a_run_as_a_managed_identity_gets_the_connections_it_gives_access_to(server, owner):
+def test_an_identity_gives_the_connections_it_grants_to_its_users(server, owner):
     svc = server[1]
     role(owner, "Connector", "connections:*")
     alice = user(owner, "alice", "Connector")
@@ -528,3 +529,51 @@ def test_sessions_run_as_an_identity_only_with_identities_use(server, owner, tmp
         assert bob.post("/api/flows/secretive/session/stop").status_code == 200
         assert owner.delete("/api/identities/deploy").status_code == 200
     assert not any(FEED_SECRET in text for text in bob.seen)
+
+
+def test_a_run_as_a_managed_identity_uses_the_connection_it_gives_access_to(server, owner):
+    """A real batch run: bob's flow names alice's connection, which only the identity gives
+    him; without the identity the run is refused naming the connection, with it every line
+    gets the connection's config, and its secret shows nowhere."""
+    alice = user(owner, "alice", "Data Scientist")
+    bob = user(owner, "bob", "Data Scientist")
+    r = alice.post("/api/connections", json={"name": "my_custom", "type": "custom",
+                                             "configs": {"greeting": "Hello"},
+                                             "secrets": {"api_key": SECRET}})
+    assert r.status_code in (200, 201), r.text
+    owner.post("/api/identities", json={"name": "team", "connections": ["my_custom"]})
+    role(owner, "Team member", "identities:use:team")
+    owner.post("/api/role-assignments", json={"user": "bob", "role": "Team member"})
+    files = {p.name: p.read_text() for p in (FLOWS / "connection_tool").iterdir()}
+    assert bob.post("/api/flows", json={"name": "greeter", "files": files}).status_code == 201
+    lines = [{"text": "world"}, {"text": "Ada"}]
+
+    refused = bob.post("/api/runs", json={"flow": "greeter", "data_lines": lines})
+    assert refused.status_code == 202, refused.text  # the session finds it missing
+    bob.wait(refused.json()["operation"])
+    plain = bob.get(f"/api/runs/{refused.json()['run']['name']}").json()
+    assert plain["status"] == "Failed" and plain["completed"] == 0, plain
+    assert "Connection 'my_custom' not found" in plain["error"], plain
+
+    # the flow's session runs as bob: a run as the identity is not run on it as bob
+    r = bob.post("/api/runs", json={"flow": "greeter", "data_lines": lines,
+                                    "identity": "team"})
+    assert r.status_code == 202, r.text
+    op = bob.wait(r.json()["operation"])
+    assert op["status"] == "failed" and op["error"]["field"] == "identity", op
+    assert "runs with identity user, not team" in op["error"]["message"], op
+    assert bob.post("/api/flows/greeter/session/stop").status_code == 200
+
+    r = bob.post("/api/runs", json={"flow": "greeter", "data_lines": lines,
+                                    "identity": "team"})
+    assert r.status_code == 202, r.text
+    op = bob.wait(r.json()["operation"])
+    assert op["status"] == "succeeded", op
+    name = r.json()["run"]["name"]
+    run = bob.get(f"/api/runs/{name}").json()
+    assert run["status"] == "Completed" and run["completed"] == 2, run
+    outputs = bob.get(f"/api/runs/{name}/outputs").json()
+    assert sorted(o["out"] for o in outputs) == ["Hello Ada", "Hello world"], outputs
+    assert bob.get("/api/flows/greeter/session").json()["identity"] == "team"
+    bob.get(f"/api/runs/{name}/logs"), bob.get(f"/api/runs/{name}/details")
+    assert not any(SECRET in text for text in bob.seen)

@@ -75,7 +75,7 @@ def fs(settings, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
     env = {**base, "FLOWSESSION_HOME": str(settings.home),
            "FLOWSESSION_IMAGES_DIR": str(settings.images_dir),
-           "FLOWSESSION_INDEX_URL": settings.index_url, "FLOWSESSION_STANDBY_POOL": "0",
+           "FLOWSESSION_INDEX_URL": settings.index_url,
            "FLOWSESSION_USER": USER, "COLUMNS": "200", "NO_COLOR": "1"}
     cli = Cli(env, tmp_path)
     yield cli
@@ -277,9 +277,26 @@ class TwoKeyServer(OpenAIServer):
     def __init__(self, keys: list[str]):
         super().__init__(api_key=keys[0], retry_after=0)
         self.keys = keys
+        self.keys_in_args = []
 
     def _authorized(self, authorization, api_key_header, *, azure):
+        # while a line calls the endpoint, no process's arguments hold a key
+        self.keys_in_args.append(any(k in _all_cmdlines() for k in self.keys))
         return any(authorization == f"Bearer {k}" for k in self.keys)
+
+    keys_in_args: list[bool]
+
+
+def _all_cmdlines() -> str:
+    seen = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    seen.append(fh.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return "\n".join(seen)
 
 
 def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):
@@ -305,17 +322,19 @@ def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):
         fs.ok("run", "show-details", "chat")
         fs.ok("run", "logs", "chat")
         fs.ok("run", "show", "over")
+    assert server.keys_in_args and not any(server.keys_in_args), "a key in a process's args"
     for key in (KEY_A, KEY_B):
         assert not any(key in text for text in fs.seen)
 
 
 def test_commands_that_finish_a_run_at_the_same_time_agree(fs, tmp_path, settings):
     """`run show` in several terminals while the run's (slow) aggregation runs: one of them
-    aggregates and writes the outputs; the run ends Completed once, with its metrics."""
+    (or the server following the run) aggregates and writes the outputs; the run ends
+    Completed once, with its metrics."""
     flow = flow_copy(tmp_path, "aggregate")
     (flow / "accuracy.py").write_text(
         "import time\nfrom typing import List\n\nfrom promptflow.core import log_metric, tool\n"
-        "\n\n@tool\ndef accuracy(grades: List[str]) -> float:\n    time.sleep(2)\n"
+        "\n\n@tool\ndef accuracy(grades: List[str]) -> float:\n    time.sleep(6)\n"
         "    value = round(grades.count('correct') / len(grades), 2)\n"
         "    log_metric('accuracy', value)\n    return value\n")
     created = fs.json("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
@@ -323,16 +342,18 @@ def test_commands_that_finish_a_run_at_the_same_time_agree(fs, tmp_path, setting
     assert created["status"] in ("Preparing", "Running")  # submitted: its session runs it
     records = RunRecords(open_store(settings.db_url))
     deadline = time.monotonic() + 60
-    while not (list(Path(settings.runtime_dir).glob("slots/*/state/runs/busy/status.json"))
-               or records.find("busy").status == "Completed"):
-        # every line done (the server may have finished it already)
-        assert time.monotonic() < deadline
+    while not list(Path(settings.runtime_dir).glob("slots/*/state/runs/busy/status.json")):
+        assert time.monotonic() < deadline, records.find("busy")  # every line done
+        assert records.find("busy").status != "Completed", "finished before the race"
         time.sleep(0.05)
     shows = [fs.popen("run", "show", "busy", "--json") for _ in range(3)]
+    # the race happens: the commands are on their way while the run is being finished
+    assert records.find("busy").status != "Completed", "the commands came too late to race"
     results = [(p.wait(timeout=120), *p.communicate()) for p in shows]
     for code, out, err in results:
         assert code == 0, err
         assert "Traceback" not in err
+        assert json.loads(out)["name"] == "busy"
     final = fs.json("run", "show", "busy")
     assert final["status"] == "Completed", final
     assert fs.json("run", "show-metrics", "busy") == {"accuracy": 0.75}
@@ -351,3 +372,87 @@ def test_flow_test_of_a_flex_class_takes_its_init(fs, tmp_path):
     assert refused.returncode != 0 and "prefix" in refused.stderr, refused.stderr
     out = fs.ok("flow", "test", "flex_class", "--inputs", "text=x", "--init", "prefix=>")
     assert json.loads(out.stdout) == {"out": ">x"}
+
+
+MOODY_PY = """\
+import os
+from promptflow.core import tool
+
+
+@tool
+def echo(x: str) -> str:
+    if x == "b" and os.environ.get("MODE") != "fixed":
+        raise ValueError("line b needs MODE=fixed")
+    return f"{x}:{os.environ['MODE']}"
+"""
+
+
+def test_a_run_on_a_chosen_size_with_variables_resumed_with_others(fs, tmp_path, settings):
+    """`--instance-type` picks the session's VM size (a run asking another size of the running
+    session is refused, naming it); `--environment-variables` reach the flow's code;
+    `--resume-from` reruns only the failed line, with the variables it is given."""
+    from helpers.flows import make_flow
+
+    flow = make_flow(tmp_path, "moody", None)
+    (flow / "echo.py").write_text(MOODY_PY)
+    (flow / "data.jsonl").write_text('{"x": "a"}\n{"x": "b"}\n{"x": "c"}\n')
+    first = fs.json("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
+                    "--column-mapping", "x=${data.x}", "--name", "moody1", "--stream",
+                    "--instance-type", "small", "--environment-variables", "MODE=broken")
+    assert (first["status"], first["completed"], first["failed"]) == ("Completed", 2, 1), first
+    shown = fs.json("session", "show", "moody")
+    assert "small" in json.dumps(shown), shown
+    refused = fs.json("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
+                      "--column-mapping", "x=${data.x}", "--instance-type", "medium", "--stream")
+    assert refused["status"] == "Failed" and refused["completed"] == 0, refused
+    assert "runs with vm_size small, not medium" in refused["error"], refused
+    resumed = fs.json("run", "create", "--resume-from", "moody1", "--name", "moody2",
+                      "--stream", "--environment-variables", "MODE=fixed")
+    assert (resumed["status"], resumed["completed"], resumed["failed"]) == ("Completed", 3, 0), \
+        resumed
+    rows = sorted((r["line_number"], r["y"]) for r in output_rows(settings, "moody2"))
+    assert rows == [(0, "a:broken"), (1, "b:fixed"), (2, "c:broken")], rows  # a, c kept
+
+
+def test_a_variant_run_from_the_shell_and_a_running_run_canceled(fs, tmp_path, settings):
+    """`--variant ${labeled.variant_1}` runs that variant on every line; `run cancel` on a run
+    still running ends it Canceled, keeping the lines it finished."""
+    flow_copy(tmp_path, "variants")
+    b = fs.json("run", "create", "--flow", "variants", "--data", "variants/data.jsonl",
+                "--column-mapping", "text=${data.text}", "--variant", "${labeled.variant_1}",
+                "--name", "vb", "--stream")
+    assert b["status"] == "Completed", b
+    outs = [r["out"] for r in sorted(output_rows(settings, "vb"), key=lambda r: r["line_number"])]
+    assert outs and all(o.startswith("B:") for o in outs), outs
+
+    flow_copy(tmp_path, "sleepy")
+    (tmp_path / "long.jsonl").write_text('{"seconds": "0.2"}\n' + '{"seconds": "60"}\n' * 4)
+    fs.json("run", "create", "--flow", "sleepy", "--data", "long.jsonl", "--name", "long",
+            "--detach")
+    records = RunRecords(open_store(settings.db_url))
+    deadline = time.monotonic() + 120
+    while records.find("long").status != "Running" or not records.find("long").completed:
+        assert time.monotonic() < deadline, records.find("long")
+        fs.ok("run", "show", "long")  # the server collects what the session finished
+        time.sleep(0.5)
+    canceled = fs.ok("run", "cancel", "long")
+    assert "long" in canceled.stdout, canceled.stdout
+    deadline = time.monotonic() + 60
+    while (run := fs.json("run", "show", "long"))["status"] not in ("Canceled", "Completed"):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.5)
+    assert run["status"] == "Canceled" and run["completed"] >= 1, run
+    assert run["completed"] < 5, run
+
+
+def test_a_run_yml_with_unknown_fields_runs_and_names_what_it_ignored(fs, tmp_path, settings):
+    flow_copy(tmp_path, "echo")
+    fs.flows.append("echo")  # its session is stopped afterwards (the flow is named in run.yml)
+    (tmp_path / "run.yml").write_text(
+        "flow: echo\ndata: echo/data.jsonl\ncolumn_mapping:\n  text: ${data.text}\n"
+        "name: from_yml\nfancy_option: 3\nresources:\n  instance_type: small\n  gpus: 2\n")
+    made = fs.ok("run", "create", "--file", "run.yml", "--stream")
+    assert "ignoring unknown field(s) fancy_option" in made.stderr, made.stderr
+    assert "gpus" in made.stderr, made.stderr
+    run = fs.json("run", "show", "from_yml")
+    assert run["status"] == "Completed" and run["failed"] == 0, run

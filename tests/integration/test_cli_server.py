@@ -73,7 +73,7 @@ def fs(settings, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
     env = {**base, "FLOWSESSION_HOME": str(settings.home),
            "FLOWSESSION_IMAGES_DIR": str(settings.images_dir),
-           "FLOWSESSION_INDEX_URL": settings.index_url, "FLOWSESSION_STANDBY_POOL": "0",
+           "FLOWSESSION_INDEX_URL": settings.index_url,
            "COLUMNS": "200", "NO_COLOR": "1"}
     cli = Cli(env, tmp_path)
     yield cli
@@ -296,3 +296,52 @@ def test_a_server_url_without_a_token_or_out_of_reach_is_a_clear_error(fs, setti
     assert "cannot reach the flowsession server at http://127.0.0.1:9" in away.stderr
     assert "hint:" in away.stderr
     assert not (settings.home / "server.pid").exists()  # no local server was started
+
+
+def test_a_new_users_first_session_builds_the_default_image_through_the_server(
+        fs, settings, tmp_path):
+    """No image anywhere (not the suite's prebuilt one): the first `session start` has the
+    home's server build the default image (from PyPI, the one network the suite uses), then
+    the session runs on it and `image list` shows it built."""
+    fs.env.pop("FLOWSESSION_IMAGES_DIR")
+    fs.env.pop("FLOWSESSION_INDEX_URL")  # uv's default index (the flow has no requirements)
+    images = settings.home / "images"
+    assert not images.exists()
+    flow = str(make_flow(tmp_path, "first", None))
+    fs.flows.append(flow)
+    started = fs.json("session", "start", flow, timeout=900)
+    assert started["state"] == "RUNNING", started
+    built = [i for i in fs.json("image", "list") if i["name"] == "flowsession/runtime"]
+    assert built and built[0]["state"] == "READY", built
+    assert str(images) in json.dumps(built) or list(images.glob("flowsession--runtime/*/bin"))
+    out = fs.ok("flow", "test", flow, "--inputs", "x=hi")
+    assert "hi" in out.stdout, out.stdout
+
+
+def test_server_register_and_show_token_as_make_run_uses_them(fs, settings, tmp_path):
+    """`flowsession server --show-token --register FOLDER`: it prints the administrator's token
+    (the one in client.json) and the folder is a registered flow, read in place."""
+    from helpers.server import free_port
+
+    flow = make_flow(tmp_path, "registered", None)
+    port = free_port()
+    log = tmp_path / "server.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([FLOWSESSION, "server", "--port", str(port), "--show-token",
+                                 "--register", str(flow)], env=fs.env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while not (settings.home / "client.json").exists() or "fs_" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        token = client_json(settings)["token"]
+        assert token in log.read_text()  # shown, as asked
+        flows = httpx.get(f"{url}/api/flows", headers={"Authorization": f"Bearer {token}"},
+                          timeout=30).json()
+        assert [f["name"] for f in flows] == ["registered"], flows
+        assert flows[0]["path"] == str(flow), flows
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

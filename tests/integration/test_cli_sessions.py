@@ -84,7 +84,7 @@ def fs(settings, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
     env = {**base, "FLOWSESSION_HOME": str(settings.home),
            "FLOWSESSION_IMAGES_DIR": str(settings.images_dir),
-           "FLOWSESSION_INDEX_URL": settings.index_url, "FLOWSESSION_STANDBY_POOL": "0",
+           "FLOWSESSION_INDEX_URL": settings.index_url,
            "FLOWSESSION_USER": USER, "COLUMNS": "200", "NO_COLOR": "1"}
     cli = Cli(env, tmp_path)
     yield cli
@@ -192,6 +192,13 @@ def test_a_session_on_a_compute_instance_stops_with_the_instance(fs, tmp_path):
     assert fs("session", "show", flow).returncode == 1  # the flow has no session any more
     box = fs.json("compute", "show", "box")
     assert (box["state"], box["sessions"]) == ("STOPPED", 0)
+    assert fs.json("session", "list") == []  # stopped sessions only with --all
+    every = fs.json("session", "list", "--all")
+    assert [(x["id"], x["state"]) for x in every] == [(session["id"], "STOPPED")], every
+
+    assert fs.json("compute", "start", "box")["state"] == "RUNNING"  # an instance starts again
+    assert fs.json("compute", "show", "box")["state"] == "RUNNING"
+    assert fs("compute", "stop", "box").returncode == 0
 
     deleted = fs("compute", "delete", "box")
     assert deleted.returncode == 0, deleted.stderr

@@ -77,10 +77,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def test_detect_says_cgroup1_on_this_machine():
-    if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists():
-        pytest.skip("needs root and a cgroup v1 memory hierarchy (this check is for this machine)")
-    assert detect() == "cgroup1"
+def test_detect_finds_the_cgroup_hierarchy_this_machine_has():
+    """As root, the hierarchy the host mounts is the one used (v2 unified, or v1 memory+cpu),
+    never the rlimit fallback."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cgroups are made by root")
+    if Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+        assert detect() == "cgroup2"
+    else:
+        assert Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), \
+            "no cgroup v2 nor a v1 memory controller: session limits fall back to rlimits"
+        assert detect() == "cgroup1"
 
 
 def test_detect_falls_back_to_rlimit_where_there_is_no_cgroup_tree(tmp_path):

@@ -7,6 +7,7 @@ session process may be left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -24,10 +25,21 @@ FLOWS = REPO / "tests" / "flows"
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, images_dir, index):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory, images_dir, index):
+    """The server on its default SQLite, and on PostgreSQL: the API, sessions and runs are
+    the same on both (the store tests alone do not show it)."""
     home = tmp_path_factory.mktemp("sdk-server") / "home"
-    with serving(home, images_dir, index.url) as srv:
+    with contextlib.ExitStack() as stack:
+        env = {}
+        if request.param == "postgresql":
+            from conftest import new_postgres_database
+
+            env["FLOWSESSION_DATABASE_URL"] = stack.enter_context(new_postgres_database())
+        srv = stack.enter_context(serving(home, images_dir, index.url, env=env))
+        if request.param == "postgresql":
+            assert srv.env["FLOWSESSION_DATABASE_URL"].startswith("postgresql")
+            assert not (home / "flowsession.db").exists() and not list(home.glob("*.db"))
         yield srv
 
 
@@ -79,7 +91,6 @@ def test_with_no_server_the_client_starts_the_homes_local_server(settings, monke
     monkeypatch.setenv("FLOWSESSION_HOME", str(settings.home))
     monkeypatch.setenv("FLOWSESSION_IMAGES_DIR", str(settings.images_dir))
     monkeypatch.setenv("FLOWSESSION_INDEX_URL", settings.index_url)
-    monkeypatch.setenv("FLOWSESSION_STANDBY_POOL", "0")
     assert not (settings.home / "client.json").exists()
     flow = tmp_path / "mine"
     shutil.copytree(FLOWS / "echo", flow)

@@ -42,7 +42,7 @@ def make_service(settings, db_url: str | None = None) -> SessionService:
 
 @pytest.fixture
 def session_settings(settings):
-    return replace(settings, standby_pool_size=0, idle_timeout_s=600)
+    return replace(settings, idle_timeout_s=600)  # the default standby pool (1)
 
 
 @pytest.fixture

@@ -357,3 +357,91 @@ def test_a_session_sending_junk_records_has_its_run_stopped_with_the_reason(serv
     details = bob.call("GET", "/api/runs/junk-run/details").json()
     assert [d["line_number"] for d in details] == [0, 1, 2]
     assert httpx.get(f"{server.url}/api/health").status_code == 200
+
+
+ENV_WRITE_PY = '''\
+import errno, os, site, sys
+from promptflow.core import tool
+
+
+@tool
+def attack(targets: str, mode: str) -> str:
+    """Write into what the session runs from: its environment's packages, its interpreter,
+    the image's standard library; each attempt reports the errno that stopped it."""
+    places = [*site.getsitepackages(), os.path.join(sys.prefix, "bin"),
+              os.path.dirname(os.__file__), os.path.dirname(os.path.realpath(sys.executable))]
+    import promptflow
+    places.append(os.path.dirname(promptflow.__file__))
+    found = []
+    for d in places:
+        try:
+            with open(os.path.join(d, "planted.py"), "w") as f:
+                f.write("pwned")
+            found.append(d + " WRITABLE")
+        except OSError as exc:
+            found.append(d + " held " + errno.errorcode.get(exc.errno, str(exc.errno)))
+    try:
+        with open(os.__file__, "a") as f:
+            f.write("# pwned")
+        found.append(os.__file__ + " WRITABLE")
+    except OSError as exc:
+        found.append(os.__file__ + " held " + errno.errorcode.get(exc.errno, str(exc.errno)))
+    return "\\n".join(found)
+'''
+
+MEMORY_PY = '''\
+from promptflow.core import tool
+
+
+@tool
+def attack(targets: str, mode: str) -> str:
+    """Take 3 GB, a page at a time (the session's VM size has 2 GB)."""
+    chunks = []
+    for _ in range(3 * 1024):
+        chunk = bytearray(1024 * 1024)
+        chunk[::4096] = b"x" * len(chunk[::4096])
+        chunks.append(chunk)
+    return "took 3 GB"
+'''
+
+
+def _attack_flow(bob: Attacker, name: str, code: str) -> None:
+    yaml = ATTACK_YAML.split("- name: summary")[0]  # the attack node alone
+    r = bob.call("POST", "/api/flows", json={"name": name, "files": {
+        "flow.dag.yaml": yaml, "attack.py": code}})
+    assert r.status_code == 201, r.text
+
+
+def test_flow_code_cannot_write_into_its_environment_and_is_told_what_held(server, bob):
+    _attack_flow(bob, "envwrite", ENV_WRITE_PY)
+    r = bob.call("POST", "/api/flows/envwrite/test", json={"inputs": {"targets": "-"}})
+    assert r.status_code == 200, r.text
+    report = r.json()["outputs"]["out"].splitlines()
+    assert len(report) >= 5, report
+    assert not [line for line in report if "WRITABLE" in line], report
+    # a read-only mount (EROFS) or no permission (EACCES): the sandbox's, named by errno
+    assert all(line.rsplit(" ", 1)[1] in ("EROFS", "EACCES") for line in report), report
+    home = server.home
+    assert not list(home.glob("envs/**/planted.py")) and not list(home.glob("images/**/planted.py"))
+    assert bob.call("POST", "/api/flows/envwrite/session/stop").status_code == 200
+
+
+def test_flow_code_over_its_vm_sizes_memory_is_stopped_by_the_limit(server, bob):
+    """A `small` session (2 GB): a line that takes 3 GB fails -- its worker is killed or gets
+    MemoryError -- and the session shows the limit it runs under. Run after another start,
+    so that it adopts the standby pool's warm supervisor (which must be under the limit too)."""
+    _attack_flow(bob, "hog", MEMORY_PY)
+    r = bob.call("POST", "/api/flows/hog/session", json={"vm_size": "small"})
+    assert bob.wait_operation(r)["status"] == "succeeded", r.text
+    shown = bob.call("GET", "/api/flows/hog/session").json()
+    assert "2.0 GB" in str(shown.get("limits")) or "2 GB" in str(shown.get("limits")), shown
+    r = bob.call("POST", "/api/flows/hog/test", json={"inputs": {"targets": "-"}})
+    assert r.status_code != 200 or "took 3 GB" not in r.text, (r.text, shown)
+    said = r.text
+    assert "MemoryError" in said or "SIGKILL" in said or "memory" in said.lower(), said
+    after = bob.call("GET", "/api/flows/hog/session").json()
+    # the worker the limit killed fails the session (by design: protocol.py), saying so
+    assert after["state"] in ("RUNNING", "FAILED"), (after, said)
+    if after["state"] == "FAILED":
+        assert "SIGKILL" in after["reason"], after
+    assert bob.call("POST", "/api/flows/hog/session/stop").status_code == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -309,15 +308,14 @@ def test_not_utf8(tmp_path):
     assert "UTF-8" in err.value.hint
 
 
-def test_load_100k_lines_is_fast(tmp_path):
+def test_load_100k_lines_keeps_every_row_in_order(tmp_path):
+    """(How fast: bench/run_inputs.py.)"""
     path = tmp_path / "big.jsonl"
     path.write_text("".join(f'{{"q": "question {i}", "a": {i}}}\n' for i in range(100_000)))
-    start = time.perf_counter()
     ds = load_data(path)
-    elapsed = time.perf_counter() - start
     assert len(ds.rows) == 100_000 and ds.rows[99_999] == {"q": "question 99999", "a": 99999}
+    assert [r["a"] for r in ds.rows] == list(range(100_000))
     assert ds.columns == ["q", "a"]
-    assert elapsed < 2, f"loading took {elapsed:.2f}s"
 
 
 # --- parse_mapping_args ----------------------------------------------------------------------
@@ -569,17 +567,16 @@ def test_base_only_input_without_value_lists_the_run_columns():
     assert "'my_base'" in err.value.hint and "'answer'" in err.value.hint
 
 
-# --- speed -----------------------------------------------------------------------------------
+# --- many rows -----------------------------------------------------------------------------------
 
 
-def test_resolve_100k_rows_is_fast():
+def test_resolve_100k_rows_resolves_every_row_in_order():
+    """(How fast: bench/run_inputs.py.)"""
     rows = [{"question": f"q{i}", "truth": f"t{i}", "unused": i} for i in range(100_000)]
     data = DataSet(path=Path("big.jsonl"), rows=rows, columns=["question", "truth", "unused"],
                    skipped=[])
-    start = time.perf_counter()
     got = resolve_inputs(inputs("q", "truth", k=1), {"q": "${data.question}", "lit": "x"},
                          data, None)
-    elapsed = time.perf_counter() - start
     assert len(got) == 100_000
     assert got[99_999] == {"q": "q99999", "truth": "t99999", "lit": "x"}
-    assert elapsed < 2, f"resolving took {elapsed:.2f}s"
+    assert [got[i]["q"] for i in range(100_000)] == [f"q{i}" for i in range(100_000)]

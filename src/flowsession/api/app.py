@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             for t in tasks:
                 t.cancel()
             await ops.shutdown()
+            await _drain_standbys(app, svc)
 
     app = FastAPI(title="flowsession", version=__version__, lifespan=lifespan,
                   description="Self-hosted compute sessions for prompt flow.")
@@ -203,6 +204,10 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
                    connections, identities):
         app.include_router(module.router, prefix="/api")
 
+    from flowsession.api.openapi import documented_schema
+
+    app.openapi = lambda: documented_schema(app)  # error answers and event streams told
+
     @app.get("/api/health", tags=["server"])
     async def health() -> dict:
         """Unauthenticated: is the server up."""
@@ -212,6 +217,22 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     web.mount(app)  # the web UI at /, over this API
     return app
+
+
+async def _drain_standbys(app: FastAPI, svc: Services) -> None:
+    """A stopping server stops its warm standby supervisors (its sessions live on: they are
+    the users'; a standby is this server's optimisation, and would idle for an hour)."""
+    fill = getattr(app.state, "pool_fill", None)
+    if fill is not None and not fill.done():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(fill), 60)
+    try:
+        drained = await svc.sessions.pool.drain()
+    except Exception:  # noqa: BLE001 - never stops the shutdown; each ends itself when idle
+        log.exception("stopping the standby pool")
+        return
+    if drained:
+        log.info("stopped %d standby supervisor(s)", drained)
 
 
 def _printable(text: str, limit: int = 500) -> str:

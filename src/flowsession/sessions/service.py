@@ -510,8 +510,30 @@ class SessionService:
         if session.state != S.RUNNING:
             raise Conflict(f"session {session.id} is {session.state}",
                            details={"state": session.state})
+        if options is not None:
+            self._runs_as_asked(session, options)
         self.records.touch(session.id)
         return await self._load_changes(session)
+
+    def _runs_as_asked(self, session: Session, options: StartOptions) -> None:
+        """Work that names an identity, a VM size or an instance never runs on a session that
+        is something else (it would run as another identity, on another compute)."""
+        compute = (self.computes.get(session.compute_id, user=session.owner)
+                   if session.compute_id else None)
+        asked = {"identity": options.identity if options.identity not in (None, "user") else None,
+                 "vm_size": options.vm_size, "instance": options.instance}
+        has = {"identity": session.identity,
+               "vm_size": compute.vm_size if compute else session.vm_size,
+               "instance": compute.name if compute and compute.kind == ComputeKind.INSTANCE
+               else None}
+        for field, want in asked.items():
+            if want and want != has[field]:
+                raise Conflict(
+                    f"the flow's session {session.id} runs with {field} "
+                    f"{has[field] or 'default'!s}, not {want}",
+                    hint="stop it (flowsession session stop FLOW) or change it (flowsession "
+                         "session update FLOW), then submit again",
+                    details={"field": field, "session": session.id})
 
     async def stop_compute(self, compute: Compute, *, actor: str, reason: str) -> Compute:
         """Stop a compute instance: the sessions on it stop first, with the reason."""

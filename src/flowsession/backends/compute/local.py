@@ -225,12 +225,21 @@ class LocalBackend(SupervisorClient):
         """Move the session's processes into the compute's limits; workers forked later
         inherit them."""
         ref = LocalRef.of(handle)
-        for pid in [ref.pid, *self.process_tree(handle)]:
-            try:
-                self.limits.add_process(dict(compute.limits), pid)
-            except (LimitsError, ProcessLookupError):
-                if procs.alive(ref.pid, ref.pid_start):
-                    raise
+        moved: set[int] = set()
+        # Again until a look finds no process not yet moved: a child forked while its parent
+        # was being moved (a standby still starting) stays behind otherwise, without limits.
+        for _ in range(100):
+            new = [p for p in [ref.pid, *self.process_tree(handle)] if p not in moved]
+            if not new:
+                return
+            for pid in new:
+                try:
+                    self.limits.add_process(dict(compute.limits), pid)
+                except (LimitsError, ProcessLookupError):
+                    if procs.alive(ref.pid, ref.pid_start):
+                        raise
+                moved.add(pid)
+        raise LimitsError("the session's processes kept forking while joining its limits")
 
     async def _wait_for(self, handle: SessionHandle, phases: set[str], timeout: float) -> dict:
         deadline = time.monotonic() + timeout
