@@ -19,6 +19,7 @@ from rich.progress import (
 )
 
 from flowsession.cli.connect import client
+from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
 from flowsession.client import Client
 from flowsession.errors import InvalidInput
@@ -108,16 +109,17 @@ def _literal(value: str) -> Any:
         return value
 
 
-@app.command()
+@app.command(cls=PfCommand)
 @handle_errors
 def create(
     file: Path = typer.Option(None, "--file", "-f", help="A run.yml (prompt flow's Run schema)."),
-    flow: str = typer.Option(None, "--flow", help="The flow folder."),
+    flow: str = typer.Option(None, "--flow", help="The flow folder, or a registered flow's "
+                             "name (OWNER:NAME for another's, if you manage everything)."),
     data: str = typer.Option(None, "--data", help="The data: .jsonl, .json, .csv, .tsv or a "
                              "folder of them."),
     column_mapping: list[str] = typer.Option(None, "--column-mapping", help="input='${data.col}'"
                                              ", '${run.outputs.col}', '${run.inputs.col}' or a "
-                                             "literal; repeatable."),
+                                             "literal; several after one flag, or repeat."),
     run: str = typer.Option(None, "--run", help="A completed base run (for ${run.outputs.x})."),
     variant: str = typer.Option(None, "--variant", help="'${node.variant_id}'"),
     environment_variables: list[str] = typer.Option(None, "--environment-variables",
@@ -166,9 +168,10 @@ def create(
         "init": {k: _literal(v) for k, v in parse_pairs(init, option="--init").items()},
         "tags": parse_pairs(tags, option="--tags"),
     }
-    for key in ("flow", "data"):  # relative to where the command runs
-        if values[key]:
-            values[key] = str(Path(values[key]).expanduser().resolve())
+    if flow and isinstance(flow_ref(flow), Path):  # else a registered flow's name
+        values["flow"] = str(Path(flow).expanduser().resolve())
+    if data:  # relative to where the command runs
+        values["data"] = str(Path(data).expanduser().resolve())
     if file is None and not flow and not resume_from:
         raise InvalidInput("a run needs a flow", hint="give --flow FOLDER, or --file run.yml")
     spec = _spec(file, values)
