@@ -78,3 +78,67 @@ def test_skip_malformed_lists_the_skipped_lines_in_the_summary(fs: Cli, tmp_path
         in run.stdout.replace("\n", " ")
     shown = fs.json("run", "show", "skipping")
     assert shown["summary"].endswith("2 malformed data line(s) skipped: line 2, 4")
+
+
+# --- many flows, one machine -----------------------------------------------------------------
+
+
+def test_twenty_flows_in_a_row_are_never_refused_idle_sessions_are_reclaimed(fs: Cli,
+                                                                              tmp_path):
+    fs.env["FLOWSESSION_VCPU_QUOTA"] = "3"  # room for three small sessions
+    for n in range(20):
+        adder(tmp_path, f"f{n:02d}")
+        fs.flows.append(f"f{n:02d}")
+        tested = fs.ok("flow", "test", f"f{n:02d}", "--inputs", "a=1", f"b={n}")
+        assert json.loads(tested.stdout) == {"sum": 1 + n}
+    running = fs.json("session", "list")
+    assert sorted(Path(s["flow"]).name for s in running) == ["f17", "f18", "f19"]
+    assert {s["vm_size"] for s in running} == {"small"}  # implicit: the smallest size
+    events = fs.json("session", "events", "f00")
+    stopped = [e for e in events if e["to_state"] == "STOPPED"]
+    assert len(stopped) == 1 and stopped[0]["actor"] == "system:quota"
+    reason = stopped[0]["reason"]
+    assert reason.startswith("reclaimed:") and str(tmp_path / "f03") in reason
+    assert "least recently used idle session" in reason
+    sizes = fs.ok("compute", "sizes")
+    assert "vCPU quota: 3 of 3 in use" in sizes.stdout.replace("\n", " ") or \
+        "3 of 3" in sizes.stdout
+    assert "set by FLOWSESSION_VCPU_QUOTA" in sizes.stderr
+
+
+def test_the_local_quota_derives_from_the_machine(fs: Cli):
+    answer = fs.json("compute", "sizes")
+    cores = len(os.sched_getaffinity(0))
+    assert answer["vcpu_quota"] == 8 * cores
+    assert answer["vcpu_quota_source"].startswith(
+        f"local backend: 8 vCPU per core of this machine's {cores}")
+    assert answer["implicit_size"] == "small"
+
+
+def test_when_nothing_is_idle_the_refusal_lists_what_holds_the_quota(fs: Cli, tmp_path):
+    fs.env["FLOWSESSION_VCPU_QUOTA"] = "1"
+    sleepy = Path(__file__).resolve().parents[1] / "flows" / "sleepy"
+    folder = tmp_path / "sleepy"
+    folder.mkdir()
+    for f in ("flow.dag.yaml", "nap.py"):
+        (folder / f).write_text((sleepy / f).read_text())
+    (tmp_path / "long.jsonl").write_text('{"seconds": "120"}\n')
+    fs.json("run", "create", "--flow", "sleepy", "--data", "long.jsonl", "--name", "long",
+            "--detach")
+    for _ in range(600):
+        shown = fs.json("run", "show", "long")
+        if shown["status"] == "Running" and shown["session_id"]:
+            break
+    assert shown["status"] == "Running"
+    adder(tmp_path)
+    refused = fs("flow", "test", "adder", "--inputs", "a=1", "b=2")
+    assert refused.returncode == 1
+    text = " ".join(refused.stderr.split())
+    assert f"session {shown['session_id']} ({folder}, small, 1 vCPU, running run long): " \
+           f"flowsession session stop {shown['session_id']}" in text
+    assert "none of your sessions is idle" in text
+    fs.ok("run", "cancel", "long")
+    fs.ok("session", "stop", "sleepy")
+    assert json.loads(fs.ok("flow", "test", "adder", "--inputs", "a=1", "b=2").stdout) \
+        == {"sum": 3}
+    fs.ok("session", "stop", "adder")

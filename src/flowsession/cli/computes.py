@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from flowsession.cli.connect import client
-from flowsession.cli.output import emit_json, fields, handle_errors, out, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
 from flowsession.config import format_duration, format_size, parse_duration
 
 app = typer.Typer(no_args_is_help=True)
@@ -29,9 +29,17 @@ def sizes(json: bool = JSON) -> None:
     rows = [{**s, "memory": format_size(s["memory_bytes"])} for s in answer["sizes"]]
     in_use, quota = answer["vcpu_in_use"], answer["vcpu_quota"]
     if json:
-        return emit_json({"sizes": rows, "vcpu_quota": quota, "vcpu_in_use": in_use})
+        return emit_json({"sizes": rows, "vcpu_quota": quota, "vcpu_in_use": in_use,
+                          "vcpu_quota_source": answer.get("vcpu_quota_source"),
+                          "implicit_size": answer.get("implicit_size")})
     table(rows, ["name", "vcpu", "memory", "description"],
           title=f"vCPU quota: {in_use:g} of {quota:g} in use")
+    if answer.get("vcpu_quota_source"):
+        err.print(f"the quota: {answer['vcpu_quota_source']}", highlight=False)
+    if answer.get("implicit_size"):
+        err.print(f"sessions started by flow test or run create take {answer['implicit_size']}"
+                  "; over the quota, your least recently used idle serverless sessions are "
+                  "stopped to make room", highlight=False)
 
 
 @app.command()

@@ -82,6 +82,15 @@ class ComputeService:
     def catalog(self) -> dict[str, VmSize]:
         return sizes.load_catalog(self.settings.vm_sizes_file)
 
+    @cached_property
+    def quota(self) -> float:
+        """The vCPU quota: FLOWSESSION_VCPU_QUOTA, else the backend's (local: the machine's)."""
+        return sizes.quota_of(self.settings.vcpu_quota, self.settings.backend)[0]
+
+    @cached_property
+    def quota_source(self) -> str:
+        return sizes.quota_of(self.settings.vcpu_quota, self.settings.backend)[1]
+
     # --- reading ---------------------------------------------------------------------------
 
     def get(self, name_or_id: str, *, user: str) -> Compute:
@@ -113,9 +122,13 @@ class ComputeService:
     def size(self, name: str) -> VmSize:
         return sizes.lookup(self.catalog, name)
 
+    def smallest_size(self) -> VmSize:
+        """The size of a session started implicitly (by a test line or a run)."""
+        return sizes.smallest(self.catalog)
+
     def default_size(self) -> VmSize:
         return sizes.pick_default(self.catalog, self.settings.default_vm_size,
-                                  quota=self.settings.vcpu_quota, in_use=self.vcpu_in_use())
+                                  quota=self.quota, in_use=self.vcpu_in_use())
 
     # --- instances ---------------------------------------------------------------------------
 
@@ -135,7 +148,7 @@ class ComputeService:
             raise Conflict(f"compute '{name}' is serverless: it starts with its sessions")
         if compute.state == ComputeState.RUNNING:
             return compute
-        sizes.check_fits(self.size(compute.vm_size), quota=self.settings.vcpu_quota,
+        sizes.check_fits(self.size(compute.vm_size), quota=self.quota,
                          in_use=self.vcpu_in_use())
         handle = await self.backend.provision(self._spec(compute))
         self._set(compute.id, state=ComputeState.RUNNING, handle=json.dumps(handle.to_json()),
@@ -206,7 +219,7 @@ class ComputeService:
         now = self.clock()
         # the quota check and the insert are one transaction: two creators cannot both fit
         with self.store.engine.begin() as c:
-            sizes.check_fits(size, quota=self.settings.vcpu_quota, in_use=_vcpu_in_use(c))
+            sizes.check_fits(size, quota=self.quota, in_use=_vcpu_in_use(c))
             try:
                 c.execute(insert(computes).values(
                     id=compute_id, name=name, owner=user, kind=kind, vm_size=size.name,

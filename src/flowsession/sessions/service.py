@@ -43,6 +43,7 @@ from flowsession.errors import (
 )
 from flowsession.flows.flowfile import FlowDefinition, load_flow
 from flowsession.sessions.pool import StandbyPool
+from flowsession.sessions.quota import Busy, provision_with_reclaim
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
 from flowsession.sessions.state import SessionState as S
 from flowsession.sessions.sweep import Sweeper
@@ -61,6 +62,7 @@ class StartOptions:
     idle_timeout_s: float | None = None
     identity: str | None = None  # serverless only (an instance uses its own)
     image: str | None = None  # serverless only; else the flow's environment.image
+    implicit: bool = False  # started by a test line or a run: the smallest VM size
 
 
 class SessionService:
@@ -73,6 +75,7 @@ class SessionService:
         self.pool = StandbyPool(settings, store, backend, envs)
         self._connections = None  # access.connections.ConnectionService, made on first use
         self.sweeper = Sweeper(self)
+        self.busy = Busy()  # test lines in flight: such a session is not idle
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> SessionService:
@@ -197,7 +200,8 @@ class SessionService:
         session, created = self.records.create_bound(
             flow=str(flow_def.folder), actor=user, owner=user, compute_type=compute_type,
             compute_id=instance.id if instance else None,
-            vm_size=instance.vm_size if instance else options.vm_size,
+            vm_size=instance.vm_size if instance else options.vm_size or (
+                self.computes.smallest_size().name if options.implicit else None),
             image=options.image, identity=identity, operator=procs.identity(),
             idle_timeout_s=(options.idle_timeout_s if options.idle_timeout_s is not None
                             else self.settings.idle_timeout_s))
@@ -451,9 +455,10 @@ class SessionService:
         class."""
         session = await self.ready(flow, user=user)
         try:
-            return await self.backend.test_line(
-                session.session_handle, inputs, timeout=timeout,
-                connections=self.flow_connections(session), init=dict(init or {}))
+            with self.busy.line(session.id):
+                return await self.backend.test_line(
+                    session.session_handle, inputs, timeout=timeout,
+                    connections=self.flow_connections(session), init=dict(init or {}))
         except SessionFailed as exc:
             self.records.transition(session, S.FAILED, actor="system:supervisor",
                                     reason=exc.message, expect=[S.RUNNING])
@@ -491,6 +496,7 @@ class SessionService:
         """The flow's RUNNING session with the flow's current files loaded: started (with
         ``options``, else default settings) when none runs."""
         key = self.flow_key(flow)
+        options = replace(options or StartOptions(), implicit=True)
         session = self.records.bound_to(key)
         if session is None or session.owner != user or session.state == S.STOPPED:
             session = await self.start(key, user=user, options=options)
@@ -579,7 +585,8 @@ class SessionService:
             return compute
         size = (self.computes.size(session.vm_size) if session.vm_size
                 else self.computes.default_size())
-        compute = await self.computes.provision_serverless(user=session.owner, size=size,
-                                                           identity=session.identity)
+        compute = await provision_with_reclaim(
+            self, session, size, lambda: self.computes.provision_serverless(
+                user=session.owner, size=size, identity=session.identity))
         self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
         return compute

@@ -54,7 +54,8 @@ def sizes(who: Principal = Depends(require("computes:read")),
     computes = svc.sessions.computes
     return {"sizes": [{"name": s.name, "vcpu": s.vcpu, "memory_bytes": s.memory_bytes,
                        "description": s.description} for s in computes.catalog.values()],
-            "vcpu_quota": svc.settings.vcpu_quota, "vcpu_in_use": computes.vcpu_in_use()}
+            "vcpu_quota": computes.quota, "vcpu_quota_source": computes.quota_source,
+            "vcpu_in_use": computes.vcpu_in_use(), "implicit_size": computes.smallest_size().name}
 
 
 @router.get("/computes")
