@@ -142,3 +142,49 @@ def test_when_nothing_is_idle_the_refusal_lists_what_holds_the_quota(fs: Cli, tm
     assert json.loads(fs.ok("flow", "test", "adder", "--inputs", "a=1", "b=2").stdout) \
         == {"sum": 3}
     fs.ok("session", "stop", "adder")
+
+
+# --- container images ----------------------------------------------------------------------
+
+
+def test_prompt_flows_runtime_image_runs_on_the_default_image_and_says_so(fs: Cli, tmp_path):
+    folder = adder(tmp_path)
+    fs.flows.append("adder")
+    ref = "mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable:20240619.v2"
+    (folder / "flow.flex.yaml").write_text(f"entry: adder:run\nenvironment:\n  image: {ref}\n")
+    assert json.loads(fs.ok("flow", "test", "adder", "--inputs", "a=1", "b=1").stdout) \
+        == {"sum": 2}
+    shown = fs.json("session", "show", "adder")
+    assert shown["image"] == "flowsession/runtime:1"
+    reasons = [e["reason"] for e in fs.json("session", "events", "adder")]
+    assert any(f"environment.image {ref} is prompt flow's runtime image: the session runs on "
+               "flowsession/runtime" in r for r in reasons), reasons
+
+    other = adder(tmp_path, "other")
+    (other / "flow.flex.yaml").write_text("entry: adder:run\nenvironment:\n  image: "
+                                          "python:3.11-slim\n")
+    refused = fs("flow", "test", "other", "--inputs", "a=1", "b=1")
+    assert refused.returncode == 2
+    text = " ".join(refused.stderr.split())
+    assert "python:3.11-slim" in text and "container image" in text
+    assert "flowsession image create NAME --from-dockerfile Dockerfile" in text
+
+
+def test_an_azure_runtime_dockerfile_becomes_a_custom_image(fs: Cli, tmp_path):
+    (tmp_path / "requirements.txt").write_text("tinyalpha==1.0\n")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM mcr.microsoft.com/azureml/promptflow/promptflow-runtime:latest\n"
+        "COPY ./requirements.txt .\nRUN pip install -r requirements.txt\n")
+    made = fs.json("image", "create", "team/azure", "--from-dockerfile", "Dockerfile")
+    assert made["ref"] == "team/azure:1" and made["parent"] == "flowsession/runtime:1"
+    shown = fs.json("image", "show", "team/azure")
+    assert shown["installed"]["tinyalpha"] == "1.0"
+
+    (tmp_path / "Dockerfile").write_text(
+        "FROM mcr.microsoft.com/azureml/promptflow/promptflow-runtime:latest\n"
+        "RUN apt-get update && apt-get install -y unixodbc\n"
+        "COPY ./requirements.txt .\nRUN pip install -r requirements.txt\n")
+    refused = fs("image", "create", "team/odbc", "--from-dockerfile", "Dockerfile")
+    assert refused.returncode == 2
+    text = " ".join(refused.stderr.split())
+    assert "error: Dockerfile line 2: RUN apt-get (only RUN pip install ...)" in text

@@ -77,6 +77,40 @@ class Image:
         return d
 
 
+# prompt flow's own runtime images (Azure's compute session and `pf` use them); any tag or
+# digest, with or without the registry
+_PF_RUNTIME = re.compile(
+    r"^(?:mcr\.microsoft\.com/)?azureml/promptflow/"
+    r"promptflow-(?:runtime(?:-stable)?|python|runtime-base)(?::[\w][\w.-]*)?"
+    r"(?:@sha256:[0-9a-f]{64})?$", re.IGNORECASE)
+
+
+def is_promptflow_runtime(ref: str) -> bool:
+    """Is ``ref`` one of prompt flow's published runtime images (any tag)?"""
+    return bool(_PF_RUNTIME.match(ref.strip()))
+
+
+def flow_image(ref: str | None) -> tuple[str, str | None]:
+    """The image a flow's ``environment.image`` runs on here, and a note when it is not the
+    one named: prompt flow's runtime image runs on the default image (which provides
+    promptflow)."""
+    if not ref:
+        return DEFAULT_IMAGE, None
+    if is_promptflow_runtime(ref):
+        return DEFAULT_IMAGE, (f"environment.image {ref.strip()} is prompt flow's runtime "
+                               f"image: the session runs on {DEFAULT_IMAGE}, which provides "
+                               "promptflow")
+    return ref, None
+
+
+_CONTAINER_HINT = (
+    "remove environment.image (the default image provides promptflow), use an image that "
+    "exists here (flowsession image list), or make one from the image's Dockerfile: "
+    "flowsession image create NAME --from-dockerfile Dockerfile (FROM a prompt flow runtime "
+    "image, COPY requirements.txt, RUN pip install ...), or --from flowsession/runtime -r "
+    "requirements.txt")
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """'name' or 'name:version' -> (name, version or None). Container references are refused."""
     ref = ref.strip()
@@ -85,8 +119,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         raise ContainerImageUnsupported(
             f"'{ref}' is a container image; container images need a container-capable "
             "compute backend, and this one runs images built with uv",
-            hint="use an image that exists here (flowsession image list), or make one with "
-            "the packages you need: flowsession image create NAME --from flowsession/runtime -r FILE",
+            hint=_CONTAINER_HINT,
         )
     name, _, version = ref.partition(":")
     if not _NAME.match(name):
@@ -94,8 +127,11 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
             f"'{ref}' is not a valid image name",
             hint="use lowercase letters, digits, '.', '_', '-' and '/', e.g. team/rag:2",
         )
-    if version and not version.isdigit():
-        raise InvalidInput(f"image '{ref}': the version must be a number, like {name}:1")
+    if version and not version.isdigit():  # a container tag (python:3.11, x:latest)
+        raise ContainerImageUnsupported(
+            f"image '{ref}': an image's version here is a number, like {name}:1; a tag like "
+            f"'{version}' names a container image, and this backend runs images built with uv",
+            hint=_CONTAINER_HINT)
     return name, int(version) if version else None
 
 

@@ -26,7 +26,7 @@ from flowsession.config import Settings
 from flowsession.errors import RequirementsError
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.cache import Environment, EnvironmentCache
-from flowsession.environments.images import DEFAULT_IMAGE, ImageService
+from flowsession.environments.images import DEFAULT_IMAGE, ImageService, flow_image
 from flowsession.environments.requirements import (
     PRIVATE,
     FlowRequirements,
@@ -48,6 +48,7 @@ class Prepared:
     requirements: FlowRequirements
     spec: EnvSpec
     env_id: str
+    note: str | None = None  # what became of the flow's environment.image, when not itself
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,14 @@ class EnvironmentService:
         """Snapshot the flow and resolve its requirements against its image (no build yet).
         ``image`` overrides the flow's ``environment.image`` (a session's advanced setting)."""
         snapshot = self.snapshot(flow)
-        image = await self.images.ensure_built(image or snapshot.flow.image or DEFAULT_IMAGE)
+        ref, note = flow_image(image or snapshot.flow.image)
+        image = await self.images.ensure_built(ref)
         layers = self.images.layers(image)
         reqs = self._requirements(snapshot, layers)
         lock = await self._resolve(layers, reqs, identity=identity, refresh=refresh,
                                    name=snapshot.flow.folder.name)
         spec = EnvSpec(image=layers, lock=lock, requirements=reqs)
-        return Prepared(snapshot, layers, reqs, spec, self.builder.env_id(spec))
+        return Prepared(snapshot, layers, reqs, spec, self.builder.env_id(spec), note)
 
     def snapshot(self, flow: str | Path) -> Snapshot:
         """The flow's snapshot, as every session runs it. An uploaded flow draws only on its

@@ -231,7 +231,8 @@ class SessionService:
                 prepared.image.ref, compute=compute.compute_handle))
             env = await self._environment(session, prepared, holder=session.holder)
             session = self.records.transition(
-                session, S.STARTING, actor=actor, reason="starting the supervisor",
+                session, S.STARTING, actor=actor, reason="starting the supervisor"
+                + (f"; {prepared.note}" if prepared.note else ""),
                 env_id=env.id, snapshot_id=prepared.snapshot.id, image=prepared.image.ref)
             handle = await self._run_on(compute, session, prepared, env, await standby)
             standby = None
