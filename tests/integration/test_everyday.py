@@ -188,3 +188,32 @@ def test_an_azure_runtime_dockerfile_becomes_a_custom_image(fs: Cli, tmp_path):
     assert refused.returncode == 2
     text = " ".join(refused.stderr.split())
     assert "error: Dockerfile line 2: RUN apt-get (only RUN pip install ...)" in text
+
+
+# --- messages say what happened --------------------------------------------------------------
+
+
+def test_installing_what_the_image_provides_says_so_and_computes_agree(fs: Cli, tmp_path,
+                                                                      image_versions):
+    from helpers.flows import make_flow
+
+    flow = str(make_flow(tmp_path, "f", "tinyalpha==1.0\n"))
+    fs.flows.append(flow)
+    session = fs.json("session", "start", flow)
+    (tmp_path / "f" / "requirements.txt").write_text("tinyalpha==1.0\npackaging\npromptflow\n")
+    installed = fs.ok("session", "install", flow)
+    said = " ".join(installed.stdout.split())
+    assert "the image flowsession/runtime:1 already provides" in said
+    assert f"packaging {image_versions['packaging']}" in said
+    assert f"promptflow {image_versions['promptflow']}" in said
+    assert "the requirements are unchanged" not in said
+
+    listed = fs.json("compute", "list")
+    assert len(listed) == 1
+    shown = fs.json("compute", "show", listed[0]["name"])
+    assert listed[0]["name"] == shown["name"] == session["compute_id"] == shown["id"]
+    assert listed[0]["sessions"] == shown["sessions"] == 1
+    assert {k: v for k, v in listed[0].items() if k != "last_activity_at"} == \
+        {k: v for k, v in shown.items() if k != "last_activity_at"}
+    table = fs.ok("compute", "list").stdout
+    assert session["compute_id"] in table and "sessions" in table

@@ -12,6 +12,10 @@ app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
 
 
+# what list and show both say of a compute, in one order
+_COLUMNS = ("kind", "state", "vm_size", "vcpu", "memory", "sessions", "idle_shutdown", "limits")
+
+
 def _row(compute: dict) -> dict:
     d = dict(compute)
     d["memory"] = format_size(d.get("memory_bytes") or 0)
@@ -102,8 +106,8 @@ def list_(json: bool = JSON) -> None:
     if json:
         return emit_json(rows)
     owners = ["owner"] if len({r.get("owner") for r in rows}) > 1 else []  # an Owner sees all
-    table(rows, ["name", *owners, "kind", "state", "vm_size", "vcpu", "memory", "idle_shutdown",
-                 "limits"])
+    ids = ["id"] if any(r["id"] != r["name"] for r in rows) else []  # instances' own names
+    table(rows, ["name", *ids, *owners, *_COLUMNS])
 
 
 @app.command()
@@ -114,5 +118,4 @@ def show(name: str, json: bool = JSON) -> None:
         data = _row(c.get_compute(name))
     if json:
         return emit_json(data)
-    fields(data, ("name", "id", "kind", "state", "vm_size", "vcpu", "memory", "idle_shutdown",
-                  "limits", "sessions", "owner", "reason"))
+    fields(data, ("name", "id", "owner", *_COLUMNS, "reason"))

@@ -151,8 +151,14 @@ def install(target: str = TARGET, json: bool = JSON) -> None:
                    else c.install(flow, on_progress=p))
     if json:
         return emit_json(_session_dict(session))
+    if (session.reason or "").startswith("nothing to install"):
+        out.print(f"{session.reason} (session {session.id})", highlight=False)
+        return
     out.print(f"installed: session {session.id} runs environment {session.env_id}",
               highlight=False)
+    _, _, provided = (session.reason or "").partition(": the image ")
+    if provided:
+        out.print(f"the image {provided}", highlight=False)
 
 
 @app.command()

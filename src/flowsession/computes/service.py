@@ -113,6 +113,14 @@ class ComputeService:
         with self.store.engine.connect() as c:
             return _vcpu_in_use(c)
 
+    def session_counts(self) -> dict[str, int]:
+        """compute id -> its active sessions (what ``session_count`` says of one)."""
+        with self.store.engine.connect() as c:
+            return dict(c.execute(select(sessions.c.compute_id, func.count())
+                                  .where(sessions.c.state.in_(sorted(ACTIVE_SESSION)),
+                                         sessions.c.compute_id.is_not(None))
+                                  .group_by(sessions.c.compute_id)).all())
+
     def session_count(self, compute_id: str) -> int:
         with self.store.engine.connect() as c:
             return c.execute(select(func.count()).select_from(sessions).where(
@@ -178,8 +186,8 @@ class ComputeService:
     # --- serverless ----------------------------------------------------------------------------
 
     async def provision_serverless(self, *, user: str, size: VmSize, identity: str) -> Compute:
-        name = f"serverless-{uuid.uuid4().hex[:8]}"
-        return await self._create(name=name, kind=ComputeKind.SERVERLESS, user=user, size=size,
+        # one name everywhere: a serverless compute's name is its id (what sessions show)
+        return await self._create(name=None, kind=ComputeKind.SERVERLESS, user=user, size=size,
                                   identity=identity, idle_shutdown_s=None)
 
     async def release_if_unused(self, compute_id: str | None) -> bool:
@@ -213,9 +221,10 @@ class ComputeService:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    async def _create(self, *, name: str, kind: ComputeKind, user: str, size: VmSize, identity: str,
+    async def _create(self, *, name: str | None, kind: ComputeKind, user: str, size: VmSize, identity: str,
                       idle_shutdown_s: float | None) -> Compute:
         compute_id = f"cmp-{uuid.uuid4().hex[:10]}"
+        name = name or compute_id
         now = self.clock()
         # the quota check and the insert are one transaction: two creators cannot both fit
         with self.store.engine.begin() as c:

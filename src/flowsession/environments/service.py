@@ -50,6 +50,21 @@ class Prepared:
     env_id: str
     note: str | None = None  # what became of the flow's environment.image, when not itself
 
+    def provided_by_image(self) -> dict[str, str]:
+        """The requirements' packages the image already has: name -> the image's version."""
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.utils import canonicalize_name
+
+        have = {canonicalize_name(n): v for n, v in self.image.versions().items()}
+        named = list(self.requirements.satisfied_by_image)
+        for line in self.requirements.requirements:
+            try:
+                named.append(Requirement(line).name)
+            except InvalidRequirement:
+                continue
+        return {canonicalize_name(n): have[canonicalize_name(n)] for n in named
+                if canonicalize_name(n) in have}
+
 
 @dataclass(frozen=True)
 class Package:

@@ -318,7 +318,7 @@ class SessionService:
             if prepared.env_id == session.env_id:
                 return self.records.transition(
                     session, S.RUNNING, actor=actor, operator=None, expect=[S.INSTALLING],
-                    reason="nothing to install: the requirements are unchanged")
+                    reason=_nothing_to_install(prepared))
             compute = self.computes.get(session.compute_id, user=session.owner)
             standby = asyncio.create_task(self.pool.claim_or_start(
                 prepared.image.ref, compute=compute.compute_handle))
@@ -344,7 +344,8 @@ class SessionService:
         try:
             session = self.records.transition(
                 session, S.RUNNING, actor=actor, reason="installed; switched to the new "
-                f"environment {new_env.id}", expect=[S.INSTALLING], operator=None,
+                f"environment {new_env.id}" + _provided(prepared), expect=[S.INSTALLING],
+                operator=None,
                 handle=new_handle.json_text(), env_id=new_env.id, snapshot_id=prepared.snapshot.id,
                 last_activity_at=self.clock())
         except Conflict:  # the session was stopped during the install: drop the new one
@@ -591,3 +592,19 @@ class SessionService:
                 user=session.owner, size=size, identity=session.identity))
         self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
         return compute
+
+
+
+def _nothing_to_install(prepared: Prepared) -> str:
+    """Why Save and install changed nothing: the packages the image already provides (with
+    the image's versions), else the requirements are as installed."""
+    provided = _provided(prepared)
+    if not provided:
+        return "nothing to install: the requirements are unchanged"
+    return f"nothing to install{provided}; the environment is unchanged"
+
+
+def _provided(prepared: Prepared) -> str:
+    found = prepared.provided_by_image()
+    listed = ", ".join(f"{n} {v}" for n, v in sorted(found.items()))
+    return f": the image {prepared.image.ref} already provides {listed}" if found else ""

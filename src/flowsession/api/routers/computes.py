@@ -62,7 +62,9 @@ def sizes(who: Principal = Depends(require("computes:read")),
 def list_computes(who: Principal = Depends(require("computes:read")),
                   svc: Services = Depends(services)) -> list[dict]:
     owner = None if who.manages_all else who.user
-    return [_dict(c) for c in svc.sessions.computes.list(user=owner)]
+    counts = svc.sessions.computes.session_counts()  # as GET /computes/{name} counts them
+    return [{**_dict(c), "sessions": counts.get(c.id, 0)}
+            for c in svc.sessions.computes.list(user=owner)]
 
 
 @router.post("/computes", status_code=201)
