@@ -23,6 +23,8 @@ from flowsession.errors import EnvironmentError_, FlowSessionError, InvalidInput
 
 out = Console()
 err = Console(stderr=True)
+if not out.is_terminal:  # a pipe or a file: lines whole, never wrapped at a made-up width
+    out.soft_wrap = True
 log = logging.getLogger("flowsession.cli")
 
 
@@ -30,7 +32,29 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def piped() -> bool:
+    """Is stdout a pipe or a file (not a terminal)? Then output is printed whole."""
+    return not out.is_terminal
+
+
+def _tsv_cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n") \
+        .replace("\r", "\\r")
+
+
 def table(rows: Iterable[dict], columns: Sequence[str], *, title: str | None = None) -> None:
+    """A table: in a terminal, a Rich table fitted to its width; through a pipe or into a
+    file, whole and tab-separated (a header line, then one line per row; tabs and newlines
+    in values escaped), as gh and kubectl print, the title left to stderr."""
+    if piped():
+        if title:
+            err.print(title, highlight=False, markup=False)
+        lines = ["\t".join(columns)]
+        lines += ["\t".join(_tsv_cell(row.get(c)) for c in columns) for row in rows]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        return
     t = Table(title=title, header_style="bold")
     for i, col in enumerate(columns):  # the first column names the thing: never cut it
         t.add_column(col.replace("_", " "), no_wrap=i == 0)

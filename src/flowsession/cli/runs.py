@@ -20,7 +20,7 @@ from rich.progress import (
 
 from flowsession.cli.connect import client
 from flowsession.cli.pfargs import PfCommand, flow_ref
-from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, piped, table
 from flowsession.client import Client
 from flowsession.errors import InvalidInput
 from flowsession.runs.mapping import parse_mapping_args
@@ -207,7 +207,10 @@ def _follow(c: Client, run: Run, *, bar: bool) -> Run:
                                 rate=f"{rate:,.0f} lines/s",
                                 failed=f"[red]{r.failed} failed[/]" if r.failed else "")
 
-            return c.stream(run.name, on_progress=show)
+            final = c.stream(run.name, on_progress=show)
+            show(final)  # the bar ends where the run ended, before the summary prints
+            progress.refresh()
+            return final
     except KeyboardInterrupt:
         err.print(f"stopped waiting; the run goes on: flowsession run show {run.name} "
                   f"(or run cancel {run.name})", highlight=False)
@@ -274,7 +277,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else jsonlib.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 80 or piped() else text[:77] + "..."  # whole through a pipe
 
 
 @app.command("show-metrics")
