@@ -284,3 +284,35 @@ def test_tables_print_whole_through_a_pipe_and_fit_a_terminal(fs: Cli, tmp_path)
     shown = in_a_terminal(fs, "session", "list", columns=60)
     assert BOX & set(shown)
     assert max(len(line) for line in shown.splitlines()) <= 60
+
+
+# --- offline by design -------------------------------------------------------------------------
+
+PROBE = """import os
+
+
+def run(x: int = 0) -> dict:
+    from promptflow._sdk._telemetry.telemetry import is_telemetry_enabled
+
+    home = os.environ.get("PF_HOME_DIRECTORY") or os.path.expanduser("~/.promptflow")
+    with open(os.path.join(home, "pf.yaml")) as fh:
+        config = fh.read()
+    return {"telemetry": is_telemetry_enabled(), "config": config,
+            "env": os.environ.get("TELEMETRY_ENABLED")}
+"""
+
+
+def test_promptflow_telemetry_is_off_in_every_session(fs: Cli, tmp_path):
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    (folder / "flow.flex.yaml").write_text("entry: probe:run\n")
+    (folder / "probe.py").write_text(PROBE)
+    fs.flows.append("probe")
+    tested = json.loads(fs.ok("flow", "test", "probe", "--inputs", "x=1").stdout)
+    assert tested["telemetry"] is False
+    assert "telemetry:\n  enabled: false" in tested["config"]
+    assert tested["env"] == "false"
+    (folder / "data.jsonl").write_text('{"x": 1}\n')
+    fs.ok("run", "create", "--flow", "probe", "--data", "probe/data.jsonl", "--name", "probe")
+    details = fs.json("run", "show-details", "probe")
+    assert details[0]["outputs"]["telemetry"] is False  # the batch workers too

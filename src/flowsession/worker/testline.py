@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from flowsession.worker.offline import promptflow_offline
+
 
 def _flow_file(folder: Path) -> Path:
     for name in ("flow.dag.yaml", "flow.dag.yml", "flow.flex.yaml", "flow.flex.yml"):
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)  # promptflow's per-node INFO lines are noise here
-    os.environ.setdefault("PF_DISABLE_TRACING", "true")
+    promptflow_offline()
     from promptflow.executor import FlowExecutor
 
     folder = Path(args.flow).resolve()
