@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -174,9 +175,13 @@ def test_an_azure_runtime_dockerfile_becomes_a_custom_image(fs: Cli, tmp_path):
     (tmp_path / "Dockerfile").write_text(
         "FROM mcr.microsoft.com/azureml/promptflow/promptflow-runtime:latest\n"
         "COPY ./requirements.txt .\nRUN pip install -r requirements.txt\n")
-    made = fs.json("image", "create", "team/azure", "--from-dockerfile", "Dockerfile")
-    assert made["ref"] == "team/azure:1" and made["parent"] == "flowsession/runtime:1"
-    shown = fs.json("image", "show", "team/azure")
+    name = f"team/azure-{uuid.uuid4().hex[:8]}"  # built now, not adopted from an earlier run
+    created = fs.ok("image", "create", name, "--from-dockerfile", "Dockerfile", "--json")
+    made = json.loads(created.stdout)
+    # the build is visible as it goes: its steps and its packages
+    assert "uv pip" in created.stderr and "+ tinyalpha==1.0" in created.stderr
+    assert made["ref"] == f"{name}:1" and made["parent"] == "flowsession/runtime:1"
+    shown = fs.json("image", "show", name)
     assert shown["installed"]["tinyalpha"] == "1.0"
 
     (tmp_path / "Dockerfile").write_text(

@@ -66,3 +66,4 @@ def test_anything_else_is_refused_by_name_and_line(tmp_path, text, named):
         read_dockerfile(write(tmp_path, text))
     assert named in exc.value.message
     assert str(tmp_path / "Dockerfile") in exc.value.message
+

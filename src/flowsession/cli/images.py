@@ -55,7 +55,7 @@ def show(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
 def build(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
           json: bool = JSON) -> None:
     """Build an image now (images are otherwise built on first use)."""
-    with client() as c, progress(f"building image {name} ...") as on_progress:
+    with client() as c, progress(f"building image {name} ...", lines=True) as on_progress:
         image = c.build_image(name, on_progress=on_progress)
     if json:
         return emit_json(image)
@@ -81,7 +81,8 @@ def create(
         raise typer.BadParameter("give -r REQUIREMENTS or --from-dockerfile DOCKERFILE (one)",
                                  param_hint="-r / --from-dockerfile")
     source = dockerfile or base
-    with client() as c, progress(f"creating {name} from {source} ...") as on_progress:
+    with client() as c, progress(f"creating {name} from {source} ...",
+                                 lines=True) as on_progress:
         image = c.create_image(name, requirements=requirements, base=base,
                                description=description, identity=identity,
                                dockerfile=dockerfile, on_progress=on_progress)

@@ -23,8 +23,9 @@ from flowsession.errors import EnvironmentError_, FlowSessionError, InvalidInput
 
 out = Console()
 err = Console(stderr=True)
-if not out.is_terminal:  # a pipe or a file: lines whole, never wrapped at a made-up width
-    out.soft_wrap = True
+for _console in (out, err):  # a pipe or a file: lines whole, never wrapped at a made-up width
+    if not _console.is_terminal:
+        _console.soft_wrap = True
 log = logging.getLogger("flowsession.cli")
 
 
@@ -71,14 +72,18 @@ def fields(data: dict, keys: Sequence[str]) -> None:
 
 
 @contextmanager
-def progress(message: str) -> Iterator[Callable[[dict], None]]:
+def progress(message: str, *, lines: bool = False) -> Iterator[Callable[[dict], None]]:
     """A Rich status on stderr while a long operation runs; the ``on_progress`` it yields
-    shows the operation's progress events (``{"message": ...}``) beside ``message``."""
+    shows the operation's progress events (``{"message": ...}``) beside ``message``; with
+    ``lines``, each one is also printed as a line (a build's steps and packages), so a pipe
+    or a log sees them too."""
     with err.status(message) as status:
         def on_progress(event: dict) -> None:
             detail = event.get("message")
+            if detail and lines:
+                err.print(f"  {detail}", highlight=False, markup=False, style="dim")
             if detail:
-                status.update(f"{message.rstrip(' .')}: {detail} ...")
+                status.update(f"{message.rstrip(' .')}: {detail[:60]} ...")
 
         yield on_progress
 

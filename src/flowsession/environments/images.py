@@ -13,7 +13,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -200,7 +200,8 @@ class ImageService:
     # --- building --------------------------------------------------------------------------
 
     async def ensure_built(self, ref: str, *, requirements: FlowRequirements | None = None,
-                           credentials: Mapping[str, str] | None = None) -> Image:
+                           credentials: Mapping[str, str] | None = None,
+                           on_line: Callable[[str], None] | None = None) -> Image:
         """Build ``ref`` if it is not built yet (one build per image at a time).
 
         ``requirements`` carries a custom image's feeds; a rebuild without them (after a
@@ -221,7 +222,8 @@ class ImageService:
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
             try:
-                with BuildLog(log_path, secrets=(credentials or {}).values()) as log:
+                with BuildLog(log_path, secrets=(credentials or {}).values(),
+                              on_line=on_line) as log:
                     log.step(f"building image {image.ref}")
                     await self._build_into(image, tmp, log, requirements, credentials)
                     info = await self.builder.inspect(tmp)
@@ -244,7 +246,8 @@ class ImageService:
             return self.get(image.ref)
 
     async def create(self, name: str, *, base: str, requirements: Path, description: str = "",
-                     credentials: Mapping[str, str] | None = None) -> Image:
+                     credentials: Mapping[str, str] | None = None,
+                     on_line: Callable[[str], None] | None = None) -> Image:
         """A custom image: ``base`` plus the packages of ``requirements`` (local wheels allowed).
         ``credentials`` (host -> secret) fill ``{private}`` feeds in the requirements."""
         parsed_name, version = parse_ref(name)
@@ -262,13 +265,13 @@ class ImageService:
         reqs = parse_requirements(requirements.resolve(), display=str(requirements),
                                   allow_local=True, image_versions=layers.versions())
         log_path = self.settings.logs_dir / "images" / f"create-{_slug(parsed_name)}.log"
-        with BuildLog(log_path, secrets=(credentials or {}).values()) as log:
+        with BuildLog(log_path, secrets=(credentials or {}).values(), on_line=on_line) as log:
             lock = await self.builder.resolve(layers, reqs, log, credentials=credentials)
         new_version = self._insert_next_version(
             parsed_name, parent=parent.ref, description=description,
             requirements=requirements.read_text(), layer_lock=lock)
         return await self.ensure_built(f"{parsed_name}:{new_version}", requirements=reqs,
-                                       credentials=credentials)
+                                       credentials=credentials, on_line=on_line)
 
     def define(self, image: ImageDef) -> None:
         """Record an image defined elsewhere (by the control plane, for a cluster node that

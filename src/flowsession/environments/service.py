@@ -150,7 +150,7 @@ class EnvironmentService:
 
     async def create_image(self, name: str, *, base: str, requirements: Path,
                            description: str = "", identity: str = USER_IDENTITY,
-                           confined: bool = False):
+                           confined: bool = False, on_line=None):
         """A custom image, its ``{private}`` feeds filled from ``identity``'s secrets.
 
         ``confined``: the requirements may name only index packages (no local files, no
@@ -162,7 +162,8 @@ class EnvironmentService:
                  if requirements.is_file() else ())
         credentials = self.secrets.credentials_for(feeds, identity=identity)
         return await self.images.create(name, base=base, requirements=requirements,
-                                        description=description, credentials=credentials)
+                                        description=description, credentials=credentials,
+                                        on_line=on_line)
 
     def packages(self, env: Environment) -> list[Package]:
         """View installed packages: what the image provides and what the requirements add."""
