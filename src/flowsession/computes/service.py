@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from flowsession.backends.compute.base import ComputeBackend, ComputeHandle, ComputeSpec, VmSize
 from flowsession.computes import sizes
 from flowsession.config import Settings
-from flowsession.errors import Conflict, InvalidInput, NotFound
+from flowsession.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from flowsession.sessions.state import ACTIVE as ACTIVE_SESSION
 from flowsession.store import Store
 from flowsession.store.tables import computes, sessions
@@ -134,9 +134,16 @@ class ComputeService:
         """The size of a session started implicitly (by a test line or a run)."""
         return sizes.smallest(self.catalog)
 
-    def default_size(self) -> VmSize:
-        return sizes.pick_default(self.catalog, self.settings.default_vm_size,
-                                  quota=self.quota, in_use=self.vcpu_in_use())
+    def default_size(self, *, or_smallest: bool = False) -> VmSize:
+        """The default size if it fits the quota, else the smallest that does; with
+        ``or_smallest``, the smallest when none fits (a start then reclaims idle sessions)."""
+        try:
+            return sizes.pick_default(self.catalog, self.settings.default_vm_size,
+                                      quota=self.quota, in_use=self.vcpu_in_use())
+        except QuotaExceeded:
+            if not or_smallest:
+                raise
+            return self.smallest_size()
 
     # --- instances ---------------------------------------------------------------------------
 

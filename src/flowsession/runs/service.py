@@ -77,7 +77,8 @@ class RunService:
 
     # --- creating --------------------------------------------------------------------------
 
-    async def create(self, spec: RunSpec, *, user: str, submit: bool = True) -> Run:
+    async def create(self, spec: RunSpec, *, user: str, submit: bool = True,
+                     skipped: tuple[list[str], int] | None = None) -> Run:
         """Check everything, store the run's inputs, and submit it to the flow's session
         (started from ``resources`` when none runs). Returns once the run is going; with
         ``submit=False``, once it is stored (Preparing): ``advance`` submits it."""
@@ -118,8 +119,9 @@ class RunService:
         stored["environment_variables"] = sorted(spec.environment_variables)
         stored["variant_node"] = variant
         if data is not None and data.skipped:  # --skip-malformed: which lines, for the summary
-            stored["skipped_lines"], stored["skipped_count"] = data.skipped_lines(), len(
-                data.skipped)
+            skipped = data.skipped_lines(), len(data.skipped)
+        if skipped and spec.skip_malformed:  # (or the lines a client left out of data_lines)
+            stored["skipped_lines"], stored["skipped_count"] = skipped
         self.records.create(
             name=name, owner=user, flow=str(flow.folder), spec=stored, total=0,
             display_name=spec.display_name or name, description=spec.description,

@@ -586,7 +586,7 @@ class SessionService:
                                hint=f"start it: flowsession compute start {compute.name}")
             return compute
         size = (self.computes.size(session.vm_size) if session.vm_size
-                else self.computes.default_size())
+                else self.computes.default_size(or_smallest=True))
         compute = await provision_with_reclaim(
             self, session, size, lambda: self.computes.provision_serverless(
                 user=session.owner, size=size, identity=session.identity))
