@@ -89,7 +89,7 @@ def test_runtime_images_dockerfiles_and_install_messages(api, tmp_path, image_ve
     assert any("+ tinyalpha==1.0" in line for line in seen)
 
     dag = make_flow(tmp_path, f"inst-{uuid.uuid4().hex[:6]}", "tinyalpha==1.0\n")
-    api.start_session(dag)
+    assert api.test(dag, {"x": "hi"}) == {"y": "hi"}  # started implicitly: reclaims
     api.write_flow_file(dag, "requirements.txt", "tinyalpha==1.0\npromptflow\n")
     session = api.install(dag)
     assert f"promptflow {image_versions['promptflow']}" in session.reason

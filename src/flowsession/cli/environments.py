@@ -34,7 +34,7 @@ def build(
 ) -> None:
     """Build (or find) the flow's environment and print its env_id."""
     with client() as c, progress(f"preparing the environment of {flow} ...") as on_progress:
-        env = c.build_environment(flow_ref(flow), refresh=refresh, identity=identity,
+        env = c.build_environment(flow_ref(flow, c), refresh=refresh, identity=identity,
                                   on_progress=on_progress)
     if json:
         return emit_json(env)
@@ -49,7 +49,7 @@ def packages(flow: str = typer.Argument(..., help="The flow folder, or a registe
     """List the packages of the flow's environment: name, version, origin."""
     with client() as c:
         with progress(f"preparing the environment of {flow} ...") as on_progress:
-            env = c.build_environment(flow_ref(flow), identity=identity,
+            env = c.build_environment(flow_ref(flow, c), identity=identity,
                                       on_progress=on_progress)
         pkgs = c.environment_packages(env["id"])
     if json:

@@ -51,10 +51,22 @@ class PfCommand(TyperCommand):
         return super().parse_args(ctx, spread(list(args), options))
 
 
-def flow_ref(arg: str):
+def flow_ref(arg: str, c: Any = None):
     """A FLOW argument: the folder (or flow YAML) when one is there, else a registered flow's
-    name (``NAME``, or ``OWNER:NAME`` for those who manage everything)."""
+    name (``NAME``, or ``OWNER:NAME`` for those who manage everything). With a client ``c``,
+    a name the server does not know is refused here, saying it is neither."""
     from pathlib import Path
 
+    from flowsession.errors import Forbidden, InvalidInput, NotFound
+
     path = Path(arg).expanduser()
-    return path if path.exists() or "/" in arg or arg in (".", "..") else arg
+    if path.exists() or "/" in arg or arg in (".", ".."):
+        return path
+    if c is not None:
+        try:
+            c.get_flow(arg)
+        except (NotFound, Forbidden):
+            raise InvalidInput(f"flow {arg} is not a folder on this machine, nor a registered "
+                               "flow's name", hint="give a flow folder, or the name of a flow "
+                               "on the server (GET /api/flows)", details={"flow": arg}) from None
+    return arg

@@ -176,6 +176,8 @@ def create(
         raise InvalidInput("a run needs a flow", hint="give --flow FOLDER, or --file run.yml")
     spec = _spec(file, values)
     with client() as c:
+        if spec.flow and not Path(spec.flow).exists():
+            flow_ref(spec.flow, c)  # a name the server does not know: said as such
         with err.status("preparing the run ..."):
             run_ = c.submit(spec, wait=False)
         if not detach:

@@ -41,7 +41,7 @@ def _target(c, arg: str) -> tuple[str | None, Path | str | None]:
     neither a folder here nor a registered flow's name. Otherwise ``(None, flow)``: the folder
     (as before), or the flow of that name."""
     if not looks_like_session_id(arg) or Path(arg).exists():
-        return None, flow_ref(arg)
+        return None, flow_ref(arg, c)
     try:
         c.get_flow(arg)
     except (NotFound, Forbidden):
@@ -91,7 +91,8 @@ def start(
     """Start the flow's session (default settings, or the advanced ones given)."""
     idle = parse_duration(idle_time, name="--idle-time") if idle_time else None
     with client() as c, progress(f"starting the session of {flow} ...") as on_progress:
-        session = c.start_session(flow_ref(flow), on_progress=on_progress, compute_type=compute_type,
+        session = c.start_session(flow_ref(flow, c), on_progress=on_progress,
+                                  compute_type=compute_type,
                                   vm_size=vm_size, instance=instance, idle_timeout_s=idle,
                                   identity=identity, image=image)
     if json:
@@ -278,5 +279,5 @@ def flow_test(
                                  param_hint="FLOW")
     values = _inputs(inputs)
     with client() as c, err.status(f"testing {flow} ..."):
-        output = c.test(flow_ref(flow), values, timeout=timeout, init=_inputs(init))
+        output = c.test(flow_ref(flow, c), values, timeout=timeout, init=_inputs(init))
     emit_json(output)

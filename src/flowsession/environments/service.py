@@ -26,7 +26,7 @@ from flowsession.config import Settings
 from flowsession.errors import RequirementsError
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.cache import Environment, EnvironmentCache
-from flowsession.environments.images import DEFAULT_IMAGE, ImageService, flow_image
+from flowsession.environments.images import ImageService, flow_image
 from flowsession.environments.requirements import (
     PRIVATE,
     FlowRequirements,

@@ -1,7 +1,7 @@
-"""Many flows, one machine: when a serverless start would exceed the vCPU quota, the starting
-user's own idle serverless sessions are reclaimed, least recently used first, each with an
-event naming why. When nothing can be reclaimed, the refusal lists what holds the quota and
-how to stop it.
+"""Many flows, one machine: when a session started implicitly (by a test line or a run) would
+exceed the vCPU quota, the starting user's own idle serverless sessions are reclaimed, least
+recently used first, each with an event naming why. When nothing can be reclaimed (or the
+start was asked for explicitly), the refusal lists what holds the quota and how to stop it.
 
 A session is idle when it is RUNNING, runs no batch run, and has no test line in flight
 (``Busy``, counted by the sessions service around each line)."""
@@ -67,14 +67,17 @@ def reclaimable(svc: SessionService, owner: str, *, starting: str) -> list[Sessi
 
 
 async def provision_with_reclaim(svc: SessionService, session: Session, size: VmSize,
-                                 provision: Callable[[], Awaitable[Compute]]) -> Compute:
-    """``provision()``; over the quota, reclaim ``session.owner``'s idle serverless sessions
-    (LRU first) until ``size`` fits, then try again; else refuse saying what holds the
-    quota."""
+                                 provision: Callable[[], Awaitable[Compute]], *,
+                                 reclaim: bool) -> Compute:
+    """``provision()``; over the quota, with ``reclaim`` (a start by a test line or a run),
+    reclaim ``session.owner``'s idle serverless sessions (LRU first) until ``size`` fits and
+    try again; else refuse saying what holds the quota. A start asked for explicitly
+    (``session start``) reclaims nothing: its refusal says what to stop."""
     try:
         return await provision()
-    except QuotaExceeded:
-        pass
+    except QuotaExceeded as exc:
+        if not reclaim:
+            raise _refusal(svc, session, size, exc, reclaimed=False) from None
     quota = svc.computes.quota
     for victim in reclaimable(svc, session.owner, starting=session.id):
         free = quota - svc.computes.vcpu_in_use()
@@ -90,11 +93,11 @@ async def provision_with_reclaim(svc: SessionService, session: Session, size: Vm
     try:
         return await provision()
     except QuotaExceeded as exc:
-        raise _refusal(svc, session, size, exc) from None
+        raise _refusal(svc, session, size, exc, reclaimed=True) from None
 
 
 def _refusal(svc: SessionService, session: Session, size: VmSize,
-             exc: QuotaExceeded) -> QuotaExceeded:
+             exc: QuotaExceeded, *, reclaimed: bool) -> QuotaExceeded:
     busy_runs = _running_runs(svc)
     holders: list[str] = []
     others = 0.0
@@ -123,8 +126,9 @@ def _refusal(svc: SessionService, session: Session, size: VmSize,
     message = exc.message + (f". Held by: {listed}" if holders else "")
     if others:
         message += f" ({others:g} vCPU are other users')"
-    hint = ("none of your sessions is idle (each runs a run or a line): stop one of them "
-            "(commands above), or wait for a run to end" if holders else
+    hint = (("none of your sessions is idle (each runs a run or a line): stop one of them "
+             "(commands above), or wait for a run to end") if holders and reclaimed else
+            "stop one of them (commands above)" if holders else
             "the quota is held by other users' sessions: ask them or the server's admin "
             "(FLOWSESSION_VCPU_QUOTA)")
     return QuotaExceeded(

@@ -214,16 +214,18 @@ class SessionService:
             if session.state == S.STOPPED:  # it had ended (idle, say): start a new one
                 return await self.start(flow, user=user, options=options)
             return session
-        return await self._launch(session, flow_def.folder, actor=user, reason="started")
+        return await self._launch(session, flow_def.folder, actor=user, reason="started",
+                                  reclaim=options.implicit)
 
-    async def _launch(self, session: Session, flow: Path, *, actor: str, reason: str) -> Session:
+    async def _launch(self, session: Session, flow: Path, *, actor: str, reason: str,
+                      reclaim: bool = False) -> Session:
         """NOT_STARTED/RESETTING -> BUILDING -> STARTING -> RUNNING, or cleaned up on failure."""
         session = self.records.transition(session, S.BUILDING, actor=actor,
                                           reason="building the environment",
                                           operator=procs.identity())
         standby: asyncio.Task | None = None
         try:
-            compute = await self._compute_for(session)
+            compute = await self._compute_for(session, reclaim=reclaim)
             prepared = await self.envs.prepare(flow, identity=self._secrets_of(session),
                                                image=session.image)
             # the supervisor imports the runtime while the environment builds
@@ -578,7 +580,7 @@ class SessionService:
             self.computes.size(o.vm_size)  # an unknown size fails before anything is made
         return kind
 
-    async def _compute_for(self, session: Session) -> Compute:
+    async def _compute_for(self, session: Session, *, reclaim: bool = False) -> Compute:
         if session.compute_id:  # an instance, or a serverless compute kept across a reset
             compute = self.computes.get(session.compute_id, user=session.owner)
             if compute.state != ComputeState.RUNNING:
@@ -587,9 +589,9 @@ class SessionService:
             return compute
         size = (self.computes.size(session.vm_size) if session.vm_size
                 else self.computes.default_size(or_smallest=True))
-        compute = await provision_with_reclaim(
+        compute = await provision_with_reclaim(  # an implicit start reclaims idle sessions
             self, session, size, lambda: self.computes.provision_serverless(
-                user=session.owner, size=size, identity=session.identity))
+                user=session.owner, size=size, identity=session.identity), reclaim=reclaim)
         self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
         return compute
 
