@@ -114,7 +114,8 @@ class Settings:
     user: str = field(default_factory=_default_user)
     vm_sizes_file: Path | None = None
     default_vm_size: str = "medium"
-    vcpu_quota: float = 16.0
+    # None: the backend's default (local: derived from this machine, see computes.sizes)
+    vcpu_quota: float | None = None
     idle_timeout_s: float = 3600.0  # sessions; runs from the CLI or SDK get one hour too
     standby_pool_size: int = 1
     # Where sessions' directories and sockets live: short, private, per home.

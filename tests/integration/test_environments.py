@@ -188,11 +188,19 @@ def test_requirements_from_the_parent_folder_via_additional_includes(service, tm
 
 
 def test_container_image_reference_is_refused_listing_images(service, tmp_path):
-    flow = make_flow(tmp_path, "f", None,
-                     image="mcr.microsoft.com/azureml/promptflow/promptflow-runtime:latest")
+    flow = make_flow(tmp_path, "f", None, image="docker.io/library/python:3.11")
     with pytest.raises(ContainerImageUnsupported) as exc:
         run(service.ensure_for_flow(flow))
     assert "container" in str(exc.value) and "flowsession image list" in exc.value.hint
+    assert "--from-dockerfile" in exc.value.hint
+
+
+def test_prompt_flows_runtime_image_is_served_by_the_default_image(service, tmp_path):
+    flow = make_flow(tmp_path, "f", None,
+                     image="mcr.microsoft.com/azureml/promptflow/promptflow-runtime:latest")
+    prepared = run(service.prepare(flow))
+    assert prepared.image.ref == "flowsession/runtime:1"
+    assert "promptflow-runtime:latest is prompt flow's runtime image" in prepared.note
 
 
 def test_unknown_image_is_an_error_listing_the_images_that_exist(service, tmp_path):

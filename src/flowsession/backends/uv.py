@@ -302,16 +302,22 @@ class UvEnvBuilder:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        reading = asyncio.ensure_future(proc.stdout.read())
+        errors: list[str] = []
         try:
-            out, err = await proc.communicate()
+            while line := await proc.stderr.readline():  # uv's steps, logged as they come
+                text = line.decode(errors="replace")
+                errors.append(text)
+                log.write(text if text.endswith("\n") else text + "\n")
+            out = await reading
+            await proc.wait()
         except BaseException:  # cancelled or interrupted: never leave uv running behind us
+            reading.cancel()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
             raise
-        stdout, stderr = log.redact(out.decode(errors="replace")), log.redact(err.decode())
-        if stderr.strip():
-            log.write(stderr if stderr.endswith("\n") else stderr + "\n")
+        stdout, stderr = log.redact(out.decode(errors="replace")), log.redact("".join(errors))
         if proc.returncode != 0:
             raise classify_failure(stderr, what=what, image=image, log=log)
         return stdout

@@ -5,11 +5,15 @@ from __future__ import annotations
 import typer
 
 from flowsession.cli.connect import client
-from flowsession.cli.output import emit_json, fields, handle_errors, out, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
 from flowsession.config import format_duration, format_size, parse_duration
 
 app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+# what list and show both say of a compute, in one order
+_COLUMNS = ("kind", "state", "vm_size", "vcpu", "memory", "sessions", "idle_shutdown", "limits")
 
 
 def _row(compute: dict) -> dict:
@@ -29,9 +33,17 @@ def sizes(json: bool = JSON) -> None:
     rows = [{**s, "memory": format_size(s["memory_bytes"])} for s in answer["sizes"]]
     in_use, quota = answer["vcpu_in_use"], answer["vcpu_quota"]
     if json:
-        return emit_json({"sizes": rows, "vcpu_quota": quota, "vcpu_in_use": in_use})
+        return emit_json({"sizes": rows, "vcpu_quota": quota, "vcpu_in_use": in_use,
+                          "vcpu_quota_source": answer.get("vcpu_quota_source"),
+                          "implicit_size": answer.get("implicit_size")})
     table(rows, ["name", "vcpu", "memory", "description"],
           title=f"vCPU quota: {in_use:g} of {quota:g} in use")
+    if answer.get("vcpu_quota_source"):
+        err.print(f"the quota: {answer['vcpu_quota_source']}", highlight=False)
+    if answer.get("implicit_size"):
+        err.print(f"sessions started by flow test or run create take {answer['implicit_size']}"
+                  "; over the quota, your least recently used idle serverless sessions are "
+                  "stopped to make room", highlight=False)
 
 
 @app.command()
@@ -94,8 +106,8 @@ def list_(json: bool = JSON) -> None:
     if json:
         return emit_json(rows)
     owners = ["owner"] if len({r.get("owner") for r in rows}) > 1 else []  # an Owner sees all
-    table(rows, ["name", *owners, "kind", "state", "vm_size", "vcpu", "memory", "idle_shutdown",
-                 "limits"])
+    ids = ["id"] if any(r["id"] != r["name"] for r in rows) else []  # instances' own names
+    table(rows, ["name", *ids, *owners, *_COLUMNS])
 
 
 @app.command()
@@ -106,5 +118,4 @@ def show(name: str, json: bool = JSON) -> None:
         data = _row(c.get_compute(name))
     if json:
         return emit_json(data)
-    fields(data, ("name", "id", "kind", "state", "vm_size", "vcpu", "memory", "idle_shutdown",
-                  "limits", "sessions", "owner", "reason"))
+    fields(data, ("name", "id", "owner", *_COLUMNS, "reason"))

@@ -14,6 +14,7 @@ import flowsession
 
 from flowsession.access.secrets import USER_IDENTITY
 from flowsession.cli.connect import client
+from flowsession.cli.pfargs import flow_ref
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_size
 from flowsession.environments.service import EnvironmentService
@@ -26,14 +27,14 @@ IDENTITY = typer.Option(USER_IDENTITY, help="Whose feed secrets fill {private}."
 @app.command()
 @handle_errors
 def build(
-    flow: Path = typer.Argument(..., help="The flow folder."),
+    flow: str = typer.Argument(..., help="The flow folder, or a registered flow's name."),
     refresh: bool = typer.Option(False, help="Resolve the requirements again (newer versions)."),
     identity: str = IDENTITY,
     json: bool = JSON,
 ) -> None:
     """Build (or find) the flow's environment and print its env_id."""
     with client() as c, progress(f"preparing the environment of {flow} ...") as on_progress:
-        env = c.build_environment(flow, refresh=refresh, identity=identity,
+        env = c.build_environment(flow_ref(flow, c), refresh=refresh, identity=identity,
                                   on_progress=on_progress)
     if json:
         return emit_json(env)
@@ -42,12 +43,14 @@ def build(
 
 @app.command()
 @handle_errors
-def packages(flow: Path = typer.Argument(..., help="The flow folder."),
+def packages(flow: str = typer.Argument(..., help="The flow folder, or a registered flow's "
+                                        "name."),
              identity: str = IDENTITY, json: bool = JSON) -> None:
     """List the packages of the flow's environment: name, version, origin."""
     with client() as c:
         with progress(f"preparing the environment of {flow} ...") as on_progress:
-            env = c.build_environment(flow, identity=identity, on_progress=on_progress)
+            env = c.build_environment(flow_ref(flow, c), identity=identity,
+                                      on_progress=on_progress)
         pkgs = c.environment_packages(env["id"])
     if json:
         return emit_json(pkgs)

@@ -8,9 +8,9 @@ import typer
 
 from flowsession.access.secrets import USER_IDENTITY
 from flowsession.cli.connect import client
-from flowsession.cli.output import emit_json, fields, handle_errors, out, progress, table
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_size
-from flowsession.environments.images import DEFAULT_IMAGE
+from flowsession.environments.images import DEFAULT_IMAGE, flow_image
 from flowsession.flows.flowfile import load_flow
 
 app = typer.Typer(no_args_is_help=True)
@@ -55,7 +55,7 @@ def show(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
 def build(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION"),
           json: bool = JSON) -> None:
     """Build an image now (images are otherwise built on first use)."""
-    with client() as c, progress(f"building image {name} ...") as on_progress:
+    with client() as c, progress(f"building image {name} ...", lines=True) as on_progress:
         image = c.build_image(name, on_progress=on_progress)
     if json:
         return emit_json(image)
@@ -67,17 +67,25 @@ def build(name: str = typer.Argument(DEFAULT_IMAGE, help="NAME or NAME:VERSION")
 def create(
     name: str = typer.Argument(..., help="The new image's name; versions are numbered for you."),
     base: str = typer.Option(DEFAULT_IMAGE, "--from", help="The image to extend."),
-    requirements: Path = typer.Option(..., "-r", "--requirements", help="Packages to add "
+    requirements: Path = typer.Option(None, "-r", "--requirements", help="Packages to add "
                                       "(index packages; local wheels on your own server)."),
+    dockerfile: Path = typer.Option(None, "--from-dockerfile", help="A prompt flow runtime "
+                                    "Dockerfile (FROM the runtime image, COPY requirements.txt,"
+                                    " RUN pip install ...) instead of --from and -r."),
     description: str = typer.Option("", help="What the image is for."),
     identity: str = typer.Option(USER_IDENTITY, help="Whose feed secrets fill {private}."),
     json: bool = JSON,
 ) -> None:
-    """Create a custom image: another image plus packages."""
-    with client() as c, progress(f"creating {name} from {base} ...") as on_progress:
+    """Create a custom image: another image plus packages (or from a Dockerfile)."""
+    if (requirements is None) == (dockerfile is None):
+        raise typer.BadParameter("give -r REQUIREMENTS or --from-dockerfile DOCKERFILE (one)",
+                                 param_hint="-r / --from-dockerfile")
+    source = dockerfile or base
+    with client() as c, progress(f"creating {name} from {source} ...",
+                                 lines=True) as on_progress:
         image = c.create_image(name, requirements=requirements, base=base,
                                description=description, identity=identity,
-                               on_progress=on_progress)
+                               dockerfile=dockerfile, on_progress=on_progress)
     if json:
         return emit_json(image)
     out.print(f"image {image['ref']} created over {image['parent']}", highlight=False)
@@ -87,7 +95,9 @@ def create(
 @handle_errors
 def check(flow: Path = typer.Argument(..., help="The flow folder."), json: bool = JSON) -> None:
     """Does the flow's image have a newer version?"""
-    ref = load_flow(flow).image or DEFAULT_IMAGE  # the flow's own file says which image
+    ref, note = flow_image(load_flow(flow).image)  # the flow's own file says which image
+    if note:
+        err.print(note, highlight=False)
     with client() as c:
         result = c.check_image(ref)
     if json:

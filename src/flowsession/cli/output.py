@@ -23,6 +23,9 @@ from flowsession.errors import EnvironmentError_, FlowSessionError, InvalidInput
 
 out = Console()
 err = Console(stderr=True)
+for _console in (out, err):  # a pipe or a file: lines whole, never wrapped at a made-up width
+    if not _console.is_terminal:
+        _console.soft_wrap = True
 log = logging.getLogger("flowsession.cli")
 
 
@@ -30,7 +33,29 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def piped() -> bool:
+    """Is stdout a pipe or a file (not a terminal)? Then output is printed whole."""
+    return not out.is_terminal
+
+
+def _tsv_cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n") \
+        .replace("\r", "\\r")
+
+
 def table(rows: Iterable[dict], columns: Sequence[str], *, title: str | None = None) -> None:
+    """A table: in a terminal, a Rich table fitted to its width; through a pipe or into a
+    file, whole and tab-separated (a header line, then one line per row; tabs and newlines
+    in values escaped), as gh and kubectl print, the title left to stderr."""
+    if piped():
+        if title:
+            err.print(title, highlight=False, markup=False)
+        lines = ["\t".join(columns)]
+        lines += ["\t".join(_tsv_cell(row.get(c)) for c in columns) for row in rows]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        return
     t = Table(title=title, header_style="bold")
     for i, col in enumerate(columns):  # the first column names the thing: never cut it
         t.add_column(col.replace("_", " "), no_wrap=i == 0)
@@ -47,14 +72,18 @@ def fields(data: dict, keys: Sequence[str]) -> None:
 
 
 @contextmanager
-def progress(message: str) -> Iterator[Callable[[dict], None]]:
+def progress(message: str, *, lines: bool = False) -> Iterator[Callable[[dict], None]]:
     """A Rich status on stderr while a long operation runs; the ``on_progress`` it yields
-    shows the operation's progress events (``{"message": ...}``) beside ``message``."""
+    shows the operation's progress events (``{"message": ...}``) beside ``message``; with
+    ``lines``, each one is also printed as a line (a build's steps and packages), so a pipe
+    or a log sees them too."""
     with err.status(message) as status:
         def on_progress(event: dict) -> None:
             detail = event.get("message")
+            if detail and lines:
+                err.print(f"  {detail}", highlight=False, markup=False, style="dim")
             if detail:
-                status.update(f"{message.rstrip(' .')}: {detail} ...")
+                status.update(f"{message.rstrip(' .')}: {detail[:60]} ...")
 
         yield on_progress
 

@@ -19,7 +19,8 @@ from rich.progress import (
 )
 
 from flowsession.cli.connect import client
-from flowsession.cli.output import emit_json, err, fields, handle_errors, out, table
+from flowsession.cli.pfargs import PfCommand, flow_ref
+from flowsession.cli.output import emit_json, err, fields, handle_errors, out, piped, table
 from flowsession.client import Client
 from flowsession.errors import InvalidInput
 from flowsession.runs.mapping import parse_mapping_args
@@ -119,16 +120,17 @@ def _literal(value: str) -> Any:
         return value
 
 
-@app.command()
+@app.command(cls=PfCommand)
 @handle_errors
 def create(
     file: Path = typer.Option(None, "--file", "-f", help="A run.yml (prompt flow's Run schema)."),
-    flow: str = typer.Option(None, "--flow", help="The flow folder."),
+    flow: str = typer.Option(None, "--flow", help="The flow folder, or a registered flow's "
+                             "name (OWNER:NAME for another's, if you manage everything)."),
     data: str = typer.Option(None, "--data", help="The data: .jsonl, .json, .csv, .tsv or a "
                              "folder of them."),
     column_mapping: list[str] = typer.Option(None, "--column-mapping", help="input='${data.col}'"
                                              ", '${run.outputs.col}', '${run.inputs.col}' or a "
-                                             "literal; repeatable."),
+                                             "literal; several after one flag, or repeat."),
     run: str = typer.Option(None, "--run", help="A completed base run (for ${run.outputs.x})."),
     variant: str = typer.Option(None, "--variant", help="'${node.variant_id}'"),
     environment_variables: list[str] = typer.Option(None, "--environment-variables",
@@ -181,13 +183,16 @@ def create(
         "init": {k: _literal(v) for k, v in parse_pairs(init, option="--init").items()},
         "tags": parse_pairs(tags, option="--tags"),
     }
-    for key in ("flow", "data"):  # relative to where the command runs
-        if values[key]:
-            values[key] = str(Path(values[key]).expanduser().resolve())
+    if flow and isinstance(flow_ref(flow), Path):  # else a registered flow's name
+        values["flow"] = str(Path(flow).expanduser().resolve())
+    if data:  # relative to where the command runs
+        values["data"] = str(Path(data).expanduser().resolve())
     if file is None and not flow and not resume_from:
         raise InvalidInput("a run needs a flow", hint="give --flow FOLDER, or --file run.yml")
     spec = _spec(file, values)
     with client() as c:
+        if spec.flow and not Path(spec.flow).exists():
+            flow_ref(spec.flow, c)  # a name the server does not know: said as such
         with err.status("preparing the run ..."):
             run_ = c.submit(spec, wait=False)
         if not detach:
@@ -219,7 +224,10 @@ def _follow(c: Client, run: Run, *, bar: bool) -> Run:
                                 rate=f"{rate:,.0f} lines/s",
                                 failed=f"[red]{r.failed} failed[/]" if r.failed else "")
 
-            return c.stream(run.name, on_progress=show)
+            final = c.stream(run.name, on_progress=show)
+            show(final)  # the bar ends where the run ended, before the summary prints
+            progress.refresh()
+            return final
     except KeyboardInterrupt:
         err.print(f"stopped waiting; the run goes on: flowsession run show {run.name} "
                   f"(or run cancel {run.name})", highlight=False)
@@ -286,7 +294,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else jsonlib.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 80 or piped() else text[:77] + "..."  # whole through a pipe
 
 
 @app.command("show-metrics")

@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from flowsession.cli.connect import client
+from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_duration, parse_duration
 from flowsession.errors import Forbidden, NotFound
@@ -24,9 +25,11 @@ from flowsession.sessions.records import looks_like_session_id
 app = typer.Typer(no_args_is_help=True)
 flow_app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
-FLOW = typer.Argument(..., help="The flow folder.")
+FLOW = typer.Argument(..., help="The flow folder, or a registered flow's name (OWNER:NAME "
+                      "for another's, if you manage everything).")
 TARGET = typer.Argument(..., metavar="FLOW|SESSION_ID",
-                        help="The flow folder, or the session's id (ses-...).")
+                        help="The flow folder, a registered flow's name, or the session's id "
+                             "(ses-...).")
 
 
 def _when(ts: float | None) -> str:
@@ -38,7 +41,7 @@ def _target(c, arg: str) -> tuple[str | None, Path | str | None]:
     neither a folder here nor a registered flow's name. Otherwise ``(None, flow)``: the folder
     (as before), or the flow of that name."""
     if not looks_like_session_id(arg) or Path(arg).exists():
-        return None, Path(arg)
+        return None, flow_ref(arg, c)
     try:
         c.get_flow(arg)
     except (NotFound, Forbidden):
@@ -72,7 +75,7 @@ def _session_dict(session) -> dict:
 @app.command()
 @handle_errors
 def start(
-    flow: Path = FLOW,
+    flow: str = FLOW,
     compute_type: str = typer.Option(None, "--compute-type", help="serverless (default) or "
                                      "instance."),
     vm_size: str = typer.Option(None, "--vm-size", help="Serverless: the VM size "
@@ -88,7 +91,8 @@ def start(
     """Start the flow's session (default settings, or the advanced ones given)."""
     idle = parse_duration(idle_time, name="--idle-time") if idle_time else None
     with client() as c, progress(f"starting the session of {flow} ...") as on_progress:
-        session = c.start_session(flow, on_progress=on_progress, compute_type=compute_type,
+        session = c.start_session(flow_ref(flow, c), on_progress=on_progress,
+                                  compute_type=compute_type,
                                   vm_size=vm_size, instance=instance, idle_timeout_s=idle,
                                   identity=identity, image=image)
     if json:
@@ -148,8 +152,14 @@ def install(target: str = TARGET, json: bool = JSON) -> None:
                    else c.install(flow, on_progress=p))
     if json:
         return emit_json(_session_dict(session))
+    if (session.reason or "").startswith("nothing to install"):
+        out.print(f"{session.reason} (session {session.id})", highlight=False)
+        return
     out.print(f"installed: session {session.id} runs environment {session.env_id}",
               highlight=False)
+    _, _, provided = (session.reason or "").partition(": the image ")
+    if provided:
+        out.print(f"the image {provided}", highlight=False)
 
 
 @app.command()
@@ -244,18 +254,30 @@ def _inputs(pairs: list[str]) -> dict:
     return values
 
 
-@flow_app.command("test")
+@flow_app.command("test", cls=PfCommand)
 @handle_errors
 def flow_test(
-    flow: Path = FLOW,
-    inputs: list[str] = typer.Option([], "--inputs", help="key=value (repeat, or several "
-                                     "after one --inputs)."),
+    flow: str = typer.Argument(None, help="The flow folder, or a registered flow's name "
+                               "(OWNER:NAME for another's, if you manage everything)."),
+    flow_option: str = typer.Option(None, "--flow", help="The flow, as pf takes it (instead "
+                                    "of the argument)."),
+    inputs: list[str] = typer.Option([], "--inputs", help="key=value (several after one "
+                                     "--inputs, as pf takes them, or --inputs repeated)."),
     timeout: float = typer.Option(600, help="Seconds the line may take."),
     init: list[str] = typer.Option([], "--init", help="key=value for a flex flow class's "
-                                   "__init__ (repeat)."),
+                                   "__init__ (several, or repeat)."),
+    json: bool = typer.Option(False, "--json", help="Print the outputs as JSON (they always "
+                              "are: accepted as pf's scripts give it)."),
 ) -> None:
     """Run one line on the flow's session (started if none runs); print the outputs as JSON."""
+    if flow and flow_option and flow != flow_option:
+        raise typer.BadParameter(f"two flows given: {flow} and --flow {flow_option}",
+                                 param_hint="FLOW")
+    flow = flow or flow_option
+    if not flow:
+        raise typer.BadParameter("give the flow: a folder or a registered flow's name",
+                                 param_hint="FLOW")
     values = _inputs(inputs)
     with client() as c, err.status(f"testing {flow} ..."):
-        output = c.test(flow, values, timeout=timeout, init=_inputs(init))
+        output = c.test(flow_ref(flow, c), values, timeout=timeout, init=_inputs(init))
     emit_json(output)

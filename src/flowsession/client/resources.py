@@ -60,12 +60,31 @@ class Resources:
         return self._http.operation("POST", f"/api/images/{quote(ref, safe='/:')}/build",
                                     on_progress=on_progress)
 
-    def create_image(self, name: str, *, requirements: str | Path,
+    def create_image(self, name: str, *, requirements: str | Path | None = None,
                      base: str = "flowsession/runtime", description: str = "",
-                     identity: str | None = None,
+                     identity: str | None = None, dockerfile: str | Path | None = None,
                      on_progress: Progress = None) -> dict[str, Any]:
         """A custom image: ``base`` plus the packages of the requirements file
-        ``requirements``."""
+        ``requirements``; or what a prompt flow runtime ``dockerfile`` describes (FROM a
+        runtime image, COPY requirements.txt, RUN pip install ...)."""
+        if dockerfile is not None:
+            from flowsession.environments.dockerfile import read_dockerfile
+
+            if requirements is not None:
+                raise InvalidInput("give requirements or a Dockerfile, not both",
+                                   hint="the Dockerfile's RUN pip install lines are the "
+                                        "requirements")
+            made = read_dockerfile(Path(dockerfile))
+            body: dict[str, Any] = {"name": name, "base": made.base,
+                                    "description": description or made.note,
+                                    "requirements": made.requirements}
+            if identity and identity != USER_IDENTITY:
+                body["identity"] = identity
+            return self._http.operation("POST", "/api/images", json=body,
+                                        on_progress=on_progress)
+        if requirements is None:
+            raise InvalidInput("an image needs requirements (or a Dockerfile)",
+                               hint="give requirements=FILE, or dockerfile=Dockerfile")
         path = Path(requirements).expanduser()
         try:
             text = path.read_text(encoding="utf-8")
@@ -73,7 +92,7 @@ class Resources:
             raise InvalidInput(f"{path}: cannot read the requirements file "
                                f"({type(exc).__name__})", hint="give a readable "
                                "requirements.txt", details={"file": str(path)}) from None
-        body: dict[str, Any] = {"name": name, "base": base, "description": description}
+        body = {"name": name, "base": base, "description": description}
         if identity and identity != USER_IDENTITY:
             body["identity"] = identity
         if self.flows_by_path and self._http.can("all:manage"):

@@ -185,7 +185,11 @@ class Runs:
             elif local.exists():
                 from flowsession.runs.data import load_data
 
-                body["data_lines"] = load_data(local, skip_malformed=spec.skip_malformed).rows
+                found = load_data(local, skip_malformed=spec.skip_malformed)
+                body["data_lines"] = found.rows
+                if found.skipped:  # for the run's summary
+                    body["data_skipped"] = found.skipped_lines()
+                    body["data_skipped_count"] = len(found.skipped)
             else:  # a file of the flow's folder on the server
                 body["data"] = spec.data
         return body

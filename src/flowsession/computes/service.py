@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from flowsession.backends.compute.base import ComputeBackend, ComputeHandle, ComputeSpec, VmSize
 from flowsession.computes import sizes
 from flowsession.config import Settings
-from flowsession.errors import Conflict, InvalidInput, NotFound
+from flowsession.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from flowsession.sessions.state import ACTIVE as ACTIVE_SESSION
 from flowsession.store import Store
 from flowsession.store.tables import computes, sessions
@@ -82,6 +82,15 @@ class ComputeService:
     def catalog(self) -> dict[str, VmSize]:
         return sizes.load_catalog(self.settings.vm_sizes_file)
 
+    @cached_property
+    def quota(self) -> float:
+        """The vCPU quota: FLOWSESSION_VCPU_QUOTA, else the backend's (local: the machine's)."""
+        return sizes.quota_of(self.settings.vcpu_quota, self.settings.backend)[0]
+
+    @cached_property
+    def quota_source(self) -> str:
+        return sizes.quota_of(self.settings.vcpu_quota, self.settings.backend)[1]
+
     # --- reading ---------------------------------------------------------------------------
 
     def get(self, name_or_id: str, *, user: str) -> Compute:
@@ -104,6 +113,14 @@ class ComputeService:
         with self.store.engine.connect() as c:
             return _vcpu_in_use(c)
 
+    def session_counts(self) -> dict[str, int]:
+        """compute id -> its active sessions (what ``session_count`` says of one)."""
+        with self.store.engine.connect() as c:
+            return dict(c.execute(select(sessions.c.compute_id, func.count())
+                                  .where(sessions.c.state.in_(sorted(ACTIVE_SESSION)),
+                                         sessions.c.compute_id.is_not(None))
+                                  .group_by(sessions.c.compute_id)).all())
+
     def session_count(self, compute_id: str) -> int:
         with self.store.engine.connect() as c:
             return c.execute(select(func.count()).select_from(sessions).where(
@@ -113,9 +130,20 @@ class ComputeService:
     def size(self, name: str) -> VmSize:
         return sizes.lookup(self.catalog, name)
 
-    def default_size(self) -> VmSize:
-        return sizes.pick_default(self.catalog, self.settings.default_vm_size,
-                                  quota=self.settings.vcpu_quota, in_use=self.vcpu_in_use())
+    def smallest_size(self) -> VmSize:
+        """The size of a session started implicitly (by a test line or a run)."""
+        return sizes.smallest(self.catalog)
+
+    def default_size(self, *, or_smallest: bool = False) -> VmSize:
+        """The default size if it fits the quota, else the smallest that does; with
+        ``or_smallest``, the smallest when none fits (a start then reclaims idle sessions)."""
+        try:
+            return sizes.pick_default(self.catalog, self.settings.default_vm_size,
+                                      quota=self.quota, in_use=self.vcpu_in_use())
+        except QuotaExceeded:
+            if not or_smallest:
+                raise
+            return self.smallest_size()
 
     # --- instances ---------------------------------------------------------------------------
 
@@ -135,7 +163,7 @@ class ComputeService:
             raise Conflict(f"compute '{name}' is serverless: it starts with its sessions")
         if compute.state == ComputeState.RUNNING:
             return compute
-        sizes.check_fits(self.size(compute.vm_size), quota=self.settings.vcpu_quota,
+        sizes.check_fits(self.size(compute.vm_size), quota=self.quota,
                          in_use=self.vcpu_in_use())
         handle = await self.backend.provision(self._spec(compute))
         self._set(compute.id, state=ComputeState.RUNNING, handle=json.dumps(handle.to_json()),
@@ -165,8 +193,8 @@ class ComputeService:
     # --- serverless ----------------------------------------------------------------------------
 
     async def provision_serverless(self, *, user: str, size: VmSize, identity: str) -> Compute:
-        name = f"serverless-{uuid.uuid4().hex[:8]}"
-        return await self._create(name=name, kind=ComputeKind.SERVERLESS, user=user, size=size,
+        # one name everywhere: a serverless compute's name is its id (what sessions show)
+        return await self._create(name=None, kind=ComputeKind.SERVERLESS, user=user, size=size,
                                   identity=identity, idle_shutdown_s=None)
 
     async def release_if_unused(self, compute_id: str | None) -> bool:
@@ -200,13 +228,14 @@ class ComputeService:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    async def _create(self, *, name: str, kind: ComputeKind, user: str, size: VmSize, identity: str,
+    async def _create(self, *, name: str | None, kind: ComputeKind, user: str, size: VmSize, identity: str,
                       idle_shutdown_s: float | None) -> Compute:
         compute_id = f"cmp-{uuid.uuid4().hex[:10]}"
+        name = name or compute_id
         now = self.clock()
         # the quota check and the insert are one transaction: two creators cannot both fit
         with self.store.engine.begin() as c:
-            sizes.check_fits(size, quota=self.settings.vcpu_quota, in_use=_vcpu_in_use(c))
+            sizes.check_fits(size, quota=self.quota, in_use=_vcpu_in_use(c))
             try:
                 c.execute(insert(computes).values(
                     id=compute_id, name=name, owner=user, kind=kind, vm_size=size.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Iterable
 from importlib import resources
@@ -40,6 +41,38 @@ def lookup(catalog: dict[str, VmSize], name: str) -> VmSize:
         raise InvalidInput(f"VM size '{name}' is not in the catalog",
                            hint="see the sizes with: flowsession compute sizes")
     return size
+
+
+VCPU_PER_CORE = 8  # local sessions mostly wait on LLM endpoints: a VM size's vCPUs are a
+#                    cgroup ceiling, not a reservation, so the machine's cores are shared
+FALLBACK_QUOTA = 16.0  # other backends, unless FLOWSESSION_VCPU_QUOTA says
+
+
+def machine_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_quota(backend: str) -> tuple[float, str]:
+    """The vCPU quota when FLOWSESSION_VCPU_QUOTA is not set, and how it was found."""
+    if backend == "local":
+        cores = machine_cores()
+        return (float(VCPU_PER_CORE * cores),
+                f"local backend: {VCPU_PER_CORE} vCPU per core of this machine's {cores}; "
+                "FLOWSESSION_VCPU_QUOTA sets another")
+    return FALLBACK_QUOTA, f"{backend} backend default; FLOWSESSION_VCPU_QUOTA sets another"
+
+
+def quota_of(vcpu_quota: float | None, backend: str) -> tuple[float, str]:
+    if vcpu_quota is not None:
+        return float(vcpu_quota), "set by FLOWSESSION_VCPU_QUOTA"
+    return default_quota(backend)
+
+
+def smallest(catalog: dict[str, VmSize]) -> VmSize:
+    return min(catalog.values(), key=lambda s: (s.vcpu, s.memory_bytes))
 
 
 def check_fits(size: VmSize, *, quota: float, in_use: float) -> None:

@@ -4,7 +4,7 @@ line is written, so neither the log file nor an error quoting its tail can hold 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -27,8 +27,12 @@ def secret_forms(secret: str) -> set[str]:
 
 
 class BuildLog:
-    def __init__(self, path: Path, *, secrets: Iterable[str] = ()):
+    """``on_line``, when given, sees every line written (redacted): a build's progress."""
+
+    def __init__(self, path: Path, *, secrets: Iterable[str] = (),
+                 on_line: Callable[[str], None] | None = None):
         self.path = path
+        self.on_line = on_line
         path.parent.mkdir(parents=True, exist_ok=True)
         self._secrets: list[str] = []
         for s in secrets:
@@ -46,8 +50,16 @@ class BuildLog:
         return text
 
     def write(self, text: str) -> None:
-        self._fh.write(self.redact(text))
+        text = self.redact(text)
+        self._fh.write(text)
         self._fh.flush()
+        if self.on_line is not None:
+            for line in text.splitlines():
+                if line.strip():
+                    try:
+                        self.on_line(line.rstrip())
+                    except Exception:  # noqa: BLE001 - a listener never breaks a build
+                        self.on_line = None
 
     def step(self, message: str) -> None:
         self.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")

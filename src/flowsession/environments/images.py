@@ -13,7 +13,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -77,6 +77,40 @@ class Image:
         return d
 
 
+# prompt flow's own runtime images (Azure's compute session and `pf` use them); any tag or
+# digest, with or without the registry
+_PF_RUNTIME = re.compile(
+    r"^(?:mcr\.microsoft\.com/)?azureml/promptflow/"
+    r"promptflow-(?:runtime(?:-stable)?|python|runtime-base)(?::[\w][\w.-]*)?"
+    r"(?:@sha256:[0-9a-f]{64})?$", re.IGNORECASE)
+
+
+def is_promptflow_runtime(ref: str) -> bool:
+    """Is ``ref`` one of prompt flow's published runtime images (any tag)?"""
+    return bool(_PF_RUNTIME.match(ref.strip()))
+
+
+def flow_image(ref: str | None) -> tuple[str, str | None]:
+    """The image a flow's ``environment.image`` runs on here, and a note when it is not the
+    one named: prompt flow's runtime image runs on the default image (which provides
+    promptflow)."""
+    if not ref:
+        return DEFAULT_IMAGE, None
+    if is_promptflow_runtime(ref):
+        return DEFAULT_IMAGE, (f"environment.image {ref.strip()} is prompt flow's runtime "
+                               f"image: the session runs on {DEFAULT_IMAGE}, which provides "
+                               "promptflow")
+    return ref, None
+
+
+_CONTAINER_HINT = (
+    "remove environment.image (the default image provides promptflow), use an image that "
+    "exists here (flowsession image list), or make one from the image's Dockerfile: "
+    "flowsession image create NAME --from-dockerfile Dockerfile (FROM a prompt flow runtime "
+    "image, COPY requirements.txt, RUN pip install ...), or --from flowsession/runtime -r "
+    "requirements.txt")
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """'name' or 'name:version' -> (name, version or None). Container references are refused."""
     ref = ref.strip()
@@ -85,8 +119,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         raise ContainerImageUnsupported(
             f"'{ref}' is a container image; container images need a container-capable "
             "compute backend, and this one runs images built with uv",
-            hint="use an image that exists here (flowsession image list), or make one with "
-            "the packages you need: flowsession image create NAME --from flowsession/runtime -r FILE",
+            hint=_CONTAINER_HINT,
         )
     name, _, version = ref.partition(":")
     if not _NAME.match(name):
@@ -94,8 +127,11 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
             f"'{ref}' is not a valid image name",
             hint="use lowercase letters, digits, '.', '_', '-' and '/', e.g. team/rag:2",
         )
-    if version and not version.isdigit():
-        raise InvalidInput(f"image '{ref}': the version must be a number, like {name}:1")
+    if version and not version.isdigit():  # a container tag (python:3.11, x:latest)
+        raise ContainerImageUnsupported(
+            f"image '{ref}': an image's version here is a number, like {name}:1; a tag like "
+            f"'{version}' names a container image, and this backend runs images built with uv",
+            hint=_CONTAINER_HINT)
     return name, int(version) if version else None
 
 
@@ -164,7 +200,8 @@ class ImageService:
     # --- building --------------------------------------------------------------------------
 
     async def ensure_built(self, ref: str, *, requirements: FlowRequirements | None = None,
-                           credentials: Mapping[str, str] | None = None) -> Image:
+                           credentials: Mapping[str, str] | None = None,
+                           on_line: Callable[[str], None] | None = None) -> Image:
         """Build ``ref`` if it is not built yet (one build per image at a time).
 
         ``requirements`` carries a custom image's feeds; a rebuild without them (after a
@@ -185,7 +222,8 @@ class ImageService:
             tmp = fsops.temp_dir_for(final)
             log_path = self.settings.logs_dir / "images" / f"{final.parent.name}-{image.version}.log"
             try:
-                with BuildLog(log_path, secrets=(credentials or {}).values()) as log:
+                with BuildLog(log_path, secrets=(credentials or {}).values(),
+                              on_line=on_line) as log:
                     log.step(f"building image {image.ref}")
                     await self._build_into(image, tmp, log, requirements, credentials)
                     info = await self.builder.inspect(tmp)
@@ -208,7 +246,8 @@ class ImageService:
             return self.get(image.ref)
 
     async def create(self, name: str, *, base: str, requirements: Path, description: str = "",
-                     credentials: Mapping[str, str] | None = None) -> Image:
+                     credentials: Mapping[str, str] | None = None,
+                     on_line: Callable[[str], None] | None = None) -> Image:
         """A custom image: ``base`` plus the packages of ``requirements`` (local wheels allowed).
         ``credentials`` (host -> secret) fill ``{private}`` feeds in the requirements."""
         parsed_name, version = parse_ref(name)
@@ -226,13 +265,13 @@ class ImageService:
         reqs = parse_requirements(requirements.resolve(), display=str(requirements),
                                   allow_local=True, image_versions=layers.versions())
         log_path = self.settings.logs_dir / "images" / f"create-{_slug(parsed_name)}.log"
-        with BuildLog(log_path, secrets=(credentials or {}).values()) as log:
+        with BuildLog(log_path, secrets=(credentials or {}).values(), on_line=on_line) as log:
             lock = await self.builder.resolve(layers, reqs, log, credentials=credentials)
         new_version = self._insert_next_version(
             parsed_name, parent=parent.ref, description=description,
             requirements=requirements.read_text(), layer_lock=lock)
         return await self.ensure_built(f"{parsed_name}:{new_version}", requirements=reqs,
-                                       credentials=credentials)
+                                       credentials=credentials, on_line=on_line)
 
     def define(self, image: ImageDef) -> None:
         """Record an image defined elsewhere (by the control plane, for a cluster node that

@@ -26,7 +26,7 @@ from flowsession.config import Settings
 from flowsession.errors import RequirementsError
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.cache import Environment, EnvironmentCache
-from flowsession.environments.images import DEFAULT_IMAGE, ImageService
+from flowsession.environments.images import ImageService, flow_image
 from flowsession.environments.requirements import (
     PRIVATE,
     FlowRequirements,
@@ -48,6 +48,22 @@ class Prepared:
     requirements: FlowRequirements
     spec: EnvSpec
     env_id: str
+    note: str | None = None  # what became of the flow's environment.image, when not itself
+
+    def provided_by_image(self) -> dict[str, str]:
+        """The requirements' packages the image already has: name -> the image's version."""
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.utils import canonicalize_name
+
+        have = {canonicalize_name(n): v for n, v in self.image.versions().items()}
+        named = list(self.requirements.satisfied_by_image)
+        for line in self.requirements.requirements:
+            try:
+                named.append(Requirement(line).name)
+            except InvalidRequirement:
+                continue
+        return {canonicalize_name(n): have[canonicalize_name(n)] for n in named
+                if canonicalize_name(n) in have}
 
 
 @dataclass(frozen=True)
@@ -77,13 +93,14 @@ class EnvironmentService:
         """Snapshot the flow and resolve its requirements against its image (no build yet).
         ``image`` overrides the flow's ``environment.image`` (a session's advanced setting)."""
         snapshot = self.snapshot(flow)
-        image = await self.images.ensure_built(image or snapshot.flow.image or DEFAULT_IMAGE)
+        ref, note = flow_image(image or snapshot.flow.image)
+        image = await self.images.ensure_built(ref)
         layers = self.images.layers(image)
         reqs = self._requirements(snapshot, layers)
         lock = await self._resolve(layers, reqs, identity=identity, refresh=refresh,
                                    name=snapshot.flow.folder.name)
         spec = EnvSpec(image=layers, lock=lock, requirements=reqs)
-        return Prepared(snapshot, layers, reqs, spec, self.builder.env_id(spec))
+        return Prepared(snapshot, layers, reqs, spec, self.builder.env_id(spec), note)
 
     def snapshot(self, flow: str | Path) -> Snapshot:
         """The flow's snapshot, as every session runs it. An uploaded flow draws only on its
@@ -133,7 +150,7 @@ class EnvironmentService:
 
     async def create_image(self, name: str, *, base: str, requirements: Path,
                            description: str = "", identity: str = USER_IDENTITY,
-                           confined: bool = False):
+                           confined: bool = False, on_line=None):
         """A custom image, its ``{private}`` feeds filled from ``identity``'s secrets.
 
         ``confined``: the requirements may name only index packages (no local files, no
@@ -145,7 +162,8 @@ class EnvironmentService:
                  if requirements.is_file() else ())
         credentials = self.secrets.credentials_for(feeds, identity=identity)
         return await self.images.create(name, base=base, requirements=requirements,
-                                        description=description, credentials=credentials)
+                                        description=description, credentials=credentials,
+                                        on_line=on_line)
 
     def packages(self, env: Environment) -> list[Package]:
         """View installed packages: what the image provides and what the requirements add."""

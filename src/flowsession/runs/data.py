@@ -35,6 +35,12 @@ class DataSet:
     # the data is a folder the reason starts with the file's name ("b.jsonl: ...")
     skipped: list[tuple[int, str]]
 
+    def skipped_lines(self, limit: int = 50) -> list[str]:
+        """The skipped lines' numbers as a person finds them: ``"3"``, or ``"b.jsonl:3"`` in a
+        folder of files; the first ``limit``."""
+        return [f"{why.split(': ', 1)[0]}:{n}" if self.path.is_dir() else str(n)
+                for n, why in self.skipped[:limit]]
+
 
 def load_data(path: str | Path, *, skip_malformed: bool = False) -> DataSet:
     """Read a data file, or every supported file in a folder (by name, not recursive)."""

@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 from typing import Any
 
+from flowsession.errors import InvalidInput
 from flowsession.flows.flowfile import FlowDefinition
 from flowsession.runs.mapping import NO_DEFAULT, FlowInputSpec
 
@@ -63,3 +64,40 @@ def _literal(node: ast.expr) -> Any:
         return ast.literal_eval(node)
     except ValueError:
         return None  # a default we cannot read: the input is optional all the same
+
+
+def check_mapping_keys(flow: FlowDefinition, inputs: list[FlowInputSpec],
+                       mapping: dict[str, Any] | None) -> None:
+    """A mapping key the flow has no input for is a typo, said with the flow's inputs. A flex
+    entry that takes ``**kwargs`` (or one that cannot be read) takes any key."""
+    if not mapping or _takes_any(flow):
+        return
+    names = [spec.name for spec in inputs]
+    unknown = [key for key in mapping if key not in names]
+    if unknown:
+        listed = ", ".join(names) if names else "none"
+        raise InvalidInput(
+            f"column mapping {', '.join(repr(k) for k in unknown)}: flow {flow.folder.name} has "
+            f"no input of that name (its inputs: {listed})",
+            hint="map only the flow's inputs, e.g. --column-mapping "
+                 f"{names[0] if names else 'NAME'}='${{data.COLUMN}}'",
+            details={"keys": unknown, "inputs": names})
+
+
+def _takes_any(flow: FlowDefinition) -> bool:
+    if flow.kind == "dag" or flow.inputs:
+        return False
+    module, _, name = (flow.entry or "").partition(":")
+    try:
+        tree = ast.parse((flow.folder / (module.replace(".", "/") + ".py")).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return True
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return node.args.kwarg is not None
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                        and item.name == "__call__":
+                    return item.args.kwarg is not None
+    return True

@@ -95,6 +95,12 @@ class Run:
             text += f", {self.failed} of {self.total} failed"
         if self.status in ACTIVE and done < self.total:
             text += f" ({self.total - done} to go)"
+        skipped = self.spec.get("skipped_lines")
+        if skipped:
+            count = self.spec.get("skipped_count") or len(skipped)
+            more = f" and {count - len(skipped)} more" if count > len(skipped) else ""
+            text += (f"; {count} malformed data line(s) skipped: line "
+                     f"{', '.join(map(str, skipped))}{more}")
         return text
 
     def to_dict(self) -> dict[str, Any]:

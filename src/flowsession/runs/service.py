@@ -36,7 +36,7 @@ from flowsession.flows.references import connection_candidates, required_connect
 from flowsession.flows.snapshot import make_snapshot
 from flowsession.runs.data import load_data
 from flowsession.runs.files import RunFiles
-from flowsession.runs.flexinputs import flow_inputs
+from flowsession.runs.flexinputs import check_mapping_keys, flow_inputs
 from flowsession.runs.mapping import BaseRun, resolve_inputs
 from flowsession.runs.records import ACTIVE, ENDED, LineStatus, Run, RunRecords, RunStatus
 from flowsession.runs.spec import RunSpec, check_name
@@ -77,7 +77,8 @@ class RunService:
 
     # --- creating --------------------------------------------------------------------------
 
-    async def create(self, spec: RunSpec, *, user: str, submit: bool = True) -> Run:
+    async def create(self, spec: RunSpec, *, user: str, submit: bool = True,
+                     skipped: tuple[list[str], int] | None = None) -> Run:
         """Check everything, store the run's inputs, and submit it to the flow's session
         (started from ``resources`` when none runs). Returns once the run is going; with
         ``submit=False``, once it is stored (Preparing): ``advance`` submits it."""
@@ -107,13 +108,20 @@ class RunService:
             owner=user, identity=spec.identity)
         name = check_name(spec.name) if spec.name else _generated_name(flow)
         lines: dict[int, dict[str, Any]] = {}
+        data = None
         if resumed is None:
             data = load_data(spec.data, skip_malformed=spec.skip_malformed) if spec.data else None
             base = self._base_run(spec.run, user) if spec.run else None
-            lines = resolve_inputs(flow_inputs(flow), spec.column_mapping, data, base)
+            inputs = flow_inputs(flow)
+            check_mapping_keys(flow, inputs, spec.column_mapping)
+            lines = resolve_inputs(inputs, spec.column_mapping, data, base)
         stored = {k: v for k, v in spec.model_dump().items() if k != "environment_variables"}
         stored["environment_variables"] = sorted(spec.environment_variables)
         stored["variant_node"] = variant
+        if data is not None and data.skipped:  # --skip-malformed: which lines, for the summary
+            skipped = data.skipped_lines(), len(data.skipped)
+        if skipped and spec.skip_malformed:  # (or the lines a client left out of data_lines)
+            stored["skipped_lines"], stored["skipped_count"] = skipped
         self.records.create(
             name=name, owner=user, flow=str(flow.folder), spec=stored, total=0,
             display_name=spec.display_name or name, description=spec.description,

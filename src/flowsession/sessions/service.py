@@ -43,6 +43,7 @@ from flowsession.errors import (
 )
 from flowsession.flows.flowfile import FlowDefinition, load_flow
 from flowsession.sessions.pool import StandbyPool
+from flowsession.sessions.quota import Busy, provision_with_reclaim
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
 from flowsession.sessions.state import SessionState as S
 from flowsession.sessions.sweep import Sweeper
@@ -61,6 +62,7 @@ class StartOptions:
     idle_timeout_s: float | None = None
     identity: str | None = None  # serverless only (an instance uses its own)
     image: str | None = None  # serverless only; else the flow's environment.image
+    implicit: bool = False  # started by a test line or a run: the smallest VM size
 
 
 class SessionService:
@@ -73,6 +75,7 @@ class SessionService:
         self.pool = StandbyPool(settings, store, backend, envs)
         self._connections = None  # access.connections.ConnectionService, made on first use
         self.sweeper = Sweeper(self)
+        self.busy = Busy()  # test lines in flight: such a session is not idle
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> SessionService:
@@ -201,7 +204,8 @@ class SessionService:
         session, created = self.records.create_bound(
             flow=str(flow_def.folder), actor=user, owner=user, compute_type=compute_type,
             compute_id=instance.id if instance else None,
-            vm_size=instance.vm_size if instance else options.vm_size,
+            vm_size=instance.vm_size if instance else options.vm_size or (
+                self.computes.smallest_size().name if options.implicit else None),
             image=options.image, identity=identity, operator=procs.identity(),
             idle_timeout_s=(options.idle_timeout_s if options.idle_timeout_s is not None
                             else self.settings.idle_timeout_s))
@@ -214,16 +218,18 @@ class SessionService:
             if session.state == S.STOPPED:  # it had ended (idle, say): start a new one
                 return await self.start(flow, user=user, options=options)
             return session
-        return await self._launch(session, flow_def.folder, actor=user, reason="started")
+        return await self._launch(session, flow_def.folder, actor=user, reason="started",
+                                  reclaim=options.implicit)
 
-    async def _launch(self, session: Session, flow: Path, *, actor: str, reason: str) -> Session:
+    async def _launch(self, session: Session, flow: Path, *, actor: str, reason: str,
+                      reclaim: bool = False) -> Session:
         """NOT_STARTED/RESETTING -> BUILDING -> STARTING -> RUNNING, or cleaned up on failure."""
         session = self.records.transition(session, S.BUILDING, actor=actor,
                                           reason="building the environment",
                                           operator=procs.identity())
         standby: asyncio.Task | None = None
         try:
-            compute = await self._compute_for(session)
+            compute = await self._compute_for(session, reclaim=reclaim)
             prepared = await self.envs.prepare(flow, identity=self._secrets_of(session),
                                                image=session.image)
             # the supervisor imports the runtime while the environment builds
@@ -231,7 +237,8 @@ class SessionService:
                 prepared.image.ref, compute=compute.compute_handle))
             env = await self._environment(session, prepared, holder=session.holder)
             session = self.records.transition(
-                session, S.STARTING, actor=actor, reason="starting the supervisor",
+                session, S.STARTING, actor=actor, reason="starting the supervisor"
+                + (f"; {prepared.note}" if prepared.note else ""),
                 env_id=env.id, snapshot_id=prepared.snapshot.id, image=prepared.image.ref)
             handle = await self._run_on(compute, session, prepared, env, await standby)
             standby = None
@@ -317,7 +324,7 @@ class SessionService:
             if prepared.env_id == session.env_id:
                 return self.records.transition(
                     session, S.RUNNING, actor=actor, operator=None, expect=[S.INSTALLING],
-                    reason="nothing to install: the requirements are unchanged")
+                    reason=_nothing_to_install(prepared))
             compute = self.computes.get(session.compute_id, user=session.owner)
             standby = asyncio.create_task(self.pool.claim_or_start(
                 prepared.image.ref, compute=compute.compute_handle))
@@ -343,7 +350,8 @@ class SessionService:
         try:
             session = self.records.transition(
                 session, S.RUNNING, actor=actor, reason="installed; switched to the new "
-                f"environment {new_env.id}", expect=[S.INSTALLING], operator=None,
+                f"environment {new_env.id}" + _provided(prepared), expect=[S.INSTALLING],
+                operator=None,
                 handle=new_handle.json_text(), env_id=new_env.id, snapshot_id=prepared.snapshot.id,
                 last_activity_at=self.clock())
         except Conflict:  # the session was stopped during the install: drop the new one
@@ -455,10 +463,11 @@ class SessionService:
         class."""
         session = await self.ready(flow, user=user)
         try:
-            return await self.backend.test_line(
-                session.session_handle, inputs, timeout=timeout,
-                connections=self.flow_connections(session), init=dict(init or {}),
-                **({"with_trace": True} if with_trace else {}))
+            with self.busy.line(session.id):
+                return await self.backend.test_line(
+                    session.session_handle, inputs, timeout=timeout,
+                    connections=self.flow_connections(session), init=dict(init or {}),
+                    **({"with_trace": True} if with_trace else {}))
         except SessionFailed as exc:
             self.records.transition(session, S.FAILED, actor="system:supervisor",
                                     reason=exc.message, expect=[S.RUNNING])
@@ -496,6 +505,7 @@ class SessionService:
         """The flow's RUNNING session with the flow's current files loaded: started (with
         ``options``, else default settings) when none runs."""
         key = self.flow_key(flow)
+        options = replace(options or StartOptions(), implicit=True)
         session = self.records.bound_to(key)
         if session is None or session.owner != user or session.state == S.STOPPED:
             session = await self.start(key, user=user, options=options)
@@ -597,7 +607,7 @@ class SessionService:
             self.computes.size(o.vm_size)  # an unknown size fails before anything is made
         return kind
 
-    async def _compute_for(self, session: Session) -> Compute:
+    async def _compute_for(self, session: Session, *, reclaim: bool = False) -> Compute:
         if session.compute_id:  # an instance, or a serverless compute kept across a reset
             compute = self.computes.get(session.compute_id, user=session.owner)
             if compute.state != ComputeState.RUNNING:
@@ -605,8 +615,25 @@ class SessionService:
                                hint=f"start it: flowsession compute start {compute.name}")
             return compute
         size = (self.computes.size(session.vm_size) if session.vm_size
-                else self.computes.default_size())
-        compute = await self.computes.provision_serverless(user=session.owner, size=size,
-                                                           identity=session.identity)
+                else self.computes.default_size(or_smallest=True))
+        compute = await provision_with_reclaim(  # an implicit start reclaims idle sessions
+            self, session, size, lambda: self.computes.provision_serverless(
+                user=session.owner, size=size, identity=session.identity), reclaim=reclaim)
         self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
         return compute
+
+
+
+def _nothing_to_install(prepared: Prepared) -> str:
+    """Why Save and install changed nothing: the packages the image already provides (with
+    the image's versions), else the requirements are as installed."""
+    provided = _provided(prepared)
+    if not provided:
+        return "nothing to install: the requirements are unchanged"
+    return f"nothing to install{provided}; the environment is unchanged"
+
+
+def _provided(prepared: Prepared) -> str:
+    found = prepared.provided_by_image()
+    listed = ", ".join(f"{n} {v}" for n, v in sorted(found.items()))
+    return f": the image {prepared.image.ref} already provides {listed}" if found else ""

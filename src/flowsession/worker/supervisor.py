@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from flowsession.worker.offline import promptflow_offline
 from flowsession.worker.protocol import DEFAULT_LINE_TIMEOUT, LOG_FILE
 from flowsession.worker.session import Supervisor
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     _detach_output(None if args.log_inherit else state_dir / LOG_FILE)
     work = state_dir.parent / "work"
     os.chdir(work if work.is_dir() else state_dir)
-    os.environ.setdefault("PF_DISABLE_TRACING", "true")
+    promptflow_offline()  # before any promptflow import: its telemetry is off
     try:
         os.setsid()  # outlive the starter's session and terminal
     except OSError:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from flowsession.worker.offline import promptflow_offline
 
 
 def _flow_file(folder: Path) -> Path:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)  # promptflow's per-node INFO lines are noise here
-    os.environ.setdefault("PF_DISABLE_TRACING", "true")
+    promptflow_offline()
     from promptflow.executor import FlowExecutor
 
     folder = Path(args.flow).resolve()

@@ -54,14 +54,17 @@ def sizes(who: Principal = Depends(require("computes:read")),
     computes = svc.sessions.computes
     return {"sizes": [{"name": s.name, "vcpu": s.vcpu, "memory_bytes": s.memory_bytes,
                        "description": s.description} for s in computes.catalog.values()],
-            "vcpu_quota": svc.settings.vcpu_quota, "vcpu_in_use": computes.vcpu_in_use()}
+            "vcpu_quota": computes.quota, "vcpu_quota_source": computes.quota_source,
+            "vcpu_in_use": computes.vcpu_in_use(), "implicit_size": computes.smallest_size().name}
 
 
 @router.get("/computes")
 def list_computes(who: Principal = Depends(require("computes:read")),
                   svc: Services = Depends(services)) -> list[dict]:
     owner = None if who.manages_all else who.user
-    return [_dict(c) for c in svc.sessions.computes.list(user=owner)]
+    counts = svc.sessions.computes.session_counts()  # as GET /computes/{name} counts them
+    return [{**_dict(c), "sessions": counts.get(c.id, 0)}
+            for c in svc.sessions.computes.list(user=owner)]
 
 
 @router.post("/computes", status_code=201)

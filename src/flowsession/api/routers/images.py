@@ -96,7 +96,7 @@ async def build_image(ref: str, request: Request, version: int | None = Query(No
 
     async def work(emit) -> dict:
         emit({"event": "progress", "message": f"building image {image.ref}"})
-        return _dict(await images.ensure_built(image.ref))
+        return _dict(await images.ensure_built(image.ref, on_line=_lines(emit)))
 
     return request.app.state.operations.start("image.build", image.ref, who.user, work)
 
@@ -149,11 +149,23 @@ async def create_image(body: ImageIn, request: Request,
         try:
             return _dict(await service.create_image(
                 name, base=body.base, requirements=requirements, description=body.description,
-                identity=identity, confined=confined))
+                identity=identity, confined=confined, on_line=_lines(emit)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     return request.app.state.operations.start("image.create", name, who.user, work)
+
+
+def _lines(emit, limit: int = 2000):
+    """A build's lines (its steps and packages) as progress events, as they come; bounded."""
+    sent = [0]
+
+    def line(text: str) -> None:
+        sent[0] += 1
+        if sent[0] <= limit:
+            emit({"event": "progress", "message": text[:500]})
+
+    return line
 
 
 def _scratch(svc: Services) -> Path:

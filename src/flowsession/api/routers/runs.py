@@ -42,6 +42,10 @@ class RunIn(RunSpec):
     data: str | None = Field(default=None, description="a data file in the flow's folder "
                              "(relative), or an absolute path on the server (all:manage)")
     data_lines: list[dict[str, Any]] | None = Field(default=None, description="the data inline")
+    data_skipped: list[str] = Field(default=[], max_length=50, description="with data_lines "
+                                    "and skip_malformed: the malformed lines the client left "
+                                    "out (their numbers), for the run's summary")
+    data_skipped_count: int = Field(default=0, ge=0, description="how many it left out")
 
 
 INLINE = "data_lines.jsonl"
@@ -119,7 +123,8 @@ async def create_run(body: RunIn, request: Request,
     check_identity(svc, who, body.identity)
     if body.resources.get("compute"):
         svc.sessions.computes.get(str(body.resources["compute"]), user=owner)
-    fields = body.model_dump(exclude={"data_lines", "flow", "data"}, exclude_defaults=True)
+    fields = body.model_dump(exclude={"data_lines", "flow", "data", "data_skipped",
+                                      "data_skipped_count"}, exclude_defaults=True)
     fields["flow"] = flow.path
     if body.data_lines is not None and body.data is not None:
         raise InvalidInput("give data or data_lines, not both", details={"field": "data"})
@@ -148,7 +153,10 @@ async def create_run(body: RunIn, request: Request,
         fields["data"] = str(path)
     try:
         spec, warnings = spec_from_dict(fields, source="the run")
-        run = await svc.runs.create(spec, user=owner, submit=False)  # the session: in the op
+        skipped = ([str(x)[:200] for x in body.data_skipped], max(
+            body.data_skipped_count, len(body.data_skipped))) if body.data_skipped else None
+        run = await svc.runs.create(spec, user=owner, submit=False,  # the session: in the op
+                                    skipped=skipped if body.data_lines is not None else None)
     except FlowSessionError as exc:
         raise _as_sent(exc, sent) from None
     finally:
