@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.worker.protocol import encode
-from flowsession.worker.workers import message_of, plain, prepare_child
+from flowsession.worker.outputs import describe, flow_outputs, plain
+from flowsession.worker.workers import message_of, prepare_child
 
 log = logging.getLogger("flowsession.worker")
 
@@ -193,29 +194,28 @@ class _Runner:
             return {"i": pos, "ok": False, "error": f"no inputs for line {pos}: {exc}"}
         try:
             result = self.executor.exec_line(inputs, index=pos, run_id=self.run_id)
-        except Exception as exc:  # noqa: BLE001 - refused inputs, whatever promptflow raises
-            return {"i": pos, "ok": False, "error": message_of(exc)}
-        run_info = result.run_info
-        status = str(getattr(run_info.status, "value", run_info.status))
-        if status != "Completed":
-            err = run_info.error or {}
-            return {"i": pos, "ok": False,
-                    "error": err.get("message") or f"the line ended with status {status}"}
-        output = dict(result.output or {})
-        if "line_number" not in self.declared and output.get("line_number") == pos:
-            output.pop("line_number", None)  # promptflow's bookkeeping, not a flow output
-        record: dict[str, Any] = {"i": pos, "ok": True,
-                                  "output": {k: plain(v) for k, v in output.items()}}
-        if self.aggregation:
-            record["agg"] = {k: plain(v) for k, v in (result.aggregation_inputs or {}).items()}
-        return record
+            run_info = result.run_info
+            status = str(getattr(run_info.status, "value", run_info.status))
+            if status != "Completed":
+                err = run_info.error or {}
+                return {"i": pos, "ok": False,
+                        "error": err.get("message") or f"the line ended with status {status}"}
+            record: dict[str, Any] = {"i": pos, "ok": True, "output": flow_outputs(
+                result.output, pos, self.declared)}
+            if self.aggregation:
+                record["agg"] = {k: plain(v)
+                                 for k, v in (result.aggregation_inputs or {}).items()}
+            return record
+        except BaseException as exc:  # noqa: BLE001 - whatever the flow returns or raises
+            log.warning("run %s: line %d failed", self.run_id, pos, exc_info=True)
+            return {"i": pos, "ok": False, "error": describe(exc)}
 
     def _write(self, record: dict[str, Any]) -> None:
         try:
             data = encode(record)
-        except (ValueError, TypeError, RecursionError) as exc:  # e.g. a circular output
+        except Exception as exc:  # noqa: BLE001 - a circular output, a __str__ that raises
             data = encode({"i": record["i"], "ok": False, "d": record.get("d", 0),
-                           "error": f"the line's output cannot be stored: {exc}"})
+                           "error": f"the line's output cannot be stored: {describe(exc)}"})
         os.write(self.out, data)
 
     def _timed_out(self, _signum: int, _frame: Any) -> None:
