@@ -263,7 +263,7 @@ def _keys(dicts: list[dict[str, Any]]) -> list[str]:
 def serve(sock: socket.socket, supervisor: int, spec: dict[str, Any]) -> int:
     """A batch worker's life (``workers.spawn``'s ``serve``). Its stdout and stderr go to
     ``<run dir>/logs/<pid>.log``."""
-    prepare_child(sock, supervisor)
+    prepare_child(sock, supervisor, spec["flow"])
     logs = Path(spec["dir"]) / "logs"
     logs.mkdir(exist_ok=True)
     fd = os.open(logs / f"{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

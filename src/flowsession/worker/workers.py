@@ -157,8 +157,11 @@ def add_site_dirs(dirs: list[str]) -> None:
 
 # --- inside the worker ----------------------------------------------------------------------
 
-def prepare_child(sock: socket.socket, supervisor: int) -> None:
-    """A forked worker's first steps: default signal handling, die with the supervisor."""
+def prepare_child(sock: socket.socket, supervisor: int, flow_dir: Path | str) -> None:
+    """A forked worker's first steps: default signal handling, die with the supervisor, and
+    work in the flow's folder, as prompt flow does (flow code opens its files by relative
+    paths)."""
+    os.chdir(flow_dir)
     signal.set_wakeup_fd(-1)
     faulthandler.enable()  # a crash in C code leaves the Python stack in the session's log
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -175,7 +178,7 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
                 connections: dict[str, Any], init: dict[str, Any]) -> int:
     """A test worker's life: load the flow (with the session's connections and init), then
     run the lines the supervisor sends."""
-    prepare_child(sock, supervisor)
+    prepare_child(sock, supervisor, flow_dir)
 
     def send(obj: dict[str, Any]) -> None:
         sock.sendall(encode(obj))

@@ -1,0 +1,61 @@
+"""What bench/compat.py found different from `pf run create`, each on a flow written here,
+against a real server with real sessions, through the CLI as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers.cli import FLOWSESSION
+from helpers.server import serving
+
+pytestmark = pytest.mark.timeout(600)
+FLOWS = Path(__file__).resolve().parents[1] / "flows"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, images_dir):
+    home = tmp_path_factory.mktemp("compat") / "home"
+    with serving(home, images_dir, None) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def flows(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("flows")
+    for name in ("relative_file",):
+        shutil.copytree(FLOWS / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fs(server, flows):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
+    env.update(FLOWSESSION_URL=server.url, FLOWSESSION_TOKEN=server.token, COLUMNS="200",
+               NO_COLOR="1")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([FLOWSESSION, *args], env=env, cwd=flows, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+        return proc
+
+    return run
+
+
+def test_a_flow_runs_in_its_own_folder_as_in_prompt_flow(fs):
+    """Flow code that opens its files by relative paths finds them, in a test line and in a
+    batch run (pf runs a flow with its folder as the working directory)."""
+    proc = fs("flow", "test", "relative_file", "--inputs", "name=Ada")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"greeting": "Hello, Ada!"}
+    run = fs("run", "create", "--flow", "relative_file", "--data", "relative_file/data.jsonl",
+             "--name", "relative", "--stream")
+    assert run.returncode == 0, run.stderr
+    details = json.loads(fs("run", "show-details", "relative", "--json").stdout)
+    assert [(d["status"], d["outputs"]) for d in details] == [
+        ("Completed", {"greeting": "Hello, Ada!"}), ("Completed", {"greeting": "Hello, Linus!"})]
