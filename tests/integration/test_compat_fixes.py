@@ -27,7 +27,7 @@ def server(tmp_path_factory, images_dir):
 @pytest.fixture(scope="module")
 def flows(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flows")
-    for name in ("relative_file",):
+    for name in ("relative_file", "input_defaults"):
         shutil.copytree(FLOWS / name, root / name)
     return root
 
@@ -59,3 +59,19 @@ def test_a_flow_runs_in_its_own_folder_as_in_prompt_flow(fs):
     details = json.loads(fs("run", "show-details", "relative", "--json").stdout)
     assert [(d["status"], d["outputs"]) for d in details] == [
         ("Completed", {"greeting": "Hello, Ada!"}), ("Completed", {"greeting": "Hello, Linus!"})]
+
+
+def test_an_input_with_a_default_keeps_it_unless_mapped_as_in_prompt_flow(fs):
+    """pf run create: a flow input with a default takes it even when the data has a column
+    of that name ("default value is in higher priority than default mapping"); a column
+    mapping gives it the data's value; a None default gives way to the data."""
+    data = "input_defaults/data.jsonl"
+    assert fs("run", "create", "--flow", "input_defaults", "--data", data,
+              "--name", "defaults").returncode == 0
+    rows = json.loads(fs("run", "show-details", "defaults", "--json").stdout)
+    assert [r["outputs"] for r in rows] == [{"text": "Hello Ada!"}, {"text": "Hello Linus?"}]
+    mapped = fs("run", "create", "--flow", "input_defaults", "--data", data,
+                "--name", "mapped", "--column-mapping", "greeting=${data.greeting}")
+    assert mapped.returncode == 0, mapped.stderr
+    rows = json.loads(fs("run", "show-details", "mapped", "--json").stdout)
+    assert [r["outputs"] for r in rows] == [{"text": "Hi Ada!"}, {"text": "Hey Linus?"}]
