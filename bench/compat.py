@@ -56,6 +56,10 @@ TOLERANCES = """\
 - **refusals**: a run pf refuses as a whole (no line ran) must be refused or fail every line
   here; messages are not compared.
 - **metrics**: the same names, numbers within a relative 1e-6.
+- **images**: pf saves an output image as a file beside its outputs and refers to it by
+  path; flowsession gives it inline (`{"data:image/png;base64": ...}`, or openai-vision's
+  `{"type": "image_url", ...}`), as pf's own serialisation does: the harness reads pf's file
+  back into that form, so the bytes are compared.
 - ids, run names, durations, times and token counts are not compared."""
 
 
@@ -109,7 +113,7 @@ def run_pf(pf: str, flow: Path, data: Path, name: str, env: dict[str, str], work
     out_file = run_dir / "flow_outputs" / "output.jsonl"
     if out_file.is_file():
         for raw in out_file.read_text().splitlines():
-            row = json.loads(raw)
+            row = inline_images(json.loads(raw), out_file.parent)
             outputs[row.get("line_number")] = row
     for f in sorted((run_dir / "flow_artifacts").glob("*.jsonl")) \
             if (run_dir / "flow_artifacts").is_dir() else []:
@@ -128,6 +132,39 @@ def run_pf(pf: str, flow: Path, data: Path, name: str, env: dict[str, str], work
         text = log.read_text(errors="replace") if log.exists() else ""
         side.error = _first_error(text)
     return side
+
+
+_PATH_KEY = re.compile(r"^data:([\w/.+-]+);path$")
+
+
+def inline_images(value: Any, folder: Path) -> Any:
+    """pf's images saved beside its outputs ({"data:image/png;path": "x.png"}, or
+    openai-vision's {"type": "image_file", "image_file": {"path": ...}}) read back into the
+    inline form flowsession gives ({"data:image/png;base64": ...} / {"type": "image_url",
+    ...}), so that the bytes are compared."""
+    import base64
+    import mimetypes
+
+    def b64(path: str) -> str | None:
+        f = folder / path
+        return base64.b64encode(f.read_bytes()).decode() if f.is_file() else None
+
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (k, v), = value.items()
+            m = _PATH_KEY.match(str(k))
+            if m and isinstance(v, str) and (data := b64(v)) is not None:
+                return {f"data:{m.group(1)};base64": data}
+        if value.get("type") == "image_file" and isinstance(value.get("image_file"), dict):
+            path = value["image_file"].get("path")
+            data = b64(path) if isinstance(path, str) else None
+            if data is not None:
+                mime = mimetypes.guess_type(path)[0] or "image/*"
+                return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
+        return {k: inline_images(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [inline_images(v, folder) for v in value]
+    return value
 
 
 def run_fs(flow: Path, data: Path, name: str, env: dict[str, str], work: Path,

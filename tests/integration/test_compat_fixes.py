@@ -3,6 +3,7 @@ against a real server with real sessions, through the CLI as a user types it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ def server(tmp_path_factory, images_dir):
 @pytest.fixture(scope="module")
 def flows(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flows")
-    for name in ("relative_file", "input_defaults"):
+    for name in ("relative_file", "input_defaults", "image_output"):
         shutil.copytree(FLOWS / name, root / name)
     return root
 
@@ -75,3 +76,28 @@ def test_an_input_with_a_default_keeps_it_unless_mapped_as_in_prompt_flow(fs):
     assert mapped.returncode == 0, mapped.stderr
     rows = json.loads(fs("run", "show-details", "mapped", "--json").stdout)
     assert [r["outputs"] for r in rows] == [{"text": "Hi Ada!"}, {"text": "Hey Linus?"}]
+
+
+def test_images_in_outputs_come_back_inline_as_prompt_flow_writes_them(fs, flows):
+    """An output image (promptflow's Image) is `{"data:<mime>;base64": ...}` -- pf's own
+    inline form -- in a test line, in show-details and in outputs.jsonl, not `Image(1a2b)`."""
+    lines = (flows / "image_output" / "data.jsonl").read_text().splitlines()
+    red, blue = (json.loads(line)["image"] for line in lines)
+    dot = red["data:image/png;base64"]
+    made = base64.b64encode(b"GIF89a-red").decode()
+    proc = fs("flow", "test", "image_output", "--inputs", "label=red", "--inputs",
+              f"image={json.dumps(red)}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"labelled": {
+        "label": "red", "image": {"data:image/png;base64": dot},
+        "made": {"data:image/gif;base64": made}}}
+    run = fs("run", "create", "--flow", "image_output", "--data", "image_output/data.jsonl",
+             "--name", "images")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(fs("run", "show-details", "images", "--json").stdout)
+    assert [r["status"] for r in rows] == ["Completed", "Completed"]
+    first, second = (r["outputs"]["labelled"] for r in rows)
+    assert first == {"label": "red", "image": {"data:image/png;base64": dot},
+                     "made": {"data:image/gif;base64": made}}
+    assert second["image"] == blue
+    assert second["made"] == {"data:image/gif;base64": base64.b64encode(b"GIF89a-blue").decode()}

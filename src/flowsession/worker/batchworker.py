@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.worker.protocol import encode
-from flowsession.worker.outputs import describe, flow_outputs, plain
+from flowsession.worker.outputs import describe, flow_outputs, media_encoder, plain
 from flowsession.worker.workers import message_of, prepare_child
 
 log = logging.getLogger("flowsession.worker")
@@ -135,6 +135,7 @@ class _Runner:
         flow = getattr(self.executor, "_flow", None)
         self.aggregation = bool(getattr(self.executor, "has_aggregation_node", False))
         self.declared = set(getattr(flow, "outputs", None) or ())
+        self.media = media_encoder(Path(self.spec["flow_file"]), flow_dir)
         log.info("run %s: worker %d loaded %s in %.3f s", self.run_id, os.getpid(), flow_dir,
                  time.monotonic() - started)
         self.send({"event": "loaded", "aggregation": self.aggregation})
@@ -201,7 +202,7 @@ class _Runner:
                 return {"i": pos, "ok": False,
                         "error": err.get("message") or f"the line ended with status {status}"}
             record: dict[str, Any] = {"i": pos, "ok": True, "output": flow_outputs(
-                result.output, pos, self.declared)}
+                result.output, pos, self.declared, self.media)}
             if self.aggregation:
                 record["agg"] = {k: plain(v)
                                  for k, v in (result.aggregation_inputs or {}).items()}

@@ -13,14 +13,40 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import types
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_OUTPUT = "output"  # prompt flow's DEFAULT_OUTPUT_NAME
 LINE_NUMBER = "line_number"  # added by promptflow to a dict output when the line has an index
 
 
-def flow_outputs(value: Any, index: int | None, declared: set[str]) -> dict[str, Any]:
-    """The outputs of a completed line from ``LineResult.output``."""
+def media_encoder(flow_yaml: Any, flow_dir: Any) -> Callable[[Any], Any]:
+    """Images in outputs (promptflow's ``Image``) as prompt flow writes them inline, in the
+    flow's message format: ``{"data:image/png;base64": ...}``, or for ``openai-vision``
+    ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``. (``pf``
+    saves them as files beside its outputs and refers to them by path; a session's files
+    do not leave it, so its images travel inline.) Identity if promptflow has no such API."""
+    try:
+        from promptflow._utils.multimedia_utils import MultimediaProcessor
+
+        processor = MultimediaProcessor.create_from_yaml(flow_yaml, flow_dir)
+        convert = processor.convert_multimedia_data_to_base64_dict
+    except Exception:  # noqa: BLE001 - another promptflow: images go as text
+        return lambda value: value
+
+    def encode(value: Any) -> Any:
+        try:
+            return convert(value)
+        except Exception:  # noqa: BLE001 - left to plain()
+            return value
+
+    return encode
+
+
+def flow_outputs(value: Any, index: int | None, declared: set[str],
+                 media: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """The outputs of a completed line from ``LineResult.output``; ``media``: how images are
+    written (``media_encoder``)."""
     if isinstance(value, dict):
         out = dict(value)
         if LINE_NUMBER not in declared and index is not None and out.get(LINE_NUMBER) == index:
@@ -29,6 +55,8 @@ def flow_outputs(value: Any, index: int | None, declared: set[str]) -> dict[str,
         out = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     else:
         out = {DEFAULT_OUTPUT: value}
+    if media is not None:
+        out = {k: media(v) for k, v in out.items()}
     return {str(k): plain(v) for k, v in out.items()}
 
 

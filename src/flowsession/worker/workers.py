@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.worker.channel import Channel
-from flowsession.worker.outputs import describe, flow_outputs
+from flowsession.worker.outputs import describe, flow_outputs, media_encoder
 from flowsession.worker.protocol import E_LINE_FAILED, WorkerState, encode
 
 log = logging.getLogger("flowsession.worker")
@@ -196,6 +196,7 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
     log.info("worker %d: flow %s loaded in %.3f s", os.getpid(), flow_dir,
              time.monotonic() - started)
     declared = set(getattr(getattr(executor, "_flow", None), "outputs", None) or ())
+    media = media_encoder(flow_yaml, flow_dir)
     send({"event": "loaded"})
 
     reader = sock.makefile("rb")
@@ -205,7 +206,8 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
         except ValueError:
             continue
         if msg.get("op") == "line":
-            result = run_line(executor, msg.get("inputs") or {}, msg.get("index"), declared)
+            result = run_line(executor, msg.get("inputs") or {}, msg.get("index"), declared,
+                              media)
             try:
                 data = encode({"event": "result", **result})
             except Exception as exc:  # noqa: BLE001 - a circular output, a __str__ that raises
@@ -217,7 +219,7 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
 
 
 def run_line(executor: Any, inputs: dict[str, Any], index: int | None,
-             declared: set[str]) -> dict[str, Any]:
+             declared: set[str], media: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Run one line; ok with the outputs, or a line_failed error with the exception's type
     and message. Whatever the flow returns or raises, this returns."""
     try:
@@ -228,7 +230,7 @@ def run_line(executor: Any, inputs: dict[str, Any], index: int | None,
             err = run_info.error or {}
             message = err.get("message") or f"the line ended with status {status}"
             return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message}}
-        return {"ok": True, "output": flow_outputs(result.output, index, declared)}
+        return {"ok": True, "output": flow_outputs(result.output, index, declared, media)}
     except BaseException as exc:  # noqa: BLE001 - refused inputs, sys.exit in the flow, ...
         log.warning("worker %d: line %s failed", os.getpid(), index, exc_info=True)
         return {"ok": False, "error": {"type": E_LINE_FAILED, "message": describe(exc)}}
