@@ -47,7 +47,8 @@ TOLERANCES = """\
 - **outputs**: equal as JSON after normalising both sides: the `line_number` key is dropped;
   absolute paths of the flow's folder (pf's and flowsession's copies, the session's
   `/session/flow/<hash>`) read `<flow>`; UUIDs read `<uuid>`, ISO timestamps `<time>`; numbers
-  are equal within a relative 1e-6 (NaN equals NaN).
+  are equal within a relative 1e-6 (NaN equals NaN); an integer under a key `id`, `*_id`
+  or `*_pid` (an object's `id()`, a process id) is not compared.
 - **status**: each line's Completed/Failed must be the same; a line pf has no record of
   (its run refused) must have none here either, or be failed.
 - **errors**: a failed line's kind of error, where both name one as `(SomeError)` in the
@@ -234,7 +235,8 @@ _KIND = re.compile(r"\(([A-Z][A-Za-z0-9_]*(?:Error|Exception|Exit|Interrupt|Warn
 
 def normalise(value: Any, paths: list[str]) -> Any:
     if isinstance(value, dict):
-        return {k: normalise(v, paths) for k, v in value.items() if k != "line_number"}
+        return {k: "<id>" if _is_id(k, v) else normalise(v, paths)
+                for k, v in value.items() if k != "line_number"}
     if isinstance(value, list):
         return [normalise(v, paths) for v in value]
     if isinstance(value, str):
@@ -243,6 +245,12 @@ def normalise(value: Any, paths: list[str]) -> Any:
         value = re.sub(r"/session/flow/[0-9a-f]+", "<flow>", value)
         return _TIME.sub("<time>", _UUID.sub("<uuid>", value))
     return value
+
+
+def _is_id(key: Any, value: Any) -> bool:
+    """An object's id (``id(self)``), a process id: different in every process."""
+    return (isinstance(key, str) and re.search(r"(^|_)(id|pid)$", key) is not None
+            and type(value) is int)
 
 
 def same(a: Any, b: Any) -> bool:

@@ -28,7 +28,7 @@ def server(tmp_path_factory, images_dir):
 @pytest.fixture(scope="module")
 def flows(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flows")
-    for name in ("relative_file", "input_defaults", "image_output"):
+    for name in ("relative_file", "input_defaults", "image_output", "flex_aggregate"):
         shutil.copytree(FLOWS / name, root / name)
     return root
 
@@ -101,3 +101,15 @@ def test_images_in_outputs_come_back_inline_as_prompt_flow_writes_them(fs, flows
                      "made": {"data:image/gif;base64": made}}
     assert second["image"] == blue
     assert second["made"] == {"data:image/gif;base64": base64.b64encode(b"GIF89a-blue").decode()}
+
+
+def test_a_flex_class_with_aggregate_gives_the_runs_metrics(fs):
+    """A flex class's __aggregate__ runs over the completed lines' outputs (dicts readable as
+    attributes, as pf gives them), and what it returns is the run's metrics."""
+    run = fs("run", "create", "--flow", "flex_aggregate", "--data", "flex_aggregate/data.jsonl",
+             "--name", "counted")
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(fs("run", "show", "counted", "--json").stdout)
+    assert (shown["completed"], shown["failed"]) == (2, 1)
+    metrics = json.loads(fs("run", "show-metrics", "counted", "--json").stdout)
+    assert metrics == {"lines": 2, "total": 8}

@@ -48,6 +48,7 @@ from flowsession.worker.workers import message_of, prepare_child
 
 log = logging.getLogger("flowsession.worker")
 
+FLEX_AGG = "output"  # a flex flow's record keeps the line's output for __aggregate__
 TIMEOUT_EXIT = 75  # a worker's exit code after a line ran over its timeout
 INPUTS_FILE = "inputs.jsonl"
 RESULTS_GLOB = "results.*.jsonl"
@@ -134,6 +135,7 @@ class _Runner:
             return False
         flow = getattr(self.executor, "_flow", None)
         self.aggregation = bool(getattr(self.executor, "has_aggregation_node", False))
+        self.flex = any(c.__name__ == "ScriptExecutor" for c in type(self.executor).__mro__)
         self.declared = set(getattr(flow, "outputs", None) or ())
         self.media = media_encoder(Path(self.spec["flow_file"]), flow_dir)
         log.info("run %s: worker %d loaded %s in %.3f s", self.run_id, os.getpid(), flow_dir,
@@ -203,7 +205,9 @@ class _Runner:
                         "error": err.get("message") or f"the line ended with status {status}"}
             record: dict[str, Any] = {"i": pos, "ok": True, "output": flow_outputs(
                 result.output, pos, self.declared, self.media)}
-            if self.aggregation:
+            if self.aggregation and self.flex:  # its __aggregate__ gets the lines' outputs
+                record["agg"] = {FLEX_AGG: plain(result.output)}
+            elif self.aggregation:
                 record["agg"] = {k: plain(v)
                                  for k, v in (result.aggregation_inputs or {}).items()}
             return record
@@ -244,7 +248,12 @@ class _Runner:
             line_inputs = [json.loads(lines[r["i"]]) for r in records]
             line_aggs = [r.get("agg") or {} for r in records]
             inputs = {k: [d.get(k) for d in line_inputs] for k in _keys(line_inputs)}
-            agg = {k: [d.get(k) for d in line_aggs] for k in _keys(line_aggs)}
+            agg: Any = {k: [d.get(k) for d in line_aggs] for k in _keys(line_aggs)}
+            if self.flex:  # as pf's batch engine gives them: a dict as an AttrDict
+                from promptflow.contracts.types import AttrDict
+
+                agg = [AttrDict(v) if isinstance(v, dict) else v
+                       for v in (d.get(FLEX_AGG) for d in line_aggs)]
             result = self.executor.exec_aggregation(inputs, agg, run_id=self.run_id)
         except Exception as exc:  # noqa: BLE001 - reported as the aggregation's failure
             log.exception("run %s: aggregation failed", self.run_id)
@@ -253,7 +262,9 @@ class _Runner:
                   for name, info in (result.node_run_infos or {}).items()
                   if str(getattr(info.status, "value", info.status)) != "Completed"]
         return {"ok": not failed, "metrics": {k: plain(v) for k, v in result.metrics.items()},
-                "output": {k: plain(v) for k, v in (result.output or {}).items()},
+                "output": {k: plain(v) for k, v in (result.output
+                                                    if isinstance(result.output, dict)
+                                                    else {}).items()},
                 "error": "; ".join(failed) or None}
 
 
