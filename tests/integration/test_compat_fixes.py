@@ -28,7 +28,8 @@ def server(tmp_path_factory, images_dir):
 @pytest.fixture(scope="module")
 def flows(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flows")
-    for name in ("relative_file", "input_defaults", "image_output", "flex_aggregate"):
+    for name in ("relative_file", "input_defaults", "image_output", "flex_aggregate", "env_vars",
+                 "flex_env_vars"):
         shutil.copytree(FLOWS / name, root / name)
     return root
 
@@ -113,3 +114,25 @@ def test_a_flex_class_with_aggregate_gives_the_runs_metrics(fs):
     assert (shown["completed"], shown["failed"]) == (2, 1)
     metrics = json.loads(fs("run", "show-metrics", "counted", "--json").stdout)
     assert metrics == {"lines": 2, "total": 8}
+
+
+def test_a_flows_environment_variables_are_set_as_in_prompt_flow(fs):
+    """environment_variables of flow.dag.yaml and flow.flex.yaml are in the flow's
+    environment (a number as its text) in a test line and a run; a run's own
+    --environment-variables win over them."""
+    proc = fs("flow", "test", "env_vars", "--inputs", "name=Ada")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"text": "Hola Ada x2"}
+    proc = fs("flow", "test", "flex_env_vars", "--inputs", "name=Ada")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"output": "Salut Ada"}
+    for flow, name, extra, want in [
+            ("env_vars", "env", [], {"text": "Hola Ada x2"}),
+            ("env_vars", "env_over", ["--environment-variables", "GREETING=Hi"],
+             {"text": "Hi Ada x2"}),
+            ("flex_env_vars", "flex_env", [], {"output": "Salut Ada"})]:
+        run = fs("run", "create", "--flow", flow, "--data", f"{flow}/data.jsonl",
+                 "--name", name, *extra)
+        assert run.returncode == 0, run.stderr
+        rows = json.loads(fs("run", "show-details", name, "--json").stdout)
+        assert [r["outputs"] for r in rows] == [want], name

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.worker.protocol import encode
+from flowsession.worker.flowenv import apply_flow_environment
 from flowsession.worker.outputs import describe, flow_outputs, media_encoder, plain
 from flowsession.worker.workers import message_of, prepare_child
 
@@ -120,6 +121,7 @@ class _Runner:
     def load(self) -> bool:
         from promptflow.executor import FlowExecutor
 
+        apply_flow_environment(Path(self.spec["flow_file"]), self.spec.get("connections") or {})
         os.environ.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
         flow_dir = Path(self.spec["flow"])
         started = time.monotonic()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsession.worker.channel import Channel
+from flowsession.worker.flowenv import apply_flow_environment
 from flowsession.worker.outputs import describe, flow_outputs, media_encoder
 from flowsession.worker.protocol import E_LINE_FAILED, WorkerState, encode
 
@@ -185,6 +186,7 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
 
     from promptflow.executor import FlowExecutor
 
+    apply_flow_environment(flow_yaml, connections)
     started = time.monotonic()
     try:
         executor = FlowExecutor.create(flow_yaml, dict(connections), working_dir=flow_dir,
