@@ -21,6 +21,7 @@ CONNECTION = re.compile(r"\b\w*Connection\b|\bmodel_config\b|ModelConfiguration"
 LLM_CODE = re.compile(r"\bPrompty\b|\bpromptflow\.tools\b|\bAzureOpenAI\b|\bOpenAI\(")
 SLEEP = re.compile(r"\bsleep\(\s*(\d+(?:\.\d+)?)\s*\)")
 SLOW_SECONDS = 10
+RANDOM = re.compile(r"^\s*(import random|from random import)", re.M)
 
 
 @dataclass
@@ -110,6 +111,8 @@ def offline_problem(folder: Path, spec: dict[str, Any], text: str, code: str) ->
         return "LLM: its code calls an LLM"
     if CONNECTION.search(code) or "connection" in json.dumps(spec.get("init") or {}).lower():
         return "connection: its code takes a connection or a model configuration"
+    if RANDOM.search(code):
+        return "random by design: its code imports random (outputs or failures differ run to run)"
     slow = [float(s) for s in SLEEP.findall(code)]
     if slow and max(slow) >= SLOW_SECONDS:
         return f"slow by design: sleeps {max(slow):g} s"

@@ -29,7 +29,7 @@ def server(tmp_path_factory, images_dir):
 def flows(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flows")
     for name in ("relative_file", "input_defaults", "image_output", "flex_aggregate", "env_vars",
-                 "flex_env_vars"):
+                 "flex_env_vars", "flex_in_dag_yaml"):
         shutil.copytree(FLOWS / name, root / name)
     return root
 
@@ -136,3 +136,13 @@ def test_a_flows_environment_variables_are_set_as_in_prompt_flow(fs):
         assert run.returncode == 0, run.stderr
         rows = json.loads(fs("run", "show-details", name, "--json").stdout)
         assert [r["outputs"] for r in rows] == [want], name
+
+
+def test_a_flow_dag_yaml_with_an_entry_runs_as_a_flex_flow(fs):
+    """An early flex flow (flow.dag.yaml with `entry:`): its data is mapped to its entry's
+    parameters, as pf maps it."""
+    run = fs("run", "create", "--flow", "flex_in_dag_yaml", "--data",
+             "flex_in_dag_yaml/data.jsonl", "--name", "early_flex")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(fs("run", "show-details", "early_flex", "--json").stdout)
+    assert [r["outputs"] for r in rows] == [{"output": "HI!"}, {"output": "YO!"}]
