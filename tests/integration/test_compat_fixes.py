@@ -146,3 +146,24 @@ def test_a_flow_dag_yaml_with_an_entry_runs_as_a_flex_flow(fs):
     assert run.returncode == 0, run.stderr
     rows = json.loads(fs("run", "show-details", "early_flex", "--json").stdout)
     assert [r["outputs"] for r in rows] == [{"output": "HI!"}, {"output": "YO!"}]
+
+
+def test_a_batch_run_of_a_dag_flow_without_inputs_is_refused_as_by_pf(fs, flows):
+    """pf refuses it ("The input for flow cannot be empty in batch mode"); here too, before
+    anything starts, saying what to do. One line of it still runs with flow test."""
+    folder = flows / "no_inputs"
+    folder.mkdir()
+    (folder / "flow.dag.yaml").write_text(
+        "outputs:\n  said:\n    type: string\n    reference: ${say.output}\nnodes:\n"
+        "- name: say\n  type: python\n  source:\n    type: code\n    path: say.py\n")
+    (folder / "say.py").write_text("from promptflow.core import tool\n\n\n@tool\n"
+                                   "def say() -> str:\n    return 'hi'\n")
+    (folder / "data.jsonl").write_text('{"x": 1}\n')
+    refused = fs("run", "create", "--flow", "no_inputs", "--data", "no_inputs/data.jsonl",
+                 "--name", "no_inputs")
+    assert refused.returncode != 0
+    assert "declares no inputs" in refused.stderr and "flow test" in refused.stderr
+    assert fs("run", "show", "no_inputs").returncode != 0  # no run was made
+    proc = fs("flow", "test", "no_inputs")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"said": "hi"}

@@ -97,6 +97,11 @@ class RunService:
             raise InvalidInput("a run needs a flow", hint="give --flow FOLDER (or flow: in "
                                "run.yml)", details={"field": "flow"})
         flow = load_flow(spec.flow)
+        if flow.kind == "dag" and not flow.inputs:  # as pf refuses it in batch mode
+            raise InvalidInput(f"the flow {flow.folder.name} declares no inputs: a batch run "
+                               "gives each line's data to the flow's inputs",
+                               hint="declare inputs: in flow.dag.yaml, or run one line with "
+                                    "flowsession flow test", details={"field": "inputs"})
         variant = _check_variant(flow, spec)
         node_override = _node_override(flow, spec)
         # the connections the flow certainly uses must exist; other names are candidates
