@@ -160,9 +160,8 @@ def add_site_dirs(dirs: list[str]) -> None:
 
 def prepare_child(sock: socket.socket, supervisor: int, flow_dir: Path | str) -> None:
     """A forked worker's first steps: default signal handling, die with the supervisor, and
-    work in the flow's folder, as prompt flow does (flow code opens its files by relative
-    paths)."""
-    os.chdir(flow_dir)
+    the flow's files in its working directory (``link_flow_files``)."""
+    link_flow_files(Path(flow_dir))
     signal.set_wakeup_fd(-1)
     faulthandler.enable()  # a crash in C code leaves the Python stack in the session's log
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -247,6 +246,35 @@ def message_of(exc: BaseException) -> str:
     if inner is not None and str(inner) and str(inner) not in message:
         message = f"{message.rstrip('.')}: ({type(inner).__name__}) {inner}"
     return message
+
+
+def link_flow_files(flow_dir: Path) -> None:
+    """prompt flow runs a flow in its own folder, so flow code opens its files by relative
+    paths. Here the flow is read-only and the working directory is the session's private
+    one: it gets a link to each of the flow's top-level files and folders (an existing link
+    is pointed at this flow; a file the flow wrote is left alone), so relative paths read
+    the flow's files and what the flow writes stays in the working directory. Where the
+    working directory cannot take links, the worker works in the flow's folder instead."""
+    work = Path.cwd()
+    try:
+        entries = list(os.scandir(flow_dir))
+        if work.resolve() == flow_dir.resolve() or not os.access(work, os.W_OK):
+            raise PermissionError(str(work))
+        for entry in entries:
+            link = work / entry.name
+            if link.is_symlink():
+                if os.readlink(link) == entry.path:
+                    continue
+                tmp = work / f".{entry.name}.{os.getpid()}.link"
+                os.symlink(entry.path, tmp)
+                os.replace(tmp, link)
+            elif not link.exists():
+                try:
+                    os.symlink(entry.path, link)
+                except FileExistsError:  # another worker made it meanwhile
+                    pass
+    except OSError:
+        os.chdir(flow_dir)
 
 
 def _die_with(supervisor: int) -> None:
