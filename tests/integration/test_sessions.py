@@ -23,7 +23,6 @@ from flowsession.errors import (
     LineFailed,
     NotFound,
     QuotaExceeded,
-    SessionFailed,
     Unsatisfiable,
 )
 from flowsession.sessions.service import SessionService, StartOptions
@@ -198,20 +197,21 @@ def _worker_pids(svc, session) -> list[int]:
     return [p for p in tree if p not in parents]
 
 
-def test_a_killed_worker_fails_the_session_and_reset_recovers(svc, tmp_path):
+def test_a_killed_worker_is_replaced_and_the_session_says_why(svc, tmp_path):
     flow = echo_flow(tmp_path)
     session = run(svc.start(flow, user=USER))
     workers = _worker_pids(svc, session)
     assert workers
     os.kill(workers[0], signal.SIGKILL)
     time.sleep(0.5)
-    failed = run(svc.show(flow, user=USER))
-    assert failed.state == "FAILED" and "SIGKILL" in failed.reason
-    with pytest.raises(SessionFailed, match="SIGKILL") as exc:
-        run(svc.test(flow, {"x": "no"}, user=USER))
-    assert "reset" in exc.value.hint
-    run(svc.reset(flow, user=USER))
+    shown = run(svc.show(flow, user=USER))
+    assert shown.state == "RUNNING" and "SIGKILL" in shown.reason, shown.reason
+    assert "a new worker took its place" in shown.reason
     assert run(svc.test(flow, {"x": "yes"}, user=USER)) == {"y": "yes with tinyalpha 1.0"}
+    events = svc.records.events([session.id])
+    assert [e.reason for e in events].count(shown.reason) == 1  # told once, however often asked
+    run(svc.show(flow, user=USER))
+    assert [e.reason for e in svc.records.events([session.id])].count(shown.reason) == 1
 
 
 def test_a_killed_supervisor_is_detected_and_reset_recovers(svc, tmp_path):

@@ -450,3 +450,17 @@ def test_losing_the_rename_race_still_returns_the_snapshot(tmp_path, store, monk
     loser = make_snapshot(flow, store)
     assert loser.id == winner.id and (loser.path / "hello.py").is_file()
     assert [p.name for p in store.iterdir()] == [winner.id]
+
+
+def test_a_flow_dag_yaml_with_an_entry_is_a_flex_flow_as_in_prompt_flow(tmp_path):
+    """Early flex flows were written as flow.dag.yaml with an `entry:`; pf runs them as flex
+    flows, and their inputs come from the entry's signature."""
+    from flowsession.runs.flexinputs import flow_inputs
+
+    folder = make_flow(tmp_path / "f", "entry: echo:echo\n", name="flow.dag.yaml")
+    (folder / "echo.py").write_text("def echo(text: str, times: int = 2) -> str:\n"
+                                    "    return text * times\n")
+    flow = load_flow(folder)
+    assert (flow.kind, flow.entry) == ("flex", "echo:echo")
+    assert [(i.name, i.default) for i in flow_inputs(flow)][1] == ("times", 2)
+    assert flow_inputs(flow)[0].name == "text"

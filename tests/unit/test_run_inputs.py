@@ -375,15 +375,27 @@ def test_input_with_default_is_left_out_when_not_in_data():
     data = dataset([{"q": "q0"}])
     got = resolve_inputs(inputs("q", temperature=0.5), None, data, None)
     assert got == {0: {"q": "q0"}}
-    # but taken from the data when the data has it
+
+
+def test_an_input_with_a_default_keeps_it_unless_mapped_as_in_prompt_flow():
+    """pf's batch runs: "default value is in higher priority than default mapping" -- a
+    data column of the same name does not replace a default; a mapping does."""
     data = dataset([{"q": "q0", "temperature": 0.9}])
-    assert resolve_inputs(inputs("q", temperature=0.5), None, data, None) == {
+    assert resolve_inputs(inputs("q", temperature=0.5), None, data, None) == {0: {"q": "q0"}}
+    assert describe_mapping(inputs("q", temperature=0.5), {}, data, None) == {
+        "q": "${data.q}"}
+    mapped = {"temperature": "${data.temperature}"}
+    assert resolve_inputs(inputs("q", temperature=0.5), mapped, data, None) == {
         0: {"q": "q0", "temperature": 0.9}}
 
 
 def test_input_with_none_default_counts_as_having_a_default():
     data = dataset([{"q": "q0"}])
     assert resolve_inputs(inputs("q", opt=None), None, data, None) == {0: {"q": "q0"}}
+    # ... but a None default gives way to the data, as in prompt flow
+    data = dataset([{"q": "q0", "opt": "o0"}])
+    assert resolve_inputs(inputs("q", opt=None), None, data, None) == {
+        0: {"q": "q0", "opt": "o0"}}
 
 
 def test_input_without_value_is_an_error_naming_it():

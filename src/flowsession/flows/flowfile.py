@@ -159,8 +159,8 @@ def load_flow(path: str | os.PathLike[str], *,
     except yaml.YAMLError as exc:
         raise FlowFileError(f"the YAML cannot be parsed: {exc}",
                             file=_show(flow_file, flow_file.parent, real_root)) from None
-    if kind is None:  # a custom file name: a flex flow is the one with an entry
-        kind = "flex" if isinstance(data, dict) and "entry" in data else "dag"
+    if kind != "flex":  # a flex flow is the one with an entry, whatever its file's name
+        kind = "flex" if isinstance(data, dict) and "entry" in data else "dag"  # (as in pf)
     return _Checker(flow_file, text, kind, real_root).check(data)
 
 

@@ -4,8 +4,9 @@ Prompt flow semantics. A mapping value that is, after stripping, exactly ``${dat
 ``${run.outputs.COL}`` or ``${run.inputs.COL}`` is a reference to a column of the data, of
 the base run's outputs, or of the inputs the base run's lines ran with; any other value
 (other strings, numbers, lists, ...) is a literal passed to every line as is. A flow input the
-mapping does not name gets ``${data.NAME}`` when the data has a column NAME; otherwise its
-default applies, and an input with neither is an error.
+mapping does not name gets its default when it has one (other than None), as prompt flow's
+batch runs give it ("default value is in higher priority than default mapping"), else
+``${data.NAME}`` when the data has a column NAME; an input with neither is an error.
 
 Lines are joined by line number: with a base run referenced, only lines whose base line
 completed (has outputs) are kept. Everything is checked before any line is produced, and
@@ -192,7 +193,7 @@ def _compile(flow_inputs: Sequence[FlowInputSpec], mapping: Mapping[str, Any] | 
         names.add(spec.name)
         if spec.name in parsed:
             steps.append((spec.name, *parsed[spec.name]))
-        elif spec.name in data_columns:
+        elif spec.name in data_columns and (spec.default is NO_DEFAULT or spec.default is None):
             steps.append((spec.name, _DATA, spec.name))
         elif spec.default is NO_DEFAULT:
             unmapped.append(spec.name)

@@ -98,6 +98,11 @@ class RunService:
             raise InvalidInput("a run needs a flow", hint="give --flow FOLDER (or flow: in "
                                "run.yml)", details={"field": "flow"})
         flow = load_flow(spec.flow)
+        if flow.kind == "dag" and not flow.inputs:  # as pf refuses it in batch mode
+            raise InvalidInput(f"the flow {flow.folder.name} declares no inputs: a batch run "
+                               "gives each line's data to the flow's inputs",
+                               hint="declare inputs: in flow.dag.yaml, or run one line with "
+                                    "flowsession flow test", details={"field": "inputs"})
         variant = _check_variant(flow, spec)
         node_override = _node_override(flow, spec)
         # the connections the flow certainly uses must exist; other names are candidates
@@ -434,14 +439,19 @@ class RunService:
         return self.records.get(run.name)
 
     async def _aggregate(self, run: Run) -> dict[str, Any]:
-        """The aggregation nodes over every completed line, on the flow's session."""
+        """The aggregation nodes (a flex class's ``__aggregate__``) over every completed
+        line, on the flow's session."""
         flow = load_flow(run.flow)
-        if flow.kind != "dag" or not any(n.get("aggregation") for n in flow.nodes):
-            return {}
+        raw = list(self.files(run.name).raw_records())
+        if flow.kind == "dag":
+            if not any(n.get("aggregation") for n in flow.nodes):
+                return {}
+        elif not any(b'"agg":' in r for r in raw):  # a flex class with __aggregate__ keeps
+            return {}                                # each line's output for it
         spec = _spec_of(run)
         session = await self.sessions.ready(run.flow, user=run.owner,
                                             options=_start_options(spec))
-        records = b"".join(raw + b"\n" for raw in self.files(run.name).raw_records())
+        records = b"".join(r + b"\n" for r in raw)
         work = self._work(run, spec, session.flow, session.identity)
         return await self.backend.aggregate_run(session.session_handle, work, records)
 

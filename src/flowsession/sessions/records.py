@@ -179,6 +179,20 @@ class SessionRecords:
                            hint=_hint_for(state), details={"state": state})
         return self.get(sid)
 
+    def note(self, session_id: str, *, actor: str, reason: str) -> None:
+        """Something happened that changes no state (a worker died and was replaced): an
+        event, and the session's reason."""
+        now = self.clock()
+        with self.store.engine.begin() as c:
+            row = c.execute(select(sessions.c.state).where(sessions.c.id == session_id)).first()
+            if row is None:
+                return
+            c.execute(update(sessions).where(sessions.c.id == session_id)
+                      .values(updated_at=now, reason=reason))
+            c.execute(insert(session_events).values(
+                session_id=session_id, at=now, actor=actor, from_state=row.state,
+                to_state=row.state, reason=reason))
+
     def set(self, session_id: str, **values) -> None:
         with self.store.engine.begin() as c:
             c.execute(update(sessions).where(sessions.c.id == session_id)

@@ -38,6 +38,7 @@ from flowsession.errors import (
     FlowNotFound,
     FlowSessionError,
     InvalidInput,
+    LineFailed,
     NotFound,
     SessionFailed,
 )
@@ -471,6 +472,10 @@ class SessionService:
         except SessionFailed as exc:
             self.records.transition(session, S.FAILED, actor="system:supervisor",
                                     reason=exc.message, expect=[S.RUNNING])
+            raise
+        except LineFailed as exc:
+            if exc.details.get("worker_died"):  # the session goes on; say why in its events
+                self.records.note(session.id, actor="system:supervisor", reason=exc.message)
             raise
         finally:
             self.records.touch(session.id)

@@ -97,6 +97,9 @@ class Sweeper:
                                        reason=f"lost: {status.detail}")
             elif status.failed:
                 svc.records.transition(session, S.FAILED, actor=RECONCILER, reason=status.detail)
+            elif status.note and not any(e.reason == status.note
+                                         for e in svc.records.events([session.id])):
+                svc.records.note(session.id, actor=RECONCILER, reason=status.note)
             return
         if session.operator and not procs.identity_alive(session.operator):
             # the process doing this session's pending work is gone (the control plane died)

@@ -350,7 +350,8 @@ class Batch:
                         b.worker.pid, b.worker.exit, blamed, self.attempts[blamed],
                         MAX_ATTEMPTS)
             if self.attempts[blamed] >= MAX_ATTEMPTS:
-                died = b.worker.exit or "died"
+                died = (b.worker.exit or "died") + (f" ({b.worker.crash})" if b.worker.crash
+                                                     else "")
                 message = (f"the worker running this line "
                            f"{'was ' if died.startswith('killed') else ''}{died} "
                            f"({MAX_ATTEMPTS} times): it is not tried again")

@@ -57,10 +57,13 @@ from typing import Any
 
 from flowsession.worker import throttle
 from flowsession.worker.protocol import encode
-from flowsession.worker.workers import message_of, plain, prepare_child
+from flowsession.worker.flowenv import apply_flow_environment
+from flowsession.worker.outputs import describe, flow_outputs, media_encoder, plain
+from flowsession.worker.workers import message_of, prepare_child
 
 log = logging.getLogger("flowsession.worker")
 
+FLEX_AGG = "output"  # a flex flow's record keeps the line's output for __aggregate__
 TIMEOUT_EXIT = 75  # a worker's exit code after a line ran over its timeout
 INPUTS_FILE = "inputs.jsonl"
 RESULTS_GLOB = "results.*.jsonl"
@@ -140,6 +143,7 @@ class _Runner:
     def load(self) -> bool:
         from promptflow.executor import FlowExecutor
 
+        apply_flow_environment(Path(self.spec["flow_file"]), self.spec.get("connections") or {})
         os.environ.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
         flow_dir = Path(self.spec["flow"])
         if "PF_DISABLE_TRACING" not in (self.spec.get("env") or {}) and calls_llms(flow_dir):
@@ -157,7 +161,9 @@ class _Runner:
             return False
         flow = getattr(self.executor, "_flow", None)
         self.aggregation = bool(getattr(self.executor, "has_aggregation_node", False))
+        self.flex = any(c.__name__ == "ScriptExecutor" for c in type(self.executor).__mro__)
         self.declared = set(getattr(flow, "outputs", None) or ())
+        self.media = media_encoder(Path(self.spec["flow_file"]), flow_dir)
         log.info("run %s: worker %d loaded %s in %.3f s", self.run_id, os.getpid(), flow_dir,
                  time.monotonic() - started)
         throttle.watch_http(self.gate.rate_limited)
@@ -285,29 +291,30 @@ class _Runner:
             return {"i": pos, "ok": False, "error": f"no inputs for line {pos}: {exc}"}
         try:
             result = self.executor.exec_line(inputs, index=pos, run_id=self.run_id)
-        except Exception as exc:  # noqa: BLE001 - refused inputs, whatever promptflow raises
-            return {"i": pos, "ok": False, "error": message_of(exc)}
-        run_info = result.run_info
-        status = str(getattr(run_info.status, "value", run_info.status))
-        if status != "Completed":
-            err = run_info.error or {}
-            return {"i": pos, "ok": False,
-                    "error": err.get("message") or f"the line ended with status {status}"}
-        output = dict(result.output or {})
-        if "line_number" not in self.declared and output.get("line_number") == pos:
-            output.pop("line_number", None)  # promptflow's bookkeeping, not a flow output
-        record: dict[str, Any] = {"i": pos, "ok": True,
-                                  "output": {k: plain(v) for k, v in output.items()}}
-        if self.aggregation:
-            record["agg"] = {k: plain(v) for k, v in (result.aggregation_inputs or {}).items()}
-        return record
+            run_info = result.run_info
+            status = str(getattr(run_info.status, "value", run_info.status))
+            if status != "Completed":
+                err = run_info.error or {}
+                return {"i": pos, "ok": False,
+                        "error": err.get("message") or f"the line ended with status {status}"}
+            record: dict[str, Any] = {"i": pos, "ok": True, "output": flow_outputs(
+                result.output, pos, self.declared, self.media)}
+            if self.aggregation and self.flex:  # its __aggregate__ gets the lines' outputs
+                record["agg"] = {FLEX_AGG: plain(result.output)}
+            elif self.aggregation:
+                record["agg"] = {k: plain(v)
+                                 for k, v in (result.aggregation_inputs or {}).items()}
+            return record
+        except BaseException as exc:  # noqa: BLE001 - whatever the flow returns or raises
+            log.warning("run %s: line %d failed", self.run_id, pos, exc_info=True)
+            return {"i": pos, "ok": False, "error": describe(exc)}
 
     def _write(self, record: dict[str, Any]) -> None:
         try:
             data = encode(record)
-        except (ValueError, TypeError, RecursionError) as exc:  # e.g. a circular output
+        except Exception as exc:  # noqa: BLE001 - a circular output, a __str__ that raises
             data = encode({"i": record["i"], "ok": False, "d": record.get("d", 0),
-                           "error": f"the line's output cannot be stored: {exc}"})
+                           "error": f"the line's output cannot be stored: {describe(exc)}"})
         os.write(self.out, data)
 
     def aggregate(self, name: str) -> dict[str, Any]:
@@ -322,7 +329,12 @@ class _Runner:
             line_inputs = [json.loads(lines[r["i"]]) for r in records]
             line_aggs = [r.get("agg") or {} for r in records]
             inputs = {k: [d.get(k) for d in line_inputs] for k in _keys(line_inputs)}
-            agg = {k: [d.get(k) for d in line_aggs] for k in _keys(line_aggs)}
+            agg: Any = {k: [d.get(k) for d in line_aggs] for k in _keys(line_aggs)}
+            if self.flex:  # as pf's batch engine gives them: a dict as an AttrDict
+                from promptflow.contracts.types import AttrDict
+
+                agg = [AttrDict(v) if isinstance(v, dict) else v
+                       for v in (d.get(FLEX_AGG) for d in line_aggs)]
             result = self.executor.exec_aggregation(inputs, agg, run_id=self.run_id)
         except Exception as exc:  # noqa: BLE001 - reported as the aggregation's failure
             log.exception("run %s: aggregation failed", self.run_id)
@@ -331,7 +343,9 @@ class _Runner:
                   for name, info in (result.node_run_infos or {}).items()
                   if str(getattr(info.status, "value", info.status)) != "Completed"]
         return {"ok": not failed, "metrics": {k: plain(v) for k, v in result.metrics.items()},
-                "output": {k: plain(v) for k, v in (result.output or {}).items()},
+                "output": {k: plain(v) for k, v in (result.output
+                                                    if isinstance(result.output, dict)
+                                                    else {}).items()},
                 "error": "; ".join(failed) or None}
 
 
@@ -391,7 +405,7 @@ def _keys(dicts: list[dict[str, Any]]) -> list[str]:
 def serve(sock: socket.socket, supervisor: int, spec: dict[str, Any]) -> int:
     """A batch worker's life (``workers.spawn``'s ``serve``). Its stdout and stderr go to
     ``<run dir>/logs/<pid>.log``."""
-    prepare_child(sock, supervisor)
+    prepare_child(sock, supervisor, spec["flow"])
     logs = Path(spec["dir"]) / "logs"
     logs.mkdir(exist_ok=True)
     fd = os.open(logs / f"{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -73,26 +73,34 @@ class Channel:
         self.sock.close()
         self.on_close(self)
 
+    def drain(self) -> None:
+        """Pass on what the peer wrote before it went away (a dead worker's last messages),
+        then close."""
+        while not self.closed and self._read():
+            pass
+        self.close()
+
     # --- internals -------------------------------------------------------------------------
 
-    def _read(self) -> None:
+    def _read(self) -> bool:
+        """One read; False when there was nothing to read yet."""
         try:
             chunk = self.sock.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             self.close()
-            return
+            return True
         if not chunk:
             self.close()
-            return
+            return True
         self._rbuf += chunk
         while not self.closed:
             end = self._rbuf.find(b"\n")
             if end < 0:
                 if len(self._rbuf) > MAX_LINE:
                     self.close()
-                return
+                return True
             line = bytes(self._rbuf[:end])
             del self._rbuf[:end + 1]
             if not line.strip():
@@ -102,6 +110,7 @@ class Channel:
             except ValueError:
                 obj = None
             self.on_message(self, obj if isinstance(obj, dict) else None)
+        return True
 
     def _flush(self) -> None:
         while self._wbuf and not self.closed:

@@ -192,6 +192,7 @@ E_LOAD_FAILED = "load_failed"  # the flow failed to load (adopt's or reload's an
 E_LINE_FAILED = "line_failed"  # the line ran and failed (or its inputs were refused)
 E_TIMEOUT = "timeout"  # the line ran over its timeout; its worker was replaced
 E_SESSION_FAILED = "session_failed"  # the session is failed: reset it
+E_WORKER_DIED = "worker_died"  # the line's worker died running it; a new one took its place
 E_STOPPED = "stopped"  # the session stopped while the request waited
 
 # files in the state dir

@@ -35,6 +35,7 @@ from flowsession.worker.protocol import (
     E_SESSION_FAILED,
     E_STOPPED,
     E_TIMEOUT,
+    E_WORKER_DIED,
     E_WRONG_PHASE,
     EXIT_FILE,
     PROTOCOL_VERSION,
@@ -49,6 +50,7 @@ from flowsession.worker.protocol import (
 
 log = logging.getLogger("flowsession.supervisor")
 _CLOSED_GRACE = 5.0  # a worker whose channel closed but which has not exited is killed after
+_DEATH_WINDOW, _MAX_DEATHS = 60.0, 10  # more workers dying than this in the window: failed
 
 
 class Supervisor(RunOps, Server):
@@ -78,6 +80,8 @@ class Supervisor(RunOps, Server):
         self.flow_error: str | None = None  # why the flow does not load (the session lives on)
         self.batches: dict[str, bt.Batch] = {}  # runs, by id (ended ones are kept)
         self.batch_channels: dict[Channel, bt.Batch] = {}
+        self.deaths: list[float] = []  # when workers died (not retired), recent ones
+        self.last_death: str | None = None  # the last one's cause, in the status
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -183,7 +187,7 @@ class Supervisor(RunOps, Server):
             "error": self.error, "flow": self.flow, "lines": self.lines,
             "standby": self.standby, "protocol": PROTOCOL_VERSION,
             "runs": {b.id: b.state for b in self.batches.values()},
-            "flow_error": self.flow_error,
+            "flow_error": self.flow_error, "last_worker_death": self.last_death,
         }
 
     def _op_test(self, req: Request) -> None:
@@ -311,6 +315,12 @@ class Supervisor(RunOps, Server):
 
     def _on_worker_message(self, ch: Channel, msg: dict[str, Any] | None) -> None:
         w = self.by_channel.get(ch)
+        if msg is not None and msg.get("event") == "crashed":  # its last words, before it exits
+            found = w or (self._batch_of(ch) or (None, None))[1]
+            dying = found.worker if isinstance(found, bt.BatchWorker) else found
+            if dying is not None:
+                dying.crash = str(msg.get("error") or "")[:2000] or None
+            return
         if w is None and msg is not None:
             found = self._batch_of(ch)
             if found is not None:
@@ -365,7 +375,7 @@ class Supervisor(RunOps, Server):
 
     def _dispatch(self) -> None:
         while self.queue and self.phase in (Phase.LOADING, Phase.READY):
-            w = next((w for w in self.workers if w.state == WorkerState.IDLE), None)
+            w = next((w for w in self.workers if w.state == WorkerState.IDLE and w.alive), None)
             if w is None:
                 return
             line = self.queue.popleft()
@@ -434,18 +444,41 @@ class Supervisor(RunOps, Server):
         if w is None:
             return
         w.exit = describe_exit(status)
+        if not w.channel.closed:
+            w.channel.drain()  # its last messages: a result, the cause it died of
         was_loading, line = w.state == WorkerState.LOADING, w.job
         w.state, w.job = WorkerState.DEAD, None
-        if not w.channel.closed:
-            w.channel.close()
         if self.stopping:
             return
         reason = f"worker {pid} " + ("was " + w.exit if w.exit.startswith("killed") else w.exit)
+        if w.crash:
+            reason += f" ({w.crash})"
         log.error("%s", reason)
+        self._worker_died(w, reason, line, was_loading)
+
+    def _worker_died(self, w: wk.Worker, reason: str, line: wk.Line | None,
+                     was_loading: bool) -> None:
+        """A worker died: its line fails (the line's failure, not the session's) and a new
+        worker takes its place. One that dies loading the flow is the flow's failure to load;
+        workers dying over and over fail the session."""
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < _DEATH_WINDOW] + [now]
+        self.last_death = f"{reason}; a new worker took its place"
         if line is not None:
-            self.answer(line.req, error(E_SESSION_FAILED, f"{reason} while running this "
-                                         "line; reset the session"))
-        self._fail(reason + (" while loading the flow" if was_loading else ""))
+            self.last_death = f"{reason} while running a line; a new worker took its place"
+            self.answer(line.req, error(E_WORKER_DIED, self.last_death))
+        if len(self.deaths) > _MAX_DEATHS:
+            self._fail(f"{reason}: {len(self.deaths)} workers died within "
+                       f"{_DEATH_WINDOW:g} s")
+            return
+        if was_loading:
+            self._flow_does_not_load(w, reason + " while loading the flow")
+            return
+        self.workers.remove(w)
+        self.by_channel.pop(w.channel, None)
+        if self.phase in (Phase.LOADING, Phase.READY) and not w.draining:
+            self._spawn()
+        self._dispatch()
 
     def _fail(self, reason: str) -> None:
         if self.phase == Phase.FAILED:

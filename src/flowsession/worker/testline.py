@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from flowsession.worker.offline import promptflow_offline
+from flowsession.worker.outputs import flow_outputs
 
 
 def _flow_file(folder: Path) -> Path:
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         error = result.run_info.error or {}
         sys.stderr.write(f"error: the line failed: {error.get('message', status)}\n")
         return 1
-    sys.stdout.write(json.dumps(result.output, default=str, indent=2) + "\n")
+    outputs = flow_outputs(result.output, None, set())
+    sys.stdout.write(json.dumps(outputs, default=str, indent=2) + "\n")
     return 0
 
 

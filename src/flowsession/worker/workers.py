@@ -5,12 +5,13 @@ imports are shared and a worker is ready in milliseconds), each with the flow lo
 Supervisor -> worker: ``{"op": "line", "inputs": {...}, "index": n}``
 Worker -> supervisor: ``{"event": "loaded"}`` | ``{"event": "load_failed", "error": str}`` |
 ``{"event": "result", "ok": true, "output": {...}}`` |
-``{"event": "result", "ok": false, "error": {"type": "line_failed", "message": str}}``
+``{"event": "result", "ok": false, "error": {"type": "line_failed", "message": str}}`` |
+``{"event": "crashed", "error": "ValueError: ..."}`` (its last words, any worker kind)
 """
 
 from __future__ import annotations
 
-import collections.abc
+import faulthandler
 import importlib
 import json
 import logging
@@ -21,13 +22,15 @@ import site
 import socket
 import sys
 import time
-import types
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flowsession.worker.channel import Channel
+from flowsession.worker.flowenv import apply_flow_environment
+from flowsession.worker.outputs import describe, flow_outputs, media_encoder, plain
 from flowsession.worker.protocol import E_LINE_FAILED, WorkerState, encode
 
 log = logging.getLogger("flowsession.worker")
@@ -53,6 +56,7 @@ class Worker:
     channel: Channel
     state: WorkerState = WorkerState.LOADING
     exit: str | None = None  # "exited with code 1" | "killed by SIGKILL" once reaped
+    crash: str | None = None  # the last line of the traceback it died of, if it could say
     job: Line | None = None  # the line it runs
     retired: bool = False  # killed by the supervisor (line timeout, shutdown): not a failure
     draining: bool = False  # has an old version of the flow: retired when its line ends
@@ -99,9 +103,11 @@ def spawn(flow_dir: Path, flow_yaml: Path, sel: selectors.BaseSelector,
                 code = _serve(child_end, flow_dir, flow_yaml, supervisor)
             else:
                 code = serve(child_end, supervisor)
-        except BaseException:  # noqa: BLE001 - last resort: say why in the log, then exit
+        except BaseException as exc:  # noqa: BLE001 - last resort: say why, then exit
             try:
                 log.exception("worker %d crashed", os.getpid())
+                cause = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                child_end.sendall(encode({"event": "crashed", "error": cause[:2000]}))
             except BaseException:  # noqa: BLE001, S110 - nowhere left to say it
                 pass
         finally:
@@ -152,9 +158,12 @@ def add_site_dirs(dirs: list[str]) -> None:
 
 # --- inside the worker ----------------------------------------------------------------------
 
-def prepare_child(sock: socket.socket, supervisor: int) -> None:
-    """A forked worker's first steps: default signal handling, die with the supervisor."""
+def prepare_child(sock: socket.socket, supervisor: int, flow_dir: Path | str) -> None:
+    """A forked worker's first steps: default signal handling, die with the supervisor, and
+    the flow's files in its working directory (``link_flow_files``)."""
+    link_flow_files(Path(flow_dir))
     signal.set_wakeup_fd(-1)
+    faulthandler.enable()  # a crash in C code leaves the Python stack in the session's log
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     _die_with(supervisor)
@@ -169,13 +178,14 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
                 connections: dict[str, Any], init: dict[str, Any]) -> int:
     """A test worker's life: load the flow (with the session's connections and init), then
     run the lines the supervisor sends."""
-    prepare_child(sock, supervisor)
+    prepare_child(sock, supervisor, flow_dir)
 
     def send(obj: dict[str, Any]) -> None:
         sock.sendall(encode(obj))
 
     from promptflow.executor import FlowExecutor
 
+    apply_flow_environment(flow_yaml, connections)
     started = time.monotonic()
     try:
         executor = FlowExecutor.create(flow_yaml, dict(connections), working_dir=flow_dir,
@@ -187,6 +197,7 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
     log.info("worker %d: flow %s loaded in %.3f s", os.getpid(), flow_dir,
              time.monotonic() - started)
     declared = set(getattr(getattr(executor, "_flow", None), "outputs", None) or ())
+    media = media_encoder(flow_yaml, flow_dir)
     send({"event": "loaded"})
 
     reader = sock.makefile("rb")
@@ -196,35 +207,37 @@ def serve_tests(sock: socket.socket, flow_dir: Path, flow_yaml: Path, supervisor
         except ValueError:
             continue
         if msg.get("op") == "line":
-            result = run_line(executor, msg.get("inputs") or {}, msg.get("index"), declared)
+            result = run_line(executor, msg.get("inputs") or {}, msg.get("index"), declared,
+                              media)
             try:
                 data = encode({"event": "result", **result})
-            except (ValueError, TypeError, RecursionError) as exc:  # e.g. a circular output
+            except Exception as exc:  # noqa: BLE001 - a circular output, a __str__ that raises
                 data = encode({"event": "result", "ok": False, "error": {
-                    "type": E_LINE_FAILED, "message": f"the line's output cannot be sent: {exc}"}})
+                    "type": E_LINE_FAILED,
+                    "message": f"the line's output cannot be sent: {describe(exc)}"}})
             sock.sendall(data)
     return 0  # the supervisor closed the channel
 
 
 def run_line(executor: Any, inputs: dict[str, Any], index: int | None,
-             declared: set[str]) -> dict[str, Any]:
-    """Run one line; ok with the outputs, or a line_failed error."""
+             declared: set[str], media: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Run one line; ok with the outputs, or a line_failed error with the exception's type
+    and message. Whatever the flow returns or raises, this returns."""
     try:
         result = executor.exec_line(inputs, index=index)
-    except Exception as exc:  # noqa: BLE001 - refused inputs, whatever promptflow raises
-        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message_of(exc)}}
-    run_info = result.run_info
-    status = str(getattr(run_info.status, "value", run_info.status))
-    trace = node_trace(result)
-    if status != "Completed":
-        err = run_info.error or {}
-        message = err.get("message") or f"the line ended with status {status}"
-        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message},
-                "trace": trace}
-    output = dict(result.output or {})
-    if "line_number" not in declared and output.get("line_number") == index:
-        output.pop("line_number", None)  # promptflow's bookkeeping, not a flow output
-    return {"ok": True, "output": {k: plain(v) for k, v in output.items()}, "trace": trace}
+        run_info = result.run_info
+        status = str(getattr(run_info.status, "value", run_info.status))
+        if status != "Completed":
+            err = run_info.error or {}
+            message = err.get("message") or f"the line ended with status {status}"
+            return {"ok": False, "error": {"type": E_LINE_FAILED, "message": message},
+                    "trace": node_trace(result)}
+        # the outputs first: a generator the flow returns is consumed once, for its outputs
+        output = flow_outputs(result.output, index, declared, media)
+        return {"ok": True, "output": output, "trace": node_trace(result)}
+    except BaseException as exc:  # noqa: BLE001 - refused inputs, sys.exit in the flow, ...
+        log.warning("worker %d: line %s failed", os.getpid(), index, exc_info=True)
+        return {"ok": False, "error": {"type": E_LINE_FAILED, "message": describe(exc)}}
 
 
 def node_trace(result: Any) -> list[dict[str, Any]]:
@@ -252,16 +265,6 @@ def node_trace(result: Any) -> list[dict[str, Any]]:
     return trace
 
 
-def plain(value: Any) -> Any:
-    """Consume generators (a string when every item is one, else a list); the rest is sent
-    as is, and what JSON cannot carry becomes ``str(value)`` when encoded."""
-    if isinstance(value, (str, bytes, bytearray, dict, list, tuple)):
-        return value
-    if isinstance(value, (types.GeneratorType, collections.abc.Iterator)):
-        items = [plain(v) for v in value]
-        return "".join(items) if items and all(isinstance(v, str) for v in items) else items
-    return value
-
 
 def message_of(exc: BaseException) -> str:
     """promptflow's own message when it has one (it names the node and the inner error)."""
@@ -272,6 +275,35 @@ def message_of(exc: BaseException) -> str:
     if inner is not None and str(inner) and str(inner) not in message:
         message = f"{message.rstrip('.')}: ({type(inner).__name__}) {inner}"
     return message
+
+
+def link_flow_files(flow_dir: Path) -> None:
+    """prompt flow runs a flow in its own folder, so flow code opens its files by relative
+    paths. Here the flow is read-only and the working directory is the session's private
+    one: it gets a link to each of the flow's top-level files and folders (an existing link
+    is pointed at this flow; a file the flow wrote is left alone), so relative paths read
+    the flow's files and what the flow writes stays in the working directory. Where the
+    working directory cannot take links, the worker works in the flow's folder instead."""
+    work = Path.cwd()
+    try:
+        entries = list(os.scandir(flow_dir))
+        if work.resolve() == flow_dir.resolve() or not os.access(work, os.W_OK):
+            raise PermissionError(str(work))
+        for entry in entries:
+            link = work / entry.name
+            if link.is_symlink():
+                if os.readlink(link) == entry.path:
+                    continue
+                tmp = work / f".{entry.name}.{os.getpid()}.link"
+                os.symlink(entry.path, tmp)
+                os.replace(tmp, link)
+            elif not link.exists():
+                try:
+                    os.symlink(entry.path, link)
+                except FileExistsError:  # another worker made it meanwhile
+                    pass
+    except OSError:
+        os.chdir(flow_dir)
 
 
 def _die_with(supervisor: int) -> None:

@@ -176,7 +176,8 @@ class BackendStatus:
     detail: str = ""  # why: "idle for 600 s", "worker 123 killed by SIGKILL", ...
     busy: int = 0  # lines executing now
     idle_seconds: float = 0.0
-    failed: bool = False  # running, but unusable (a worker died): reset recovers
+    failed: bool = False  # running, but unusable: reset recovers
+    note: str = ""  # running on, but something happened to tell: "worker 12 was killed ..."
 
 
 class ComputeBackend(Protocol):

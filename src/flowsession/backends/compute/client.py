@@ -123,6 +123,10 @@ class SupervisorClient:
         kind, message = err.get("type"), boundary.text(err.get("message"), boundary.MAX_ERROR)
         if kind == protocol.E_SESSION_FAILED:
             raise SessionFailed(message, hint=RESET_HINT)
+        if kind == protocol.E_WORKER_DIED:
+            raise LineFailed(message, hint="the session is still running; its log has the "
+                             "whole traceback: flowsession session logs FLOW",
+                             details={"worker_died": True})
         if kind in (protocol.E_LINE_FAILED, protocol.E_TIMEOUT):
             raise LineFailed(message if kind == protocol.E_LINE_FAILED
                              else f"the line timed out: {message}",
@@ -175,6 +179,7 @@ class SupervisorClient:
         state = BackendState.RUNNING if phase == protocol.Phase.READY else BackendState.STARTING
         busy, idle = ping.get("busy"), ping.get("idle_seconds")
         return BackendStatus(state, detail=boundary.reason(phase or ""),
+                             note=boundary.reason(ping.get("last_worker_death") or ""),
                              busy=busy if type(busy) is int and busy >= 0 else 0,
                              idle_seconds=float(idle) if type(idle) in (int, float)
                              and 0 <= idle < 1e12 else 0.0)
