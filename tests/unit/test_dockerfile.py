@@ -22,6 +22,8 @@ def write(tmp_path, text: str, **files: str):
     "mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable:20240619.v2",
     "MCR.microsoft.com/azureml/promptflow/promptflow-runtime-stable",
     "azureml/promptflow/promptflow-runtime:20240529.v1",
+    "promptflow.azurecr.io/promptflow-runtime",
+    "promptflow.azurecr.io/promptflow-runtime:latest",
 ])
 def test_prompt_flows_runtime_images_run_on_the_default_image(ref):
     assert is_promptflow_runtime(ref)
@@ -30,7 +32,9 @@ def test_prompt_flows_runtime_images_run_on_the_default_image(ref):
 
 
 @pytest.mark.parametrize("ref", ["python:3.11", "mcr.microsoft.com/azureml/other:1",
-                                 "flowsession/runtime", "team/rag:2"])
+                                 "flowsession/runtime", "team/rag:2",
+                                 "promptflow.azurecr.io/other:1",
+                                 "evil.azurecr.io/promptflow-runtime"])
 def test_other_images_are_not_taken_for_the_runtime(ref):
     assert not is_promptflow_runtime(ref)
 

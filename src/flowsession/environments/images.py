@@ -78,9 +78,10 @@ class Image:
 
 
 # prompt flow's own runtime images (Azure's compute session and `pf` use them); any tag or
-# digest, with or without the registry
+# digest, with or without the registry; prompt flow's own test flows name the older registry
+# (promptflow.azurecr.io/promptflow-runtime)
 _PF_RUNTIME = re.compile(
-    r"^(?:mcr\.microsoft\.com/)?azureml/promptflow/"
+    r"^(?:(?:mcr\.microsoft\.com/)?azureml/promptflow/|promptflow\.azurecr\.io/)"
     r"promptflow-(?:runtime(?:-stable)?|python|runtime-base)(?::[\w][\w.-]*)?"
     r"(?:@sha256:[0-9a-f]{64})?$", re.IGNORECASE)
 
