@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.cli import FLOWSESSION
+from helpers.cli import runner
 from helpers.server import serving
 
 pytestmark = pytest.mark.timeout(600)
@@ -36,17 +34,7 @@ def flows(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fs(server, flows):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSESSION_")}
-    env.update(FLOWSESSION_URL=server.url, FLOWSESSION_TOKEN=server.token, COLUMNS="200",
-               NO_COLOR="1")
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([FLOWSESSION, *args], env=env, cwd=flows, capture_output=True,
-                              text=True, timeout=300, check=False)
-        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-        return proc
-
-    return run
+    return runner(server.url, server.token, flows)
 
 
 def test_a_flow_runs_in_its_own_folder_as_in_prompt_flow(fs):
