@@ -48,8 +48,9 @@ def test_operations_in_flight_end_after_a_server_restart(tmp_path, images_dir, i
                         ).status_code == 201
         echo = {**_files("echo"), "requirements.txt": "tinyalpha==1.0\n"}  # a build to wait on
         assert api.post("/api/flows", json={"name": "echo", "files": echo}).status_code == 201
-        lines = [{"seconds": "1"} for _ in range(12)]  # ~6 s on 2 workers
-        r = api.post("/api/runs", json={"flow": "sleepy", "data_lines": lines, "workers": 2})
+        lines = [{"seconds": "1"} for _ in range(12)]  # ~6 s on 2 workers, a line at a time
+        r = api.post("/api/runs", json={"flow": "sleepy", "data_lines": lines, "workers": 2,
+                                        "max_concurrency": 2})
         assert r.status_code == 202, r.text
         run, run_op = r.json()["run"]["name"], r.json()["operation"]["id"]
         _wait(lambda: api.get(f"/api/runs/{run}").json()["completed"] >= 1, "the run to start")
