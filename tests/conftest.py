@@ -11,7 +11,6 @@ import signal
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers
 
 from helpers.index_server import LocalIndex  # noqa: E402
+from helpers.postgres import new_postgres_database  # noqa: E402
 from helpers.wheels import PackageSet  # noqa: E402
 
 from flowsession.backends.compute import procs  # noqa: E402
@@ -33,7 +33,6 @@ for _var in ("UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX
              "UV_FIND_LINKS", "VIRTUAL_ENV", "FLOWSESSION_HOME", "FLOWSESSION_DATABASE_URL"):
     os.environ.pop(_var, None)
 
-POSTGRES_URL = os.environ.get("FLOWSESSION_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 
 
 # --- CI: what the README needs is there, or the suite fails (never a silent skip) -------------
@@ -148,26 +147,6 @@ def stop_local_server(settings: Settings) -> None:
 @pytest.fixture
 def service(settings) -> EnvironmentService:
     return EnvironmentService(settings, open_store(settings.db_url))
-
-
-@contextlib.contextmanager
-def new_postgres_database():
-    """A fresh database on the local PostgreSQL server, dropped afterwards (skips when there
-    is no server -- a failure when CI is set)."""
-    try:
-        import psycopg
-
-        admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root",
-                                autocommit=True, connect_timeout=3)
-    except Exception as exc:  # no server here: the SQLite runs still cover the logic
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {exc}")
-    name = f"flowsession_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.flows import make_flow
+from helpers.postgres import new_postgres_database
 from helpers.server import ADMIN, serving
 
 from flowsession.client import AuthenticationError, Client, PermissionDenied
@@ -33,8 +34,6 @@ def server(request, tmp_path_factory, images_dir, index):
     with contextlib.ExitStack() as stack:
         env = {}
         if request.param == "postgresql":
-            from conftest import new_postgres_database
-
             env["FLOWSESSION_DATABASE_URL"] = stack.enter_context(new_postgres_database())
         srv = stack.enter_context(serving(home, images_dir, index.url, env=env))
         if request.param == "postgresql":
