@@ -196,7 +196,8 @@ def booked(backend_name: str, handle) -> bool | None:
 
 def test_a_session_killed_mid_run_has_its_lines_rerun_and_none_stored_twice(rs, tmp_path):
     flow, data = slow_flow(tmp_path, 16, 0.4)
-    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=1), user=USER))
+    created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=1,
+                                    max_concurrency=1), user=USER))  # a line at a time
     name = created.name
     wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 4, 120, "four lines")
     handle = rs.sessions.records.get(created.session_id).session_handle
@@ -245,8 +246,8 @@ def test_a_node_lost_mid_run_has_its_lines_rerun_elsewhere_and_none_twice(
         for b in blockers:
             assert b.wait(timeout_seconds=60), "the other nodes are busy"
         flow, data = slow_flow(tmp_path, 20, 0.5)
-        created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=1),
-                                user=USER))
+        created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=1,
+                                        max_concurrency=1), user=USER))  # a line at a time
         name = created.name
         handle = rs.sessions.records.get(created.session_id).session_handle
         assert handle.ref["node_id"] == lost_id
@@ -326,8 +327,8 @@ def test_a_helpers_node_lost_mid_run_has_its_lines_rerun_and_none_twice(
     node = ray_cluster.add_node("lost2", cpus=2, memory=2 << 30)
     blockers = fill_nodes(ray_driver, others)  # so the run's helper lands on the new node
     try:
-        created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2),
-                                user=USER))
+        created = run(rs.create(RunSpec(flow=str(flow), data=str(data), workers=2,
+                                        max_concurrency=2), user=USER))  # a line at a time each
         name = created.name
         assert created.session_id == session.id
         wait_until(lambda: run(rs.advance(name, user=USER)).completed >= 6, 120, "six lines")
