@@ -449,7 +449,8 @@ class SessionService:
             target = (self.computes.get(instance, user=session.owner) if instance
                       else None)
             size = self.computes.size(vm_size) if vm_size else None
-            self.records.set(session.id, vm_size=size.name if size else session.vm_size,
+            self.records.set(session.id, vm_size=target.vm_size if target else  # the instance's
+                             size.name if size else session.vm_size,
                              compute_id=target.id if target else None)
             old_compute = session.compute_id
             session = await self.reset_session(session, actor=actor,
