@@ -34,7 +34,7 @@ class LimitWatch:
             return message
         try:
             return self._explain(session, message, killed)
-        except Exception:  # noqa: BLE001 - an explanation must not hide the error itself
+        except Exception:  # an explanation must not hide the error itself
             log.debug("cannot tell which limit held for %s", session.id, exc_info=True)
             return message
 
