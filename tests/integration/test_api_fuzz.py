@@ -27,8 +27,7 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def app_and_token(tmp_path_factory, images_dir, index):
     home = tmp_path_factory.mktemp("fuzz") / "home"
-    settings = Settings(home=home, images_path=images_dir, index_url=index.url,
-                        standby_pool_size=0)
+    settings = Settings(home=home, images_path=images_dir, index_url=index.url)  # pool: default
     app = create_app(settings, background=False)
     token = bootstrap_admin(app.state.services, None)
     yield app, token

@@ -186,8 +186,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, images_dir, index):
     home = tmp_path_factory.mktemp("matrix") / "home"
-    settings = Settings(home=home, images_path=images_dir, index_url=index.url,
-                        standby_pool_size=0)
+    settings = Settings(home=home, images_path=images_dir, index_url=index.url)  # pool: default
     w = World(settings)
     yield w
     with contextlib.suppress(Exception):

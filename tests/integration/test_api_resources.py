@@ -63,7 +63,7 @@ class Api:
 def server(settings, caplog):
     """(client, services, answers seen, make_api(token)); every session stopped at the end."""
     caplog.set_level(logging.DEBUG)
-    app = create_app(replace(settings, standby_pool_size=0, idle_timeout_s=600),
+    app = create_app(replace(settings, idle_timeout_s=600),
                      background=False)
     svc = app.state.services
     seen: list[str] = []

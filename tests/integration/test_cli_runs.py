@@ -456,3 +456,45 @@ def test_a_run_yml_with_unknown_fields_runs_and_names_what_it_ignored(fs, tmp_pa
     assert "gpus" in made.stderr, made.stderr
     run = fs.json("run", "show", "from_yml")
     assert run["status"] == "Completed" and run["failed"] == 0, run
+
+
+def test_runs_on_a_compute_instance_and_as_a_managed_identity(fs, tmp_path, settings):
+    """`run create --compute box`: the run's session is on the instance; `--identity team`:
+    the run's (serverless) session holds that identity; both at once is refused, naming
+    --identity (an instance's sessions run as the instance's identity), not run as another."""
+    from helpers.flows import make_flow
+
+    for name in ("boxed", "teamed", "both"):
+        make_flow(tmp_path, name, None)
+        (tmp_path / name / "data.jsonl").write_text('{"x": "a"}\n{"x": "b"}\n')
+    box = fs.json("compute", "create", "box", "--size", "small")
+    fs.json("identity", "create", "team")
+
+    def run(flow: str, *options: str) -> tuple[dict, dict]:
+        made = fs.json("run", "create", "--flow", flow, "--data", f"{flow}/data.jsonl",
+                       "--column-mapping", "x=${data.x}", "--name", f"{flow}1", "--stream",
+                       *options)
+        return made, fs.json("run", "show", f"{flow}1")
+
+    try:
+        made, shown = run("boxed", "--compute", "box")
+        assert (made["status"], made["completed"]) == ("Completed", 2), made
+        assert shown["spec"]["resources"]["compute"] == "box", shown
+        session = fs.json("session", "show", "boxed")
+        assert session["id"] == shown["session_id"], (session, shown)
+        assert (session["compute_type"], session["compute_id"]) == ("instance", box["id"])
+        assert fs.json("compute", "show", "box")["sessions"] == 1
+
+        made, shown = run("teamed", "--identity", "team")
+        assert (made["status"], made["completed"]) == ("Completed", 2), made
+        session = fs.json("session", "show", "teamed")
+        assert (session["id"], session["identity"]) == (shown["session_id"], "team"), session
+
+        made, shown = run("both", "--compute", "box", "--identity", "team")
+        assert (made["status"], made["completed"]) == ("Failed", 0), made
+        assert "--identity" in made["error"] and "instance's" in made["error"], made
+    finally:
+        for flow in ("boxed", "teamed", "both"):
+            fs("session", "stop", flow)
+        fs("compute", "stop", "box")
+        fs("compute", "delete", "box")

@@ -290,3 +290,45 @@ def test_a_size_over_the_vcpu_quota_is_refused_with_the_figures(fs, tmp_path):
     assert fs.json("compute", "list") == []  # nothing half-made is left
     last = fs.json("session", "events", flow)[-1]
     assert last["to_state"] == "STOPPED" and "the start failed" in last["reason"]
+
+
+def test_a_session_started_with_an_image_runs_on_that_image(fs, tmp_path):
+    """`session start --image`: the session shows the image and the flow sees its packages
+    (tinyalpha 2.0, which the flow itself does not ask for)."""
+    reqs = tmp_path / "extra.txt"
+    reqs.write_text("tinyalpha==2.0\n")
+    made = fs.json("image", "create", "team/alpha", "--from", "flowsession/runtime", "-r",
+                   str(reqs))
+    assert (made["ref"], made["state"]) == ("team/alpha:1", "READY"), made
+    flow = str(version_flow(tmp_path, requirements=None))
+    session = fs.json("session", "start", flow, "--image", "team/alpha:1")
+    assert (session["state"], session["image"]) == ("RUNNING", "team/alpha:1"), session
+    assert fs.json("session", "show", flow)["image"] == "team/alpha:1"
+    tested = fs("flow", "test", flow, "--inputs", "x=hi")
+    assert json.loads(tested.stdout) == {"y": "hi with tinyalpha 2.0"}, tested.stderr
+
+
+def test_update_moves_a_session_to_another_vm_size_and_to_another_instance(fs, tmp_path):
+    """`session update --vm-size` (serverless) and `--instance` (instance to instance): each
+    resets the session onto the new compute; `session show` says where it now runs."""
+    flow = str(make_flow(tmp_path, "f", "tinyalpha==1.0\n"))
+    started = fs.json("session", "start", flow, "--vm-size", "small")
+    assert (started["vm_size"], started["compute_type"]) == ("small", "serverless"), started
+
+    fs.json("session", "update", flow, "--vm-size", "medium")
+    shown = fs.json("session", "show", flow)
+    assert (shown["state"], shown["vm_size"]) == ("RUNNING", "medium"), shown
+    assert "2 vCPU" in shown["limits"] and "8.0 GB" in shown["limits"], shown["limits"]
+    assert shown["compute_id"] != started["compute_id"], shown  # a new compute of that size
+
+    fs.json("compute", "create", "box", "--size", "small")
+    box2 = fs.json("compute", "create", "box2", "--size", "medium")
+    other = str(make_flow(tmp_path, "g", "tinyalpha==1.0\n"))
+    fs.json("session", "start", other, "--compute-type", "instance", "--instance", "box")
+    fs.json("session", "update", other, "--instance", "box2")
+    shown = fs.json("session", "show", other)
+    assert (shown["state"], shown["compute_type"], shown["compute_id"], shown["vm_size"]) == (
+        "RUNNING", "instance", box2["id"], "medium"), shown
+    assert [fs.json("compute", "show", name)["sessions"] for name in ("box", "box2")] == [0, 1]
+    tested = fs("flow", "test", other, "--inputs", "x=moved")
+    assert json.loads(tested.stdout) == {"y": "moved"}, tested.stderr

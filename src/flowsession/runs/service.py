@@ -574,7 +574,10 @@ def _merge(spec: RunSpec, old: Run) -> RunSpec:
 def _start_options(spec: RunSpec) -> StartOptions:
     res = spec.resources or {}
     if res.get("compute"):
-        return StartOptions(compute_type=ComputeKind.INSTANCE, instance=str(res["compute"]))
+        # an identity other than the user's is refused there (an instance has its own), never
+        # silently dropped: the run would run as someone else than asked
+        return StartOptions(compute_type=ComputeKind.INSTANCE, instance=str(res["compute"]),
+                            identity=None if spec.identity in (None, "user") else spec.identity)
     return StartOptions(vm_size=res.get("instance_type") or None, identity=spec.identity)
 
 

@@ -43,6 +43,7 @@ from flowsession.errors import (
     SessionFailed,
 )
 from flowsession.flows.flowfile import FlowDefinition, load_flow
+from flowsession.sessions.held import LimitWatch
 from flowsession.sessions.pool import StandbyPool
 from flowsession.sessions.quota import Busy, provision_with_reclaim
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
@@ -77,6 +78,7 @@ class SessionService:
         self._connections = None  # access.connections.ConnectionService, made on first use
         self.sweeper = Sweeper(self)
         self.busy = Busy()  # test lines in flight: such a session is not idle
+        self.held = LimitWatch(computes)  # which limit killed a worker, told from the compute
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> SessionService:
@@ -447,7 +449,8 @@ class SessionService:
             target = (self.computes.get(instance, user=session.owner) if instance
                       else None)
             size = self.computes.size(vm_size) if vm_size else None
-            self.records.set(session.id, vm_size=size.name if size else session.vm_size,
+            self.records.set(session.id, vm_size=target.vm_size if target else  # the instance's
+                             size.name if size else session.vm_size,
                              compute_id=target.id if target else None)
             old_compute = session.compute_id
             session = await self.reset_session(session, actor=actor,
@@ -470,10 +473,12 @@ class SessionService:
                     connections=self.flow_connections(session), init=dict(init or {}),
                     **({"with_trace": True} if with_trace else {}))
         except SessionFailed as exc:
+            exc.message = self.held.explain(session, exc.message)
             self.records.transition(session, S.FAILED, actor="system:supervisor",
                                     reason=exc.message, expect=[S.RUNNING])
             raise
         except LineFailed as exc:
+            exc.message = self.held.explain(session, exc.message)
             if exc.details.get("worker_died"):  # the session goes on; say why in its events
                 self.records.note(session.id, actor="system:supervisor", reason=exc.message)
             raise

@@ -96,10 +96,12 @@ class Sweeper:
                 svc.records.transition(session, S.FAILED, actor=RECONCILER,
                                        reason=f"lost: {status.detail}")
             elif status.failed:
-                svc.records.transition(session, S.FAILED, actor=RECONCILER, reason=status.detail)
-            elif status.note and not any(e.reason == status.note
-                                         for e in svc.records.events([session.id])):
-                svc.records.note(session.id, actor=RECONCILER, reason=status.note)
+                svc.records.transition(session, S.FAILED, actor=RECONCILER,
+                                       reason=svc.held.explain(session, status.detail))
+            elif status.note:
+                note = svc.held.explain(session, status.note)
+                if not any(e.reason == note for e in svc.records.events([session.id])):
+                    svc.records.note(session.id, actor=RECONCILER, reason=note)
             return
         if session.operator and not procs.identity_alive(session.operator):
             # the process doing this session's pending work is gone (the control plane died)

@@ -290,6 +290,19 @@ class Limits:
         return out
 
     @staticmethod
+    def memory_kills(handle: dict) -> int | None:
+        """How many processes the kernel's OOM killer has killed in the compute's group because
+        it reached its memory limit (v2 ``memory.events``, v1 ``memory.oom_control``:
+        ``oom_kill N``); None in rlimit mode or where the kernel does not count them."""
+        for path in map(Path, handle.get("paths", []) if handle.get("mode") != "rlimit" else []):
+            for name in ("memory.events", "memory.oom_control"):
+                for line in (_read(path / name) or "").splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and value.strip().isdigit():
+                        return int(value.strip())
+        return None
+
+    @staticmethod
     def describe(handle: dict) -> str:
         """One line for ``session show``: what holds the compute to its size, and how."""
         vcpu, mem = handle["vcpu"], handle["memory_bytes"]
