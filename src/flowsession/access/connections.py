@@ -28,6 +28,7 @@ import yaml
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from flowsession.access import MASK
 from flowsession.access.secrets import cipher
 from flowsession.config import Settings
 from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MASK = "******"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _ENV_RE = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
 # placeholders left in prompt flow's sample connection files

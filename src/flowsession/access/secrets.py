@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from flowsession.access import USER_IDENTITY
 from flowsession.config import Settings
 from flowsession.environments.requirements import Feed
 from flowsession.errors import InvalidInput, NotFound
@@ -25,7 +26,6 @@ from flowsession.store.tables import feed_secrets
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
 
-USER_IDENTITY = "user"  # the user's own identity; managed identities get their own names
 
 
 def holder(identity: str | None, owner: str) -> str:

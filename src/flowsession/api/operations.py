@@ -11,11 +11,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
+from flowsession.api.operation_status import ENDED, OperationStatus
 from flowsession.backends.compute import procs
 from flowsession.errors import FlowSessionError, NotFound
 from flowsession.store import Store
@@ -24,17 +24,6 @@ from flowsession.store.tables import operations
 log = logging.getLogger("flowsession.server")
 Emit = Callable[[dict[str, Any]], None]
 KEEP_EVENTS_S = 300.0
-
-
-class OperationStatus(StrEnum):
-    """An operation's status; an ended one's is also its last event (``{"event": ...}``)."""
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-ENDED = frozenset({OperationStatus.SUCCEEDED, OperationStatus.FAILED})
 
 
 class Operations:

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from flowsession.access.connections import MASK
+from flowsession.access import MASK
 from flowsession.cli.connect import client
 from flowsession.cli.output import emit_json, handle_errors, out, table
 

@@ -11,13 +11,11 @@ from pathlib import Path
 import typer
 
 import flowsession
-
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access import USER_IDENTITY
 from flowsession.cli.connect import client
-from flowsession.cli.pfargs import flow_ref
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
+from flowsession.cli.pfargs import flow_ref
 from flowsession.config import format_size
-from flowsession.environments.service import EnvironmentService
 
 app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
@@ -72,6 +70,8 @@ def run(
     Example: flowsession env run FLOW -- python -m flowsession.worker.testline --inputs k=v"""
     if not ctx.args:
         raise typer.BadParameter("give the command to run after --")
+    from flowsession.environments.service import EnvironmentService  # a local command only
+
     svc = EnvironmentService.open()
     with err.status(f"preparing the environment of {flow} ..."):
         prepared = asyncio.run(svc.prepare(flow, identity=identity))

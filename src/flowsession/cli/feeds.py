@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access import USER_IDENTITY
 from flowsession.cli.connect import client
 from flowsession.cli.output import emit_json, handle_errors, out, table
 

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import typer
 
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access import USER_IDENTITY
 from flowsession.cli.connect import client
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
 from flowsession.config import format_size
-from flowsession.environments.images import DEFAULT_IMAGE, flow_image
-from flowsession.flows.flowfile import load_flow
+from flowsession.environments import DEFAULT_IMAGE
 
 app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
@@ -95,6 +94,9 @@ def create(
 @handle_errors
 def check(flow: Path = typer.Argument(..., help="The flow folder."), json: bool = JSON) -> None:
     """Does the flow's image have a newer version?"""
+    from flowsession.environments.images import flow_image  # the store: this command only
+    from flowsession.flows.flowfile import load_flow  # yaml: only this command needs it
+
     ref, note = flow_image(load_flow(flow).image)  # the flow's own file says which image
     if note:
         err.print(note, highlight=False)

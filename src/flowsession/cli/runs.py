@@ -6,7 +6,7 @@ import datetime as dt
 import json as jsonlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import (
@@ -19,19 +19,14 @@ from rich.progress import (
 )
 
 from flowsession.cli.connect import client
-from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, piped, table
+from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.client import Client
 from flowsession.errors import InvalidInput
-from flowsession.runs.mapping import parse_mapping_args
-from flowsession.runs.records import ENDED, LineStatus, Run
-from flowsession.runs.spec import (
-    RunSpec,
-    connection_overrides,
-    load_run_yaml,
-    parse_pairs,
-    spec_from_dict,
-)
+from flowsession.runs.model import ENDED, LineStatus, Run
+
+if TYPE_CHECKING:
+    from flowsession.runs.spec import RunSpec
 
 app = typer.Typer(no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
@@ -90,6 +85,8 @@ def _show(c: Client, run: Run, *, json: bool) -> None:
 
 def _spec(file: Path | None, values: dict[str, Any]) -> RunSpec:
     """run.yml first, then the flags given on top."""
+    from flowsession.runs.spec import load_run_yaml, spec_from_dict  # pydantic: run create only
+
     warnings: list[str] = []
     if file is not None:
         base, warnings = load_run_yaml(file)
@@ -165,6 +162,9 @@ def create(
     json: bool = JSON,
 ) -> None:
     """Create a run: a flow over data (and/or a base run's results) on the flow's session."""
+    from flowsession.runs.mapping import parse_mapping_args
+    from flowsession.runs.spec import connection_overrides, parse_pairs
+
     resources = {}
     if instance_type:
         resources["instance_type"] = instance_type

@@ -16,11 +16,11 @@ from pathlib import Path
 import typer
 
 from flowsession.cli.connect import client
-from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.cli.output import emit_json, err, fields, handle_errors, out, progress, table
+from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.config import format_duration, parse_duration
 from flowsession.errors import Forbidden, NotFound
-from flowsession.sessions.records import looks_like_session_id
+from flowsession.sessions.model import looks_like_session_id
 
 app = typer.Typer(no_args_is_help=True)
 flow_app = typer.Typer(no_args_is_help=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access import USER_IDENTITY
 from flowsession.client.http import Http, q
 
 

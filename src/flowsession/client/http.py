@@ -14,10 +14,10 @@ from urllib.parse import quote
 
 import httpx
 
-from flowsession.api.operations import OperationStatus
+from flowsession.api.operation_status import OperationStatus
 from flowsession.errors import FlowSessionError, Forbidden, Unauthorized
-from flowsession.runs.records import Run, RunStatus
-from flowsession.sessions.records import Session
+from flowsession.runs.model import Run, RunStatus
+from flowsession.sessions.model import Session
 
 SUBMIT_TIMEOUT_S = 900.0  # a run's submission starts the flow's session when none runs
 LONG_S = 120.0  # stops, uploads, compute changes: longer than a plain request

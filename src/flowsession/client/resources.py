@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from flowsession.access.secrets import USER_IDENTITY
+from flowsession.access import USER_IDENTITY
 from flowsession.client.http import Http, Progress, q
 from flowsession.errors import InvalidInput
 

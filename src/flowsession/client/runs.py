@@ -12,14 +12,16 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from flowsession.client.http import POLL_S, SUBMIT_TIMEOUT_S, Http, q, run_from_dict
 from flowsession.errors import FlowSessionError, InvalidInput
-from flowsession.runs.records import ENDED, Run, RunStatus
-from flowsession.runs.spec import RunSpec, spec_from_dict
+from flowsession.runs.model import ENDED, Run, RunStatus
+
+if TYPE_CHECKING:
+    from flowsession.runs.spec import RunSpec
 
 OnRun = Callable[[Run], None] | None
 
@@ -60,6 +62,8 @@ class Runs:
             "line_timeout": line_timeout, "max_concurrency": max_concurrency,
             "skip_malformed": skip_malformed or None,
             "resume_from": _name(resume_from)}
+        from flowsession.runs.spec import spec_from_dict  # pydantic: only when submitting
+
         spec, _ = spec_from_dict({k: v for k, v in fields.items() if v is not None},
                                  source="Client.run")
         return self.submit(spec, wait=wait, on_progress=on_progress)

@@ -15,7 +15,6 @@ import os
 from pathlib import Path, PurePosixPath
 
 from flowsession.errors import InvalidInput
-from flowsession.flows.flowfile import include_name, load_flow, replace_includes
 
 BUNDLE = "_includes"  # the folder of the upload that holds the includes from outside it
 # folders and files never uploaded (the server refuses names starting with ".")
@@ -27,6 +26,8 @@ def collect_files(folder: Path) -> dict[str, str]:
     """A flow folder's text files (relative POSIX path -> text) to upload, with its includes
     from outside the folder bundled under ``_includes/``; hidden files, caches and virtual
     environments left out. A binary file is refused, named."""
+    from flowsession.flows.flowfile import include_name, load_flow, replace_includes  # yaml
+
     files = _text_files(folder, "")
     if not files:
         raise InvalidInput(f"flow folder {folder} has no files to upload",

@@ -12,8 +12,8 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from flowsession.backends.compute.base import ImageDef
 from flowsession.backends.uv import EnvSpec, ImageLayers, UvEnvBuilder, parse_pins, tree_size
 from flowsession.config import Settings
-from flowsession.environments import fsops
+from flowsession.environments import DEFAULT_IMAGE, fsops
 from flowsession.environments.buildlog import BuildLog
 from flowsession.environments.requirements import FlowRequirements, parse_requirements
 from flowsession.environments.state import BuildState
@@ -37,7 +37,6 @@ from flowsession.errors import (
 from flowsession.store import Store
 from flowsession.store.tables import images
 
-DEFAULT_IMAGE = "flowsession/runtime"
 _BUILTIN_DIR = "builtin_images"
 _BUILTIN = {DEFAULT_IMAGE: "runtime"}  # image name -> folder of lock files ("<version>.lock")
 _MARKER = ".flowsession-image.json"  # written last into a build: its presence means complete
