@@ -1,27 +1,39 @@
-"""Benchmark: batch-run throughput, against `pf run create` and the executor's own floor.
+"""Benchmark: batch-run throughput, whole command against whole command: `flowsession run
+create` through a real server against `pf run create`, and the executor's own floor.
 
 For tests/flows/echo (one python node that returns its input), each figure is measured in the
 same run:
 
-  flowsession  a run of N lines (1,000, 10,000, 100,000) on an ALREADY RUNNING session (started
-               by a 10-line warm-up run, not counted): from the `RunService.create` call to the
-               run being Completed (`wait` polls every 0.25 s; the run's own duration, ended_at -
-               started_at, is printed beside it). Each run is checked: Completed, completed ==
-               N, no failed line, outputs.jsonl has N rows, each echoing its input.
-  pf           `pf run create --flow F --data D` (promptflow-devkit in the default image,
-               default workers, a temporary HOME) at 1,000 and 10,000 lines: the whole command.
-               A 10-line pf run first starts pf's local service (not counted), as the warm-up
-               run starts flowsession's session. Each run is checked with `pf run show` and its
+  headline (whole commands)
+  flowsession  `flowsession run create --flow F --data D --stream --json` against this home's
+               local server (started by `flowsession server start`, not counted), on the flow's
+               session ALREADY RUNNING (started by a 10-line warm-up run, not counted): the
+               whole command, interpreter start-up and the progress stream included. Each run
+               is checked: Completed, N completed, no failed line, outputs.jsonl has N rows,
+               each echoing its input.
+  pf           `pf run create --flow F --data D --name N` (promptflow-devkit in the default
+               image, default workers, a temporary HOME): the whole command. A 10-line pf run
+               first starts pf's local service (not counted), as the warm-up run starts
+               flowsession's session. Each run is checked with `pf run show` and its
                output.jsonl.
   floor        one process, the image's python: `FlowExecutor.create` for the flow, then
-               `exec_line` over N lines (10,000), stdout/stderr to /dev/null; ms per line.
-               floor x cores = (1000 / floor_ms) * os.cpu_count() lines/s.
+               `exec_line` over N lines (10,000); ms per line. floor x cores = (1000 /
+               floor_ms) x the cores the session has: its VM size's vCPUs when a cgroup holds
+               it to them (read from `flowsession session show --json` and `compute sizes
+               --json`), never more than the machine's cores.
 
-Targets: flowsession >= 30x pf at 10,000 lines; per-line cost at 100,000 within 15% of that at
-10,000 (ratio <= 1.15); flowsession lines/s at 100,000 >= 0.60 x (floor x cores).
+  beside it (in-process, labelled as such)
+  RunService   `RunService.create` -> Completed in this process, on an already running
+               session (`wait` polls every 0.25 s), its own home; --skip-in-process leaves it.
 
-    .venv/bin/python bench/batch.py [--sizes 1000,10000,100000] [--runs 3] [--skip-peer-10k]
-                                    [--floor-lines 10000] [--floor-runs 3] [--json PATH]
+Targets (on the whole commands): flowsession >= 30x pf at 10,000 lines; per-line cost at
+100,000 within 15% of that at 10,000 (ratio <= 1.15); flowsession lines/s at the largest size
+>= 0.60 x (floor x session cores).
+
+    .venv/bin/python bench/batch.py [--sizes 1000,10000] [--with-100k] [--runs 3]
+                                    [--pf-sizes 1000,10000] [--skip-peer-10k]
+                                    [--skip-in-process] [--floor-lines 10000]
+                                    [--floor-runs 3] [--json PATH]
 
 The default image is built first if needed (PyPI). Figures are medians of --runs runs.
 """
@@ -43,6 +55,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import cli_env, copy_flow, fs, fs_run, load, server_start, server_stop  # noqa: E402
+from _common import session_cores  # noqa: E402
 
 from flowsession.config import Settings  # noqa: E402
 from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
@@ -85,10 +101,6 @@ def write_data(path: Path, n: int) -> Path:
     return path
 
 
-def load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 # --- flowsession ----------------------------------------------------------------------------
 
 def check_run(svc: RunService, run, n: int) -> None:
@@ -97,7 +109,10 @@ def check_run(svc: RunService, run, n: int) -> None:
         problems.append(f"status {run.status} ({run.error})")
     if run.total != n or run.completed != n or run.failed:
         problems.append(f"total {run.total}, completed {run.completed}, failed {run.failed}")
-    outputs = svc.files(run.name).root / "outputs.jsonl"
+    check_outputs(run.name, svc.files(run.name).root / "outputs.jsonl", n, problems)
+
+
+def check_outputs(name: str, outputs: Path, n: int, problems: list[str]) -> None:
     rows = 0
     with open(outputs) as f:
         for raw in f:
@@ -109,7 +124,7 @@ def check_run(svc: RunService, run, n: int) -> None:
     if rows != n:
         problems.append(f"outputs.jsonl has {rows} rows, not {n}")
     if problems:
-        raise SystemExit(f"run {run.name} of {n} lines is wrong: " + "; ".join(problems))
+        raise SystemExit(f"run {name} of {n} lines is wrong: " + "; ".join(problems))
 
 
 async def flowsession_runs(svc: RunService, flow: Path, data: dict[int, Path], sizes: list[int],
@@ -136,6 +151,28 @@ async def flowsession_runs(svc: RunService, flow: Path, data: dict[int, Path], s
                   f"({n / wall:7.0f} lines/s; create {t1 - t0:.2f} s, run duration "
                   f"{run.ended_at - run.started_at:.2f} s)  {load()}", flush=True)
     return out, warmup_s
+
+
+# --- flowsession run create, the whole command -----------------------------------------------
+
+def cli_runs(env: dict, runs_dir: Path, tmp: Path, flow: Path, data: dict[int, Path],
+             sizes: list[int], runs: int) -> tuple[dict, float, tuple[int, str]]:
+    t0 = time.perf_counter()
+    fs_run(env, tmp, flow, data[WARMUP_LINES], WARMUP_LINES)  # starts the session
+    warmup_s = time.perf_counter() - t0
+    cores = session_cores(env, tmp, flow)
+    out: dict[int, dict[str, list[float]]] = {n: {"wall": [], "duration": []} for n in sizes}
+    for i in range(runs):  # sizes interleaved: a slow spell of the machine is shared out
+        for n in sizes:
+            r = fs_run(env, tmp, flow, data[n], n, "--stream")
+            problems = [f"{r['failed']} failed lines"] if r["failed"] else []
+            check_outputs(r["name"], runs_dir / r["name"] / "outputs.jsonl", n, problems)
+            out[n]["wall"].append(r["wall"])
+            out[n]["duration"].append(r["duration"])
+            print(f"  flowsession run create {n:>7,} lines  run {i + 1}/{runs}: "
+                  f"{r['wall']:8.2f} s  ({n / r['wall']:7.0f} lines/s; run duration "
+                  f"{r['duration']:.2f} s)  {load()}", flush=True)
+    return out, warmup_s, cores
 
 
 # --- pf run create --------------------------------------------------------------------------
@@ -184,37 +221,40 @@ def verdict(ok: bool | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1000,10000,100000",
-                        help="flowsession run sizes, comma-separated")
+    parser.add_argument("--sizes", default="1000,10000", help="flowsession run sizes")
+    parser.add_argument("--with-100k", action="store_true", help="and 100,000 lines")
     parser.add_argument("--runs", type=int, default=3, help="runs of each flowsession size")
     parser.add_argument("--pf-sizes", default="1000,10000", help="pf run create sizes")
     parser.add_argument("--skip-peer-10k", action="store_true",
                         help="no pf run of 10,000 lines (it takes minutes)")
+    parser.add_argument("--skip-in-process", action="store_true",
+                        help="no in-process RunService figures")
     parser.add_argument("--floor-lines", type=int, default=10000)
     parser.add_argument("--floor-runs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = [int(s) for s in args.sizes.split(",") if s] + ([100000] if args.with_100k else [])
     pf_sizes = [int(s) for s in args.pf_sizes.split(",") if s]
     if args.skip_peer_10k:
         pf_sizes = [n for n in pf_sizes if n != 10000]
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
-    cores = os.cpu_count() or 1
 
     base = Settings.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="fs-bench-batch-"))
     settings = replace(base, home=tmp / "home", images_path=base.images_dir, database_url=None,
                        standby_pool_size=0, runtime_path=None)
-    flow = tmp / "echo"
-    shutil.copytree(FLOW, flow)
-    for p in flow.rglob("*"):
-        p.chmod(0o644 if p.is_file() else 0o755)
+    cli_settings = replace(base, home=tmp / "cli-home", images_path=base.images_dir,
+                           database_url=None, runtime_path=None)
+    env = cli_env(cli_settings.home, base.images_dir)
+    flow = copy_flow(FLOW, tmp / "echo")
+    cli_flow = copy_flow(FLOW, tmp / "echo-cli")
     data = {n: write_data(tmp / f"data-{n}.jsonl", n)
             for n in sorted({WARMUP_LINES, *sizes, *pf_sizes})}
     pf_home = tmp / "pf-home"
     pf_home.mkdir()
     pf_env = {**os.environ, "HOME": str(pf_home)}
-    fs: dict = {}
+    cli: dict = {}
+    inproc: dict = {}
     pf: dict[int, dict] = {}
     floors: list[float] = []
     python = None
@@ -223,19 +263,26 @@ def main() -> None:
         svc = RunService.open(settings, sessions=sessions)
         image = asyncio.run(sessions.envs.images.ensure_built(DEFAULT_IMAGE))
         python = Path(image.path) / "bin" / "python"
-        print(f"echo flow; {cores} cores; image {DEFAULT_IMAGE} at {image.path}; {load()}",
-              flush=True)
+        print(f"echo flow; image {DEFAULT_IMAGE} at {image.path}; {load()}", flush=True)
 
-        async def fs_part():
-            try:
-                return await flowsession_runs(svc, flow, data, sizes, args.runs)
-            finally:
-                await sessions.stop(flow, user=USER)
+        server_start(env)
+        try:
+            cli, warmup_s, (cores, cores_how) = cli_runs(env, cli_settings.runs_dir, tmp,
+                                                         cli_flow, data, sizes, args.runs)
+        finally:
+            server_stop(env, tmp, [cli_flow])
+        print(f"  (warm-up: session start + {WARMUP_LINES}-line run {warmup_s:.2f} s, not "
+              f"counted); the session's cores: {cores} ({cores_how})", flush=True)
 
-        fs, warmup_s = asyncio.run(fs_part())
+        if not args.skip_in_process:
+            async def fs_part():
+                try:
+                    return await flowsession_runs(svc, flow, data, sizes, args.runs)
+                finally:
+                    await sessions.stop(flow, user=USER)
+
+            inproc, _ = asyncio.run(fs_part())
         sessions.store.engine.dispose()
-        print(f"  (warm-up: session start + {WARMUP_LINES}-line run {warmup_s:.2f} s, "
-              "not counted)", flush=True)
 
         for i in range(args.floor_runs):
             floors.append(floor_ms(python, flow, args.floor_lines, tmp / f"floor-{i}.json"))
@@ -256,77 +303,79 @@ def main() -> None:
             subprocess.run([str(python), "-m", "promptflow._cli._pf.entry", "service", "stop"],
                            env=pf_env, cwd=tmp, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    report(args, sizes, pf_sizes, cli, inproc, pf, floors, cores, cores_how)
 
-    # --- figures ----------------------------------------------------------------------------
+
+def report(args, sizes, pf_sizes, cli, inproc, pf, floors, cores, cores_how) -> None:
     floor = med(floors)
     floor_lps = 1000 / floor
     floor_cores = floor_lps * cores
-    fig: dict = {"cores": cores, "runs": args.runs, "poll_s": POLL_S,
+    fig: dict = {"session_cores": cores, "session_cores_from": cores_how, "runs": args.runs,
+                 "poll_s": POLL_S,
                  "floor": {"lines": args.floor_lines, "runs": floors, "ms_per_line": floor,
                            "lines_per_s": floor_lps, "x_cores_lines_per_s": floor_cores},
-                 "flowsession": {}, "pf": {}}
-    for n in sizes:
-        wall, dur = med(fs[n]["wall"]), med(fs[n]["duration"])
-        fig["flowsession"][n] = {
-            "lines": n, "wall_s": fs[n]["wall"], "median_wall_s": wall,
-            "lines_per_s": n / wall, "ms_per_line": wall * 1000 / n,
-            "create_s": fs[n]["create"], "duration_s": fs[n]["duration"],
-            "median_duration_s": dur, "duration_lines_per_s": n / dur,
-            "vs_floor_x_cores": n / wall / floor_cores}
+                 "cli": {}, "in_process": {}, "pf": {}}
+    for key, part in (("cli", cli), ("in_process", inproc)):
+        for n, r in part.items():
+            wall, dur = med(r["wall"]), med(r["duration"])
+            fig[key][n] = {"lines": n, "wall_s": r["wall"], "median_wall_s": wall,
+                           "lines_per_s": n / wall, "ms_per_line": wall * 1000 / n,
+                           "duration_s": r["duration"], "median_duration_s": dur,
+                           "vs_floor_x_cores": n / wall / floor_cores}
     for n, r in pf.items():
         fig["pf"][n] = {"lines": n, "wall_s": r["wall"], "lines_per_s": n / r["wall"],
                         "ms_per_line": r["wall"] * 1000 / n, "pf_duration_s": r["duration"]}
-    f, p = fig["flowsession"], fig["pf"]
-    speedup = f[10000]["lines_per_s"] / p[10000]["lines_per_s"] if 10000 in f and 10000 in p \
+    c, p = fig["cli"], fig["pf"]
+    top = max(sizes)
+    speedup = p[10000]["wall_s"] / c[10000]["median_wall_s"] if 10000 in c and 10000 in p \
         else None
-    scaling = f[100000]["ms_per_line"] / f[10000]["ms_per_line"] if 100000 in f and 10000 in f \
+    scaling = c[100000]["ms_per_line"] / c[10000]["ms_per_line"] if 100000 in c and 10000 in c \
         else None
-    eff = f[100000]["vs_floor_x_cores"] if 100000 in f else None
-    fig["ratios"] = {"fs_vs_pf_10k": speedup, "per_line_100k_vs_10k": scaling,
-                     "fs_100k_vs_floor_x_cores": eff,
-                     "fs_10k_vs_floor_x_cores": f[10000]["vs_floor_x_cores"] if 10000 in f
-                     else None}
-    fig["targets"] = {"fs_vs_pf_10k >= 30": None if speedup is None else speedup >= 30,
-                      "per_line_100k_vs_10k <= 1.15": None if scaling is None else scaling <= 1.15,
-                      "fs_100k_vs_floor_x_cores >= 0.60": None if eff is None else eff >= 0.60}
+    eff = c[top]["vs_floor_x_cores"]
+    fig["ratios"] = {"cli_vs_pf_10k": speedup, "cli_per_line_100k_vs_10k": scaling,
+                     f"cli_{top}_vs_floor_x_cores": eff}
 
-    print(f"\nbatch runs of tests/flows/echo, {cores} cores; flowsession: median of {args.runs} "
-          f"(create -> Completed, polled every {POLL_S} s), pf: 1 run each; {load()}\n")
-    print(f"{'':28s}{'lines':>9s}{'seconds':>10s}{'lines/s':>10s}{'ms/line':>10s}"
-          f"{'run dur. s':>12s}{'x floor*cores':>15s}")
+    print(f"\nbatch runs of tests/flows/echo, whole commands; flowsession: median of "
+          f"{args.runs}, pf: 1 run each; floor x cores uses the session's {cores} cores "
+          f"({cores_how}); {load()}\n")
+    print(f"{'whole command':34s}{'lines':>9s}{'seconds':>10s}{'lines/s':>10s}{'ms/line':>10s}"
+          f"{'run dur. s':>12s}{'x pf':>8s}{'x floor*cores':>15s}")
     for n in sizes:
-        r = f[n]
-        print(f"{'flowsession run':28s}{n:>9,}{r['median_wall_s']:>10.2f}{r['lines_per_s']:>10.0f}"
-              f"{r['ms_per_line']:>10.3f}{r['median_duration_s']:>12.2f}"
-              f"{r['vs_floor_x_cores']:>15.2f}")
+        r = c[n]
+        xpf = f"{p[n]['wall_s'] / r['median_wall_s']:.1f}" if n in p else "-"
+        print(f"{'flowsession run create --stream':34s}{n:>9,}{r['median_wall_s']:>10.2f}"
+              f"{r['lines_per_s']:>10.0f}{r['ms_per_line']:>10.3f}"
+              f"{r['median_duration_s']:>12.2f}{xpf:>8s}{r['vs_floor_x_cores']:>15.2f}")
     for n in pf_sizes:
         r = p[n]
-        print(f"{'pf run create':28s}{n:>9,}{r['wall_s']:>10.2f}{r['lines_per_s']:>10.0f}"
-              f"{r['ms_per_line']:>10.3f}{r['pf_duration_s']:>12.2f}"
+        print(f"{'pf run create':34s}{n:>9,}{r['wall_s']:>10.2f}{r['lines_per_s']:>10.0f}"
+              f"{r['ms_per_line']:>10.3f}{r['pf_duration_s']:>12.2f}{1:>8.1f}"
               f"{r['lines_per_s'] / floor_cores:>15.2f}")
-    print(f"{'floor: exec_line loop':28s}{args.floor_lines:>9,}"
+    print(f"{'floor: exec_line loop, 1 process':34s}{args.floor_lines:>9,}"
           f"{floor * args.floor_lines / 1000:>10.2f}{floor_lps:>10.0f}{floor:>10.3f}"
-          f"{'':>12s}{1 / cores:>15.2f}")
-    print(f"{'floor x cores':28s}{'':>9s}{'':>10s}{floor_cores:>10.0f}"
-          f"{floor / cores:>10.3f}{'':>12s}{1:>15.2f}")
+          f"{'':>12s}{'':>8s}{1 / cores:>15.2f}")
+    print(f"{f'floor x {cores} session cores':34s}{'':>9s}{'':>10s}{floor_cores:>10.0f}"
+          f"{floor / cores:>10.3f}{'':>12s}{'':>8s}{1:>15.2f}")
+    if inproc:
+        print(f"\nbeside it, in-process (RunService.create -> Completed in this process, "
+              f"polled every {POLL_S} s; no CLI, no HTTP)")
+        for n in sizes:
+            r = fig["in_process"][n]
+            print(f"{'RunService run (in-process)':34s}{n:>9,}{r['median_wall_s']:>10.2f}"
+                  f"{r['lines_per_s']:>10.0f}{r['ms_per_line']:>10.3f}"
+                  f"{r['median_duration_s']:>12.2f}{'':>8s}{r['vs_floor_x_cores']:>15.2f}")
     print(f"\n(floor: median of {len(floors)}: " + ", ".join(f"{x:.3f}" for x in floors)
-          + " ms/line)")
-    print()
+          + " ms/line)\n")
     if speedup is not None:
-        print(f"flowsession / pf at 10,000 lines          {speedup:7.1f}x   (target >= 30x)   "
-              f"{verdict(speedup >= 30)}")
+        print(f"flowsession / pf at 10,000 lines, whole commands   {speedup:7.1f}x   "
+              f"(target >= 30x)   {verdict(speedup >= 30)}")
     else:
-        print("flowsession / pf at 10,000 lines          n/a (needs both at 10,000)")
+        print("flowsession / pf at 10,000 lines, whole commands   n/a (needs both at 10,000)")
     if scaling is not None:
-        print(f"per-line cost 100,000 / 10,000            {scaling:7.3f}    (target <= 1.15)  "
-              f"{verdict(scaling <= 1.15)}")
-    else:
-        print("per-line cost 100,000 / 10,000            n/a (needs both sizes)")
-    if eff is not None:
-        print(f"flowsession 100,000 / (floor x cores)     {eff:7.2f}    (target >= 0.60)  "
-              f"{verdict(eff >= 0.60)}")
-    if 10000 in f:
-        print(f"flowsession  10,000 / (floor x cores)     {f[10000]['vs_floor_x_cores']:7.2f}")
+        print(f"per-line cost 100,000 / 10,000, whole command      {scaling:7.3f}    "
+              f"(target <= 1.15)  {verdict(scaling <= 1.15)}")
+    print(f"flowsession {top:,} lines / (floor x {cores} cores)     {eff:7.2f}    "
+          f"(target >= 0.60)  {verdict(eff >= 0.60)}")
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")
         print(f"\nfigures written to {args.json}")

@@ -47,14 +47,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from batch import floor_ms, load, pf_run, write_data  # noqa: E402
+import _common  # noqa: E402
+from _common import EXE, fs, fs_run, load  # noqa: E402
+from batch import floor_ms, pf_run, write_data  # noqa: E402
 
 from flowsession.config import Settings  # noqa: E402
 from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
 from flowsession.environments.service import EnvironmentService  # noqa: E402
 from flowsession.store import open_store  # noqa: E402
 
-EXE = REPO / ".venv/bin/flowsession"
 SERVER = REPO / "tests/helpers/llm_server.py"
 FLOWS = REPO / "tests/flows"
 WARMUP = 10
@@ -62,11 +63,7 @@ DEFAULT_CONCURRENCY = 64
 
 
 def copy_flow(name: str, tmp: Path) -> Path:
-    dst = tmp / name
-    shutil.copytree(FLOWS / name, dst)
-    for p in dst.rglob("*"):
-        p.chmod(0o644 if p.is_file() else 0o755)
-    return dst
+    return _common.copy_flow(FLOWS / name, tmp / name)
 
 
 def jsonl(path: Path, rows: list[dict]) -> Path:
@@ -94,32 +91,6 @@ class LLM:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-def fs(env: dict, cwd: Path, *args: str, check: bool = True) -> tuple[float, dict | str]:
-    t0 = time.perf_counter()
-    p = subprocess.run([str(EXE), *args], env=env, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if check and p.returncode != 0:
-        raise SystemExit(f"flowsession {' '.join(args)}: exit {p.returncode}\n{p.stdout}\n"
-                         f"{p.stderr[-3000:]}")
-    try:
-        return wall, json.loads(p.stdout)
-    except ValueError:
-        return wall, p.stdout
-
-
-def fs_run(env: dict, cwd: Path, flow: Path, data: Path, n: int, *extra: str) -> dict:
-    wall, r = fs(env, cwd, "run", "create", "--flow", str(flow), "--data", str(data), "--json",
-                 *extra)
-    if not isinstance(r, dict) or r.get("status") != "Completed" or r.get("completed") != n:
-        raise SystemExit(f"flowsession run of {flow.name} ({n} lines) went wrong: "
-                         f"{json.dumps(r)[:2000] if isinstance(r, dict) else r[-2000:]}")
-    duration = r.get("duration")  # "12.34 s" as the CLI shows it
-    duration = float(duration.split()[0]) if isinstance(duration, str) else duration
-    return {"wall": wall, "duration": duration, "failed": r.get("failed"),
-            "system_metrics": r.get("system_metrics"), "throttle": r.get("throttle"),
-            "name": r.get("name")}
 
 
 def main() -> None:
