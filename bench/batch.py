@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _common import cli_env, copy_flow, fs, fs_run, load, server_start, server_stop  # noqa: E402
+from _common import cli_env, copy_flow, fs_run, load, server_start, server_stop  # noqa: E402
 from _common import session_cores  # noqa: E402
 
 from flowsession.config import Settings  # noqa: E402
