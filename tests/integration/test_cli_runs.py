@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.backends import all_cmdlines
 from helpers.cli import FLOWSESSION
 from helpers.flows import SLOW_YAML
 from helpers.openai_server import OpenAIServer
@@ -281,22 +282,10 @@ class TwoKeyServer(OpenAIServer):
 
     def _authorized(self, authorization, api_key_header, *, azure):
         # while a line calls the endpoint, no process's arguments hold a key
-        self.keys_in_args.append(any(k in _all_cmdlines() for k in self.keys))
+        self.keys_in_args.append(any(k in all_cmdlines() for k in self.keys))
         return any(authorization == f"Bearer {k}" for k in self.keys)
 
     keys_in_args: list[bool]
-
-
-def _all_cmdlines() -> str:
-    seen = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    seen.append(fh.read().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                pass
-    return "\n".join(seen)
 
 
 def test_an_llm_run_from_the_shell_never_shows_the_key(fs, tmp_path, settings):

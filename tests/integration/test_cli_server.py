@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.backends import all_cmdlines
 from helpers.flows import make_flow
 
 from flowsession.backends.compute import procs
@@ -88,18 +89,6 @@ def client_json(settings) -> dict:
 
 def server_pid(settings) -> int:
     return int((settings.home / "server.pid").read_text().split(":")[0])
-
-
-def all_cmdlines() -> str:
-    seen = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    seen.append(fh.read().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                pass
-    return "\n".join(seen)
 
 
 def assert_token_kept_private(cli: Cli, settings, token: str) -> None:
