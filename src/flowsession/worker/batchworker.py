@@ -59,7 +59,7 @@ from flowsession.worker import throttle
 from flowsession.worker.protocol import encode
 from flowsession.worker.flowenv import apply_flow_environment
 from flowsession.worker.outputs import describe, flow_outputs, media_encoder, plain
-from flowsession.worker.tracecost import lighten_tracing
+from flowsession.worker.pfcost import lighten_batch_lines, quiet_node_logs
 from flowsession.worker.workers import message_of, prepare_child
 
 log = logging.getLogger("flowsession.worker")
@@ -149,7 +149,8 @@ class _Runner:
         flow_dir = Path(self.spec["flow"])
         if "PF_DISABLE_TRACING" not in (self.spec.get("env") or {}) and calls_llms(flow_dir):
             os.environ["PF_DISABLE_TRACING"] = "false"  # promptflow counts tokens in traces
-            lighten_tracing()  # ... but no span records them here: skip their serialization
+        lighten_batch_lines()  # promptflow's per-line costs that change nothing (pfcost.py)
+        quiet_node_logs(os.environ)  # no five INFO lines a line (the run or flow may ask)
         started = time.monotonic()
         try:
             self.executor = FlowExecutor.create(

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from flowsession.worker.tracecost import lighten_tracing
+from flowsession.worker.pfcost import lighten_tracing
 
 
 class Span:
