@@ -41,7 +41,6 @@ inputs:
     type: string
   words:
     type: list
-    default: ["a", "b"]
 outputs:
   answer:
     type: string
@@ -96,7 +95,7 @@ def test_prompts_render_as_promptflow_renders_them_and_the_sandbox_holds(rs, tmp
 
 
 def test_the_run_log_has_no_line_by_line_node_info_unless_the_run_asks(rs, tmp_path):
-    rows = [{"question": f"q{i}"} for i in range(12)]
+    rows = [{"question": f"q{i}", "words": ["w"]} for i in range(12)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     with LLMServer(latency=0.02) as server:
         flow = chat_flow(rs, tmp_path, server)
