@@ -124,58 +124,43 @@ nodes:
   type: python
   source:
     type: code
-    path: nodes.py
-  function: left
+    path: left.py
   inputs:
     text: ${inputs.text}
 - name: right
   type: python
   source:
     type: code
-    path: nodes.py
-  function: right
+    path: right.py
   inputs:
     text: ${inputs.text}
 - name: join
   type: python
   source:
     type: code
-    path: nodes.py
-  function: join
+    path: join.py
   inputs:
     a: ${left.output}
     b: ${right.output}
 """
 
-PARALLEL_PY = """\
-import time
-from promptflow.core import tool
-
-
-@tool
-def left(text: str) -> str:
-    time.sleep(0.01)
-    return "L" + text
-
-
-@tool
-def right(text: str) -> str:
-    if text == "boom":
-        raise ValueError("right refuses boom")
-    return text + "R"
-
-
-@tool
-def join(a: str, b: str) -> str:
-    return a + "|" + b
-"""
+NODES = {  # promptflow takes one tool per file
+    "left.py": "import time\nfrom promptflow.core import tool\n\n\n@tool\n"
+               "def left(text: str) -> str:\n    time.sleep(0.01)\n    return 'L' + text\n",
+    "right.py": "from promptflow.core import tool\n\n\n@tool\ndef right(text: str) -> str:\n"
+                "    if text == 'boom':\n        raise ValueError('right refuses boom')\n"
+                "    return text + 'R'\n",
+    "join.py": "from promptflow.core import tool\n\n\n@tool\n"
+               "def join(a: str, b: str) -> str:\n    return a + '|' + b\n",
+}
 
 
 def test_nodes_side_by_side_get_their_own_line_on_every_line(rs, tmp_path):
     flow = tmp_path / "parallel"
     flow.mkdir()
     (flow / "flow.dag.yaml").write_text(PARALLEL_YAML)
-    (flow / "nodes.py").write_text(PARALLEL_PY)
+    for name, code in NODES.items():
+        (flow / name).write_text(code)
     rows = [{"text": f"t{i}"} for i in range(60)]
     rows[13] = {"text": "boom"}
     r = go(rs, flow=str(flow), data=str(write_jsonl(tmp_path / "d.jsonl", rows)),
