@@ -145,8 +145,12 @@ nodes:
 """
 
 NODES = {  # promptflow takes one tool per file
-    "left.py": "import time\nfrom promptflow.core import tool\n\n\n@tool\n"
-               "def left(text: str) -> str:\n    time.sleep(0.01)\n    return 'L' + text\n",
+    # the node sees its line's context (promptflow's OperationContext), as in its own thread
+    "left.py": "import time\nfrom promptflow.core import tool\n"
+               "from promptflow.tracing._operation_context import OperationContext\n\n\n"
+               "@tool\ndef left(text: str) -> str:\n    time.sleep(0.01)\n"
+               "    seen = OperationContext.get_instance().get('root_run_id')\n"
+               "    return ('L' if seen else 'no context ') + text\n",
     "right.py": "from promptflow.core import tool\n\n\n@tool\ndef right(text: str) -> str:\n"
                 "    if text == 'boom':\n        raise ValueError('right refuses boom')\n"
                 "    return text + 'R'\n",
