@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+# Lines in flight when a run says nothing (--max-concurrency, resources.max_concurrency, or
+# PF_WORKER_COUNT): LLM flows wait on their endpoint, so a session keeps many lines going
+# whatever its cores; 64 keeps a 0.1-2 s endpoint busy (~30-600 requests/s) and 429s lower it.
+DEFAULT_CONCURRENCY = 64
+NEAR_END_LOOK_S = 0.05  # how often a run whose last lines are in flight is looked at
+
 
 class RunStatus(StrEnum):
     """A run's status, in prompt flow's words."""
@@ -79,6 +85,15 @@ class Run:
         if self.started_at is None:
             return None
         return (self.ended_at or time.time()) - self.started_at
+
+    def look_again_s(self, every: float) -> float:
+        """How long to wait before looking at this active run again: ``every``, or
+        ``NEAR_END_LOOK_S`` once all its remaining lines can be in flight (its end is then
+        seen at once, for the price of a few more looks)."""
+        in_flight = int(self.spec.get("max_concurrency") or DEFAULT_CONCURRENCY)
+        left = self.total - self.completed - self.failed
+        return NEAR_END_LOOK_S if self.status == RunStatus.RUNNING and left <= in_flight \
+            else every
 
     def summary(self) -> str:
         """'98 of 100 lines completed, 2 failed' and the like."""

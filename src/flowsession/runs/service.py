@@ -473,7 +473,7 @@ class RunService:
                 return run
             if deadline is not None and time.monotonic() > deadline:
                 return run
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(run.look_again_s(POLL_S))
 
     async def cancel(self, name: str, *, user: str) -> Run:
         run = self.records.get(name, owner=user)

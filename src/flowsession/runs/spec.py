@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flowsession.errors import InvalidInput
+from flowsession.runs.model import DEFAULT_CONCURRENCY
 from flowsession.worker.protocol import MAX_CONCURRENCY
 
 # prompt flow's Run schema, plus flowsession's own knobs
@@ -22,10 +23,6 @@ RUN_YAML_FIELDS = frozenset({
     "max_concurrency",
 })
 RESOURCE_KEYS = ("instance_type", "compute", "max_concurrency")
-# Lines in flight when a run says nothing (--max-concurrency, resources.max_concurrency, or
-# PF_WORKER_COUNT): LLM flows wait on their endpoint, so a session keeps many lines going
-# whatever its cores; 64 keeps a 0.1-2 s endpoint busy (~30-600 requests/s) and 429s lower it.
-DEFAULT_CONCURRENCY = 64
 _VARIANT = re.compile(r"^\$\{([A-Za-z_][\w-]*)\.([A-Za-z_][\w-]*)\}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 

@@ -30,7 +30,7 @@ from flowsession.runs.spec import RunSpec, spec_from_dict
 
 router = APIRouter(tags=["runs"])
 HEARTBEAT_S = 15.0
-EVENTS_POLL_S = 0.2  # a run's events: how often it is advanced (its end seen within this)
+EVENTS_POLL_S = 0.2  # a run's events: how often it is advanced (faster near its end)
 
 
 class RunIn(RunSpec):
@@ -268,6 +268,6 @@ async def run_events(name: str, who: Principal = Depends(require("runs:read")),
             if run.status in ENDED:
                 yield "event: end\ndata: {}\n\n"
                 return
-            await asyncio.sleep(EVENTS_POLL_S)
+            await asyncio.sleep(run.look_again_s(EVENTS_POLL_S))
 
     return StreamingResponse(gen(), media_type="text/event-stream")
