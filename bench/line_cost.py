@@ -43,7 +43,7 @@ VARIANTS = {  # name -> what the child applies
     "+ signatures": ["look_up_signatures_once"],
     "+ node threads": ["reuse_node_threads"],
     "+ token counts": ["count_tokens_quietly"],
-    "+ node log WARNING": ["quiet"],
+    "+ progress lines filtered": ["quiet"],
     "all (a batch worker)": ["lighten_batch_lines", "quiet"],
 }
 

@@ -23,9 +23,9 @@ uses, each change behind promptflow's own name, each one a no-op on a promptflow
   field of openai's ``usage``, and fails (a WARNING per line, after the counts were taken) on
   its ``*_tokens_details`` (None or a dict); only numbers are added.
 
-``quiet_node_logs()`` sets promptflow's per-node log (five INFO lines a line: "Executing node
-...", "Node ... completes") to WARNING in batch workers unless the run's
-``PF_LOGGING_LEVEL`` says otherwise; warnings, errors and the flow's own prints stay.
+``quiet_node_logs()`` leaves promptflow's own progress lines (five INFO lines a line:
+"Executing node ...", "Node ... completes.") out of a batch run's log unless the run's
+``PF_LOGGING_LEVEL`` asks for a level; the nodes' prints, warnings and errors stay.
 
 Measured in-process (``bench/line_cost.py``): see its docstring.
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -230,14 +231,33 @@ def count_tokens_quietly() -> bool:
     return True
 
 
-def quiet_node_logs(run_env: dict[str, Any]) -> str:
-    """promptflow's per-node log level for a batch worker: the run's ``PF_LOGGING_LEVEL`` if
-    it names a level, else WARNING. Returns the level set."""
-    wanted = str(run_env.get("PF_LOGGING_LEVEL", "")).upper()
-    level = wanted if wanted in PF_LEVELS else "WARNING"
+# promptflow's own progress lines, several a line (flow_execution_context, the schedulers, the
+# executor); a node's prints ("[node in line N] stdout> ...") and warnings are not among them
+_PROGRESS = re.compile(r"(Executing node \S+\. node run id: |Node \S+ completes\.$|"
+                       r"Start executing nodes in (thread pool|async) mode\.$|"
+                       r"Start to run \d+ nodes with |Current thread is not main thread, |"
+                       r"Timeout task is (scheduled|cancelled) )")
+
+
+class _NoProgress(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and isinstance(record.msg, str)
+                    and _PROGRESS.match(record.msg))
+
+
+def quiet_node_logs(env: Any) -> str:
+    """A batch run's log without promptflow's per-node progress lines (five INFO lines a line:
+    "Executing node ...", "Node ... completes." and the like); the nodes' prints, warnings and
+    errors stay. A run (or flow) setting ``PF_LOGGING_LEVEL`` gets that level and every line.
+    Returns what was done: the level set, or "progress filtered"."""
     try:
         from promptflow._utils.logger_utils import flow_logger
     except ImportError:
-        return level
-    flow_logger.setLevel(level)
-    return level
+        return "no promptflow"
+    wanted = str(env.get("PF_LOGGING_LEVEL", "")).upper()
+    if wanted in PF_LEVELS:
+        flow_logger.setLevel(wanted)
+        return wanted
+    if not any(isinstance(f, _NoProgress) for f in flow_logger.filters):
+        flow_logger.addFilter(_NoProgress())  # dropped before formatting: no cost but the record
+    return "progress filtered"
