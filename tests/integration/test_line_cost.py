@@ -2,7 +2,8 @@
 user sees, for real: sessions, batch workers, an OpenAI-compatible endpoint on 127.0.0.1.
 Prompts render as promptflow renders them and the jinja sandbox still holds; nodes that run
 side by side get their own inputs on every line; token counts are counted; the run's log has no
-five INFO lines a line unless the run asks for them with PF_LOGGING_LEVEL."""
+five progress lines a line (the nodes' prints stay) unless the run asks for them with
+PF_LOGGING_LEVEL."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ NODES = {  # promptflow takes one tool per file
                "    seen = OperationContext.get_instance().get('root_run_id')\n"
                "    return ('L' if seen else 'no context ') + text\n",
     "right.py": "from promptflow.core import tool\n\n\n@tool\ndef right(text: str) -> str:\n"
-                "    if text == 'boom':\n        raise ValueError('right refuses boom')\n"
+                "    print(f'right saw {text}')\n    if text == 'boom':\n        raise ValueError('right refuses boom')\n"
                 "    return text + 'R'\n",
     "join.py": "from promptflow.core import tool\n\n\n@tool\n"
                "def join(a: str, b: str) -> str:\n    return a + '|' + b\n",
@@ -175,3 +176,6 @@ def test_nodes_side_by_side_get_their_own_line_on_every_line(rs, tmp_path):
     failed = [d for d in rs.details(r.name, user=USER) if d["status"] != "Completed"]
     assert [d["line_number"] for d in failed] == [13]
     assert "right refuses boom" in str(failed[0]["error"])
+    log = run_log(rs, r.name)  # the nodes' prints are in the run's log, its progress lines not
+    assert "right saw t5" in log and "right saw t59" in log, log[-3000:]
+    assert "Executing node" not in log
