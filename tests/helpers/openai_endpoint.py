@@ -262,8 +262,10 @@ class OpenAIEndpoint:
     async def _handle(self, request: Request) -> Response:
         method = request.method
         raw = await request.body()
-        path = request.url.path.rstrip("/") or "/"
-        query = {k: v[0] for k, v in parse_qs(request.url.query).items()}
+        raw_path = request.scope["path"]
+        path = raw_path.rstrip("/") or "/"
+        query_string = request.scope.get("query_string", b"").decode("latin-1")
+        query = {k: v[0] for k, v in parse_qs(query_string).items()} if query_string else {}
         authorization = request.headers.get("authorization")
         api_key_header = request.headers.get("api-key")
         try:
@@ -286,7 +288,7 @@ class OpenAIEndpoint:
         elif method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
             kind, deployment = "models", None
         else:
-            return _json(404, _error(f"Invalid URL ({method} {request.url.path})",
+            return _json(404, _error(f"Invalid URL ({method} {raw_path})",
                                      "invalid_request_error"))
         if kind != "models":
             self.completion_requests += 1
