@@ -11,7 +11,7 @@ by side in one run with `pf run create` at its defaults and with PF_WORKER_COUNT
 
 Cases:
   (a) sleep   tests/flows/sleepy: a python node that sleeps 100 ms, 1,000 lines
-  (b) llm     tests/flows/llm_chat: an llm node against tests/helpers/llm_server.py (an
+  (b) llm     tests/flows/llm_chat: an llm node against tests/helpers/openai_endpoint.py (an
               OpenAI-compatible server on 127.0.0.1, 100 ms latency, usage tokens), 1,000 lines
   (c) 429     the same server limited to R answers/s (429 + retry-after beyond), --rate-lines
               lines: achieved rate = answered / (last answer - first answer) vs R; 0 failed
@@ -56,7 +56,7 @@ from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
 from flowsession.environments.service import EnvironmentService  # noqa: E402
 from flowsession.store import open_store  # noqa: E402
 
-SERVER = REPO / "tests/helpers/llm_server.py"
+SERVER = REPO / "tests/helpers/openai_endpoint.py"
 FLOWS = REPO / "tests/flows"
 WARMUP = 10
 DEFAULT_CONCURRENCY = 64
@@ -72,7 +72,7 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 class LLM:
-    """tests/helpers/llm_server.py as a process."""
+    """tests/helpers/openai_endpoint.py as a process."""
 
     def __init__(self, latency: float, rate: float | None = None):
         cmd = [sys.executable, str(SERVER), "--latency", str(latency)]

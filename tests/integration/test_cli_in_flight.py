@@ -40,12 +40,12 @@ def test_max_concurrency_from_the_shell_and_its_limits(fs, tmp_path, settings):
 
 
 def test_run_show_says_a_run_was_throttled_and_counts_its_tokens(fs, tmp_path):
-    from helpers.llm_server import LLMServer
+    from helpers.openai_endpoint import OpenAIEndpoint
 
     flow_copy(tmp_path, "llm_chat")
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": f"q {i}"}) + "\n"
                                               for i in range(60)))
-    with LLMServer(latency=0.05, rate=20) as server:
+    with OpenAIEndpoint(latency=0.05, rate=20) as server:
         (tmp_path / "conn.yml").write_text(server.connection_yaml())
         fs.ok("connection", "create", "--file", "conn.yml")
         r = fs.json("run", "create", "--flow", "llm_chat", "--data", "q.jsonl", "--name", "lim")

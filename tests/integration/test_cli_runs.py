@@ -15,7 +15,7 @@ import pytest
 from helpers.backends import all_cmdlines
 from helpers.cli import FLOWSESSION
 from helpers.flows import SLOW_YAML
-from helpers.openai_server import OpenAIServer
+from helpers.openai_endpoint import OpenAIEndpoint
 
 from flowsession.config import Settings
 from flowsession.runs.records import RunRecords
@@ -274,7 +274,7 @@ KEY_A = "sk-cli-run-key-A-5e4d3c2b1a"
 KEY_B = "sk-cli-run-key-B-0f9e8d7c6b"
 
 
-class TwoKeyServer(OpenAIServer):
+class TwoKeyServer(OpenAIEndpoint):
     def __init__(self, keys: list[str]):
         super().__init__(api_key=keys[0], retry_after=0)
         self.keys = keys

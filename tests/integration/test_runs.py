@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers.backends import stop_everything
 from helpers.flows import SLOW_YAML, run
-from helpers.openai_server import OpenAIServer
+from helpers.openai_endpoint import OpenAIEndpoint
 
 from flowsession.backends.compute import procs
 from flowsession.backends.compute.local import LocalBackend
@@ -470,7 +470,7 @@ def test_a_flex_class_flow_without_its_init_fails_with_the_reason(rs, tmp_path):
 # --- connections ---------------------------------------------------------------------------
 
 
-class TwoKeyServer(OpenAIServer):
+class TwoKeyServer(OpenAIEndpoint):
     """Accepts several keys; ``requests`` says which one each call used."""
 
     def __init__(self, keys: list[str]):

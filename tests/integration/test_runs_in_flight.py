@@ -1,5 +1,5 @@
 """Many lines in flight (issue 11), for real: sessions, batch workers running their lines on
-threads, an OpenAI-compatible endpoint on 127.0.0.1 (tests/helpers/llm_server.py). What is
+threads, an OpenAI-compatible endpoint on 127.0.0.1 (tests/helpers/openai_endpoint.py). What is
 asserted is what a user sees: every line's record once, the right lines blamed, the token
 counts, the run saying it was throttled."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers.flows import run
-from helpers.llm_server import LLMServer
+from helpers.openai_endpoint import OpenAIEndpoint
 from test_runs import (  # the same fixtures and helpers as the other runs' tests
     USER,
     batch_worker_pids,
@@ -171,7 +171,7 @@ def test_a_worker_killed_with_many_lines_in_flight_reruns_them_and_blames_none(r
 # --- an LLM endpoint ----------------------------------------------------------------------------
 
 
-def llm_run(rs, tmp_path, server: LLMServer, n: int, **spec) -> R.Run:
+def llm_run(rs, tmp_path, server: OpenAIEndpoint, n: int, **spec) -> R.Run:
     flow = flow_copy(tmp_path, "llm_chat")
     rs.connections.create({"name": "open_ai_connection", "type": "open_ai",
                            "api_key": "sk-test-key", "base_url": server.base_url}, owner=USER)
@@ -181,7 +181,7 @@ def llm_run(rs, tmp_path, server: LLMServer, n: int, **spec) -> R.Run:
 
 
 def test_token_usage_per_line_and_per_run_as_pf_run_show_gives_it(rs, tmp_path):
-    with LLMServer(latency=0.05) as server:
+    with OpenAIEndpoint(latency=0.05) as server:
         r = llm_run(rs, tmp_path, server, 6, max_concurrency=4)
     assert r.status == R.RunStatus.COMPLETED and r.completed == 6, r.errors
     details = rs.details(r.name, user=USER)
@@ -195,7 +195,7 @@ def test_token_usage_per_line_and_per_run_as_pf_run_show_gives_it(rs, tmp_path):
 
 
 def test_a_rate_limited_endpoint_slows_the_run_down_and_the_run_says_so(rs, tmp_path):
-    with LLMServer(latency=0.05, rate=20) as server:
+    with OpenAIEndpoint(latency=0.05, rate=20) as server:
         r = llm_run(rs, tmp_path, server, 80, max_concurrency=32, workers=2)
         stats = server.stats()
     assert r.status == R.RunStatus.COMPLETED and (r.completed, r.failed) == (80, 0), r.errors
@@ -207,7 +207,7 @@ def test_a_rate_limited_endpoint_slows_the_run_down_and_the_run_says_so(rs, tmp_
 
 
 def test_an_endpoint_that_always_answers_429_fails_the_lines_with_the_reason(rs, tmp_path):
-    with LLMServer(always_429=True) as server:
+    with OpenAIEndpoint(always_429=True) as server:
         r = llm_run(rs, tmp_path, server, 3, max_concurrency=3, line_timeout=4)
     assert r.status == R.RunStatus.COMPLETED and (r.completed, r.failed) == (0, 3)
     for d in rs.details(r.name, user=USER):
@@ -216,7 +216,7 @@ def test_an_endpoint_that_always_answers_429_fails_the_lines_with_the_reason(rs,
 
 def test_a_hanging_endpoint_times_out_its_line_and_the_others_go_on(rs, tmp_path):
     flow = flow_copy(tmp_path, "llm_chat")
-    with LLMServer(latency=0.05) as server:
+    with OpenAIEndpoint(latency=0.05) as server:
         rs.connections.create({"name": "open_ai_connection", "type": "open_ai",
                                "api_key": "sk-test-key", "base_url": server.base_url},
                               owner=USER)

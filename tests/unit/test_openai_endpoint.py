@@ -1,23 +1,29 @@
-"""The OpenAI-compatible test server, exercised with the stdlib only (no openai package here)."""
+"""The OpenAI-compatible test endpoint (tests/helpers/openai_endpoint.py), exercised with the
+stdlib and httpx (no openai package here): in a thread, and as the process benchmarks start."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import httpx
 import pytest
-
-from helpers.openai_server import OpenAIServer, reply_for, split_reply
+from helpers import openai_endpoint
+from helpers.openai_endpoint import OpenAIEndpoint, reply_for, split_reply
 
 KEY = "sk-test-key"
 
 
 @pytest.fixture
 def server():
-    with OpenAIServer(api_key=KEY) as srv:
+    with OpenAIEndpoint(api_key=KEY) as srv:
         yield srv
 
 
@@ -185,13 +191,13 @@ def test_fail_markers(server):
 
 
 def test_retry_after_header_on_500():
-    with OpenAIServer(retry_after=0) as srv:
+    with OpenAIEndpoint(retry_after=0) as srv:
         _, headers, _ = call(srv.base_url + "/chat/completions", chat_body("FAIL_500"))
         assert headers["retry-after"] == "0"
 
 
-def test_slow_marker_and_delay():
-    with OpenAIServer(delay=0.2) as srv:
+def test_slow_marker_and_latency():
+    with OpenAIEndpoint(latency=0.2) as srv:
         start = time.monotonic()
         _, _, raw = call(srv.base_url + "/chat/completions", chat_body("SLOW:0.3 then answer"))
         assert time.monotonic() - start >= 0.5
@@ -217,25 +223,24 @@ def test_concurrent_requests_are_all_recorded(server):
     lock = threading.Lock()
 
     def worker(i):
-        _, _, raw = call(server.base_url + "/chat/completions", chat_body(f"q{i} SLOW:0.2"))
+        _, _, raw = call(server.base_url + "/chat/completions", chat_body(f"q{i} SLOW:0.5"))
         with lock:
             results.append(json.loads(raw)["choices"][0]["message"]["content"])
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert time.monotonic() - start < 0.2 * n * 0.75  # served in parallel, not one by one
-    assert sorted(results) == sorted(f"echo: q{i} SLOW:0.2" for i in range(n))
+    assert sorted(results) == sorted(f"echo: q{i} SLOW:0.5" for i in range(n))
     assert len(server.requests) == n
+    assert server.stats()["most_in_flight"] > 1  # served side by side, not one by one
 
 
 def test_start_stop_and_base_url():
-    srv = OpenAIServer()
+    srv = OpenAIEndpoint()
     with pytest.raises(RuntimeError):
-        srv.base_url
+        _ = srv.base_url
     srv.start()
     try:
         assert srv.base_url.startswith("http://127.0.0.1:") and srv.base_url.endswith("/v1")
@@ -246,3 +251,98 @@ def test_start_stop_and_base_url():
     finally:
         srv.stop()
     srv.stop()  # idempotent
+    assert srv.connection_yaml("c") == (f'name: c\ntype: open_ai\napi_key: "sk-test-key"\n'
+                                        f'base_url: "{srv.base_url}"\n')
+
+
+def test_stats_count_answers_and_the_stats_route(server):
+    assert server.stats() == {"requests": 0, "answered": 0, "rate_limited": 0, "first": None,
+                              "last": None, "most_in_flight": 0}
+    call(server.base_url + "/chat/completions", chat_body("one"))
+    call(server.base_url + "/completions", {"model": "m", "prompt": "two"})
+    call(server.base_url + "/chat/completions", chat_body("FAIL_400"))
+    call(server.base_url + "/models")
+    stats = server.stats()
+    assert (stats["requests"], stats["answered"], stats["rate_limited"]) == (3, 2, 0)
+    assert stats["first"] <= stats["last"] and stats["most_in_flight"] == 1
+    status, _, raw = call(server.url + "/stats", key=None)
+    assert status == 200 and json.loads(raw) == stats
+    assert [r["path"] for r in server.requests][-1] == "/v1/models"  # /stats is not recorded
+
+
+def test_over_the_rate_answers_429_saying_when_to_retry():
+    with OpenAIEndpoint(rate=0.1) as srv:  # one answer now, the next in 10 s
+        assert call(srv.base_url + "/chat/completions", chat_body("first"))[0] == 200
+        status, headers, raw = call(srv.base_url + "/chat/completions", chat_body("second"))
+        assert status == 429
+        assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+        assert 0 < float(headers["retry-after"]) <= 10
+        assert 0 < int(headers["retry-after-ms"]) <= 10001
+        stats = srv.stats()
+        assert (stats["requests"], stats["answered"], stats["rate_limited"]) == (2, 1, 1)
+
+
+def test_always_429():
+    with OpenAIEndpoint(always_429=True) as srv:
+        for _ in range(3):
+            status, headers, _ = call(srv.base_url + "/chat/completions", chat_body("x"))
+            assert (status, headers["retry-after"], headers["retry-after-ms"]) == \
+                (429, "1.000", "1001")
+        assert srv.stats()["rate_limited"] == 3 and srv.stats()["answered"] == 0
+
+
+def test_hang_is_never_answered_and_stop_still_returns():
+    srv = OpenAIEndpoint().start()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.base_url + "/chat/completions", json=chat_body("please HANG"),
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=1)
+        assert srv.in_flight == 1 and srv.stats()["answered"] == 0
+        assert call(srv.base_url + "/chat/completions", chat_body("other"))[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_many_requests_in_flight_at_once():
+    """Hundreds of requests wait on their answers together (HANG: until the server stops)."""
+    n = 500
+
+    async def burst(base_url):
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+            return await asyncio.gather(*(client.post(
+                base_url + "/chat/completions", json=chat_body(f"q{i} HANG"),
+                headers={"Authorization": f"Bearer {KEY}"}) for i in range(n)),
+                return_exceptions=True)
+
+    srv = OpenAIEndpoint(record=False).start()
+    clients = threading.Thread(target=asyncio.run, args=(burst(srv.base_url),), daemon=True)
+    clients.start()
+    try:
+        deadline = time.monotonic() + 100
+        while srv.in_flight < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.in_flight == srv.stats()["most_in_flight"] == srv.stats()["requests"] == n
+        assert call(srv.base_url + "/chat/completions", chat_body("still here"))[0] == 200
+        assert srv.requests == []  # record=False
+    finally:
+        srv.stop()
+        clients.join(timeout=30)
+    assert not clients.is_alive()  # stopping the server ended the hanging requests
+
+
+def test_as_a_process_it_prints_its_port_and_serves_stats():
+    proc = subprocess.Popen([sys.executable, str(Path(openai_endpoint.__file__)),
+                             "--latency", "0", "--rate", "1000"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        port = int(proc.stdout.readline())
+        base = f"http://127.0.0.1:{port}"
+        status, _, raw = call(base + "/v1/chat/completions", chat_body("from a process"))
+        assert status == 200
+        assert json.loads(raw)["choices"][0]["message"]["content"] == "echo: from a process"
+        stats = json.loads(call(base + "/stats", key=None)[2])
+        assert (stats["requests"], stats["answered"]) == (1, 1)
+    finally:
+        proc.kill()
+        proc.wait()
