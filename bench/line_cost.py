@@ -2,7 +2,7 @@
 of an LLM flow, with and without each change of src/flowsession/worker/pfcost.py.
 
 One process of the default image runs tests/flows/llm_chat (an ``llm`` node) with
-``FlowExecutor.exec_line`` on ``--threads`` threads against tests/helpers/llm_server.py (100 ms
+``FlowExecutor.exec_line`` on ``--threads`` threads against tests/helpers/openai_endpoint.py (100 ms
 latency, usage tokens), tracing on (as a batch worker has it for token counts), the log to a
 file (as a worker's). Each variant runs in a new process, ``--reps`` times, interleaved; the
 figure is the median CPU time per line (process_time / lines). Every line's output and the
@@ -103,7 +103,7 @@ def main() -> None:
     python = Path(image.path) / "bin" / "python"
     flow = _common.copy_flow(REPO / "tests/flows/llm_chat", tmp / "llm_chat")
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    server = subprocess.Popen([sys.executable, str(REPO / "tests/helpers/llm_server.py"),
+    server = subprocess.Popen([sys.executable, str(REPO / "tests/helpers/openai_endpoint.py"),
                                "--latency", "0.1"], stdout=subprocess.PIPE, text=True,
                               stderr=subprocess.DEVNULL)
     cpu: dict[str, list[float]] = {n: [] for n in names}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.llm_server import LLMServer
+from helpers.openai_endpoint import OpenAIEndpoint
 from test_runs import (  # the same fixtures and helpers as the other runs' tests
     USER,
     flow_copy,
@@ -62,7 +62,7 @@ nodes:
 """
 
 
-def chat_flow(rs, tmp_path: Path, server: LLMServer) -> Path:
+def chat_flow(rs, tmp_path: Path, server: OpenAIEndpoint) -> Path:
     flow = flow_copy(tmp_path, "llm_chat", "chat_words")
     (flow / "flow.dag.yaml").write_text(CHAT_YAML)
     (flow / "chat.jinja2").write_text(PROMPT)
@@ -78,7 +78,7 @@ def run_log(rs, name: str) -> str:
 def test_prompts_render_as_promptflow_renders_them_and_the_sandbox_holds(rs, tmp_path):
     rows = [{"question": f"q{i}", "words": ["x", f"w{i}", "z"][: 1 + i % 3]} for i in range(30)]
     rows[7] = {"question": "escape", "words": ["a"]}
-    with LLMServer(latency=0.02) as server:
+    with OpenAIEndpoint(latency=0.02) as server:
         flow = chat_flow(rs, tmp_path, server)
         r = go(rs, flow=str(flow), data=str(write_jsonl(tmp_path / "d.jsonl", rows)),
                max_concurrency=8)
@@ -98,7 +98,7 @@ def test_prompts_render_as_promptflow_renders_them_and_the_sandbox_holds(rs, tmp
 def test_the_run_log_has_no_line_by_line_node_info_unless_the_run_asks(rs, tmp_path):
     rows = [{"question": f"q{i}", "words": ["w"]} for i in range(12)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    with LLMServer(latency=0.02) as server:
+    with OpenAIEndpoint(latency=0.02) as server:
         flow = chat_flow(rs, tmp_path, server)
         quiet = go(rs, flow=str(flow), data=str(data), max_concurrency=4)
         chatty = go(rs, flow=str(flow), data=str(data), max_concurrency=4,
