@@ -40,7 +40,8 @@ from flowsession.runs.flexinputs import check_mapping_keys, flow_inputs
 from flowsession.runs.mapping import BaseRun, resolve_inputs
 from flowsession.runs.records import ACTIVE, ENDED, LineStatus, Run, RunRecords, RunStatus
 from flowsession.runs.spec import RunSpec, check_name
-from flowsession.sessions.service import SessionService, StartOptions
+from flowsession.sessions.options import StartOptions
+from flowsession.sessions.service import SessionService
 from flowsession.sessions.state import SessionState
 from flowsession.store import Store
 from flowsession.worker.protocol import RUN_ENDED, RunState
