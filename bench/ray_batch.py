@@ -54,7 +54,8 @@ from flowsession.environments.service import EnvironmentService  # noqa: E402
 from flowsession.runs import records as R  # noqa: E402
 from flowsession.runs.service import RunService  # noqa: E402
 from flowsession.runs.spec import RunSpec  # noqa: E402
-from flowsession.sessions.service import SessionService, StartOptions  # noqa: E402
+from flowsession.sessions.options import StartOptions  # noqa: E402
+from flowsession.sessions.service import SessionService  # noqa: E402
 from flowsession.store import open_store  # noqa: E402
 
 USER = "bench"

@@ -17,7 +17,7 @@ from helpers.flows import SLOW_YAML, make_flow, run
 from flowsession.runs.records import RunStatus
 from flowsession.runs.service import RunService
 from flowsession.runs.spec import RunSpec
-from flowsession.sessions.service import StartOptions
+from flowsession.sessions.options import StartOptions
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -25,7 +25,8 @@ from flowsession.errors import (
     QuotaExceeded,
     Unsatisfiable,
 )
-from flowsession.sessions.service import SessionService, StartOptions
+from flowsession.sessions.options import StartOptions
+from flowsession.sessions.service import SessionService
 from flowsession.store import open_store
 
 USER = "ada"

@@ -1,10 +1,11 @@
 """Batch runs: a flow over data (and/or a base run's results) on the flow's session.
 
-The control plane prepares a run -- data loaded, column mapping resolved into one inputs
-object per line, all before any line runs -- then hands it to the session's supervisor, which
-runs the lines on workers of its own and writes their results into the session's folder. The
-control plane collects those results into the run's own folder (``RunFiles``), and when the
-supervisor is done it runs the aggregation nodes and writes the outputs and metrics.
+The control plane prepares a run (``runs.prepare``: data loaded, column mapping resolved into
+one inputs object per line, all checked before anything is stored), then hands it to the
+session's supervisor, which runs the lines on workers of its own and writes their results into
+the session's folder. The control plane collects those results into the run's own folder
+(``RunFiles``), and when the supervisor is done it runs the aggregation nodes and writes the
+outputs and metrics.
 
 Nothing here needs the submitting process to stay: any later ``advance`` (``run show``, the
 sweep, the server) picks the run up. A run whose session went away is submitted again, and
@@ -18,29 +19,23 @@ import json
 import math
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flowsession.access.connections import ConnectionService
 from flowsession.backends.compute import procs
 from flowsession.backends.compute.base import RunWork, SessionHandle
-from flowsession.computes.service import ComputeKind
 from flowsession.config import Settings
-from flowsession.errors import Conflict, FlowSessionError, InvalidInput, NotFound
+from flowsession.errors import Conflict, FlowSessionError, NotFound
 from flowsession.flows.flowfile import FlowDefinition, load_flow
 from flowsession.flows.references import connection_candidates, required_connections
 from flowsession.flows.snapshot import make_snapshot
-from flowsession.runs.data import load_data
 from flowsession.runs.files import RunFiles
-from flowsession.runs.flexinputs import check_mapping_keys, flow_inputs
-from flowsession.runs.mapping import BaseRun, resolve_inputs
+from flowsession.runs.prepare import node_override, prepare, spec_of, start_options, variant_copy
 from flowsession.runs.records import ACTIVE, ENDED, LineStatus, Run, RunRecords, RunStatus
-from flowsession.runs.spec import RunSpec, check_name
-from flowsession.sessions.service import SessionService, StartOptions
+from flowsession.runs.spec import RunSpec
+from flowsession.sessions.service import SessionService
 from flowsession.sessions.state import SessionState
 from flowsession.store import Store
 from flowsession.worker.protocol import RUN_ENDED, RunState
@@ -82,53 +77,11 @@ class RunService:
         """Check everything, store the run's inputs, and submit it to the flow's session
         (started from ``resources`` when none runs). Returns once the run is going; with
         ``submit=False``, once it is stored (Preparing): ``advance`` submits it."""
-        resumed: Run | None = None
-        if spec.resume_from:
-            resumed = self.records.get(spec.resume_from, owner=user)
-            if resumed.status not in ENDED:
-                raise Conflict(f"run {resumed.name} is {resumed.status}: only an ended run can "
-                               "be resumed", hint=f"wait for it, or cancel it: flowsession run "
-                               f"cancel {resumed.name}", details={"run": resumed.name})
-            if not self.files(resumed.name).has_inputs():
-                raise Conflict(f"run {resumed.name} has no lines to resume: it failed before "
-                               "its inputs were stored", hint="create the run again from its "
-                               "flow and data", details={"run": resumed.name})
-            spec = _merge(spec, resumed)
-        if not spec.flow:
-            raise InvalidInput("a run needs a flow", hint="give --flow FOLDER (or flow: in "
-                               "run.yml)", details={"field": "flow"})
-        flow = load_flow(spec.flow)
-        if flow.kind == "dag" and not flow.inputs:  # as pf refuses it in batch mode
-            raise InvalidInput(f"the flow {flow.folder.name} declares no inputs: a batch run "
-                               "gives each line's data to the flow's inputs",
-                               hint="declare inputs: in flow.dag.yaml, or run one line with "
-                                    "flowsession flow test", details={"field": "inputs"})
-        variant = _check_variant(flow, spec)
-        node_override = _node_override(flow, spec)
-        # the connections the flow certainly uses must exist; other names are candidates
-        usable = self.connections.usable_names(user, identity=spec.identity)
-        self.connections.for_executor_as(
-            required_connections(flow, node_override)
-            | (connection_candidates(flow, node_override, spec.init) & usable),
-            owner=user, identity=spec.identity)
-        name = check_name(spec.name) if spec.name else _generated_name(flow)
-        lines: dict[int, dict[str, Any]] = {}
-        data = None
-        if resumed is None:
-            data = load_data(spec.data, skip_malformed=spec.skip_malformed) if spec.data else None
-            base = self._base_run(spec.run, user) if spec.run else None
-            inputs = flow_inputs(flow)
-            check_mapping_keys(flow, inputs, spec.column_mapping)
-            lines = resolve_inputs(inputs, spec.column_mapping, data, base)
-        stored = {k: v for k, v in spec.model_dump().items() if k != "environment_variables"}
-        stored["environment_variables"] = sorted(spec.environment_variables)
-        stored["variant_node"] = variant
-        if data is not None and data.skipped:  # --skip-malformed: which lines, for the summary
-            skipped = data.skipped_lines(), len(data.skipped)
-        if skipped and spec.skip_malformed:  # (or the lines a client left out of data_lines)
-            stored["skipped_lines"], stored["skipped_count"] = skipped
+        prepared = prepare(self, spec, user=user, skipped=skipped)  # stores nothing
+        spec, flow, name, resumed = (prepared.spec, prepared.flow, prepared.name,
+                                     prepared.resumed)
         self.records.create(
-            name=name, owner=user, flow=str(flow.folder), spec=stored, total=0,
+            name=name, owner=user, flow=str(flow.folder), spec=prepared.stored, total=0,
             display_name=spec.display_name or name, description=spec.description,
             tags=spec.tags, operator=procs.identity())
         files = self.files(name)
@@ -139,7 +92,7 @@ class RunService:
             if resumed is not None:
                 total = self._resume_files(resumed, files)
             else:
-                total = files.write_inputs(lines)
+                total = files.write_inputs(prepared.lines)
             self.records.set(name, total=total)
             files.log(f"run {name} created by {user}: {total} line(s) of flow {flow.folder}"
                       + (f", resuming {resumed.name}" if resumed else ""))
@@ -152,25 +105,6 @@ class RunService:
         except BaseException as exc:
             self._fail(name, f"the run could not start: {exc}")
             raise
-
-    def _base_run(self, name: str, user: str) -> BaseRun:
-        try:
-            base = self.records.get(name, owner=user)
-        except NotFound:
-            raise NotFound(f"base run {name!r} does not exist",
-                           hint="give the name of one of your runs (flowsession run list)",
-                           details={"run": name}) from None
-        if base.status != RunStatus.COMPLETED:
-            raise Conflict(f"base run {name!r} is {base.status}, not Completed",
-                           hint="wait for it to complete, or pick a completed run",
-                           details={"run": name, "status": base.status})
-        files = self.files(name)
-        inputs = {files.line_number(p): row for p, row in enumerate(files.iter_inputs())}
-        outputs = {row.pop("line_number"): row for row in files.outputs()}
-        out_cols = list(dict.fromkeys(k for row in outputs.values() for k in row))
-        in_cols = list(dict.fromkeys(k for row in inputs.values() for k in row))
-        return BaseRun(name=name, inputs=inputs, outputs=outputs, output_columns=out_cols,
-                       input_columns=in_cols)
 
     def _resume_files(self, old: Run, files: RunFiles) -> int:
         """The old run's inputs and its completed lines; the rest will run."""
@@ -208,11 +142,11 @@ class RunService:
 
     async def _submit(self, run: Run, *, spec: RunSpec | None = None) -> Run:
         """Send the run (its lines without a stored result) to the flow's session."""
-        spec = spec or _spec_of(run)
+        spec = spec or spec_of(run)
         files = self.files(run.name)
         await self._collect(run, None)  # results a lost session left
         session = await self.sessions.ready(run.flow, user=run.owner,
-                                            options=_start_options(spec))
+                                            options=start_options(spec))
         handle = session.session_handle
         compute = self.sessions.computes.get(session.compute_id, user=run.owner)
         workers = spec.workers or max(1, math.ceil(compute.vcpu))
@@ -245,23 +179,23 @@ class RunService:
         flow_path = None
         if variant:
             flow_path = self._variant_snapshot(run, flow_def, variant)
-        node_override = _node_override(flow_def, spec)
-        needed = (required_connections(flow_def, node_override)
-                  | connection_candidates(flow_def, node_override, spec.init)) & \
+        overrides = node_override(flow_def, spec)
+        needed = (required_connections(flow_def, overrides)
+                  | connection_candidates(flow_def, overrides, spec.init)) & \
             self.connections.usable_names(run.owner, identity=identity)
         return RunWork(
             run_id=run.name, inputs=self.files(run.name).inputs_path.read_bytes(),
             lines=lines, workers=workers, concurrency=concurrency,
             line_timeout=spec.line_timeout if spec.line_timeout is not None else 600.0,
             flow=str(flow_path) if flow_path else None, env=self._env(run.name),
-            init=dict(spec.init or {}), node_override=node_override,
+            init=dict(spec.init or {}), node_override=overrides,
             connections=self.connections.for_executor_as(needed, owner=run.owner,
                                                          identity=identity))
 
     def _variant_snapshot(self, run: Run, flow: FlowDefinition, variant: str) -> Path:
         """The flow with the run's variant made the default, as a snapshot."""
         work = self.files(run.name).root / "variant"
-        _variant_copy(flow, variant, work)
+        variant_copy(flow, variant, work)
         try:
             return make_snapshot(load_flow(work), self.settings.snapshots_dir).path
         finally:
@@ -448,9 +382,9 @@ class RunService:
                 return {}
         elif not any(b'"agg":' in r for r in raw):  # a flex class with __aggregate__ keeps
             return {}                                # each line's output for it
-        spec = _spec_of(run)
+        spec = spec_of(run)
         session = await self.sessions.ready(run.flow, user=run.owner,
-                                            options=_start_options(spec))
+                                            options=start_options(spec))
         records = b"".join(r + b"\n" for r in raw)
         work = self._work(run, spec, session.flow, session.identity)
         return await self.backend.aggregate_run(session.session_handle, work, records)
@@ -544,85 +478,3 @@ class RunService:
         run = self.records.get(name, owner=user)
         return self.files(run.name).log_files()
 
-
-# --- helpers --------------------------------------------------------------------------------
-
-def _generated_name(flow: FlowDefinition) -> str:
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    base = "".join(c if c.isalnum() or c in "_-" else "_" for c in flow.folder.name)
-    return f"{base}_{stamp}_{uuid.uuid4().hex[:6]}"
-
-
-def _spec_of(run: Run) -> RunSpec:
-    """The stored spec (environment variables are kept apart, encrypted)."""
-    fields = RunSpec.model_fields
-    return RunSpec.model_validate({k: v for k, v in run.spec.items()
-                                   if k in fields and k != "environment_variables"})
-
-
-def _merge(spec: RunSpec, old: Run) -> RunSpec:
-    """``--resume-from``: the old run's settings, with what this submission sets on top."""
-    base = {k: v for k, v in _spec_of(old).model_dump(exclude_defaults=True).items()
-            if k not in ("name", "resume_from", "display_name")}
-    given = spec.model_dump(exclude_unset=True)
-    merged = {**base, **given, "resume_from": old.name}
-    merged.setdefault("flow", old.flow)
-    return RunSpec.model_validate(merged).model_copy(
-        update={"environment_variables": spec.environment_variables})
-
-
-def _start_options(spec: RunSpec) -> StartOptions:
-    res = spec.resources or {}
-    if res.get("compute"):
-        # an identity other than the user's is refused there (an instance has its own), never
-        # silently dropped: the run would run as someone else than asked
-        return StartOptions(compute_type=ComputeKind.INSTANCE, instance=str(res["compute"]),
-                            identity=None if spec.identity in (None, "user") else spec.identity)
-    return StartOptions(vm_size=res.get("instance_type") or None, identity=spec.identity)
-
-
-def _check_variant(flow: FlowDefinition, spec: RunSpec) -> str | None:
-    parts = spec.variant_parts()
-    if parts is None:
-        return None
-    node, variant = parts
-    variants = (flow.raw.get("node_variants") or {}).get(node)
-    if not variants:
-        with_variants = sorted((flow.raw.get("node_variants") or {}))
-        raise InvalidInput(f"variant {spec.variant}: node {node!r} of {flow.file} has no "
-                           "variants", hint=("nodes with variants: " + ", ".join(with_variants))
-                           if with_variants else "this flow defines no node_variants",
-                           details={"field": "variant", "node": node})
-    known = sorted((variants.get("variants") or {}))
-    if variant not in known:
-        raise InvalidInput(f"variant {spec.variant}: node {node!r} has no variant {variant!r}",
-                           hint=f"its variants: {', '.join(known)}",
-                           details={"field": "variant", "node": node})
-    return f"{node}.{variant}"
-
-
-def _variant_copy(flow: FlowDefinition, variant: str, target: Path) -> Path:
-    """The flow with ``node.variant`` made the default variant of its node."""
-    node, name = variant.split(".", 1)
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(flow.folder, target, symlinks=False)
-    data = yaml.safe_load(flow.file.read_text())
-    data["node_variants"][node]["default_variant_id"] = name
-    (target / flow.file.name).write_text(yaml.safe_dump(data, sort_keys=False))
-    return target
-
-
-def _node_override(flow: FlowDefinition, spec: RunSpec) -> dict[str, str]:
-    """``connections: {node: {connection: NAME, deployment_name: x}}`` -> promptflow's node
-    overrides (``node.connection``), each node checked to exist."""
-    names = {n.get("name") for n in flow.nodes}
-    out = {}
-    for node, fields in spec.connections.items():
-        if node not in names:
-            raise InvalidInput(f"connections: {flow.file} has no node {node!r}",
-                               hint=f"its nodes: {', '.join(sorted(n for n in names if n))}",
-                               details={"field": "connections", "node": node})
-        for key, value in fields.items():
-            out[f"{node}.{key}"] = value
-    return out

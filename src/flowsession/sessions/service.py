@@ -9,6 +9,11 @@ folder to find its key). Each operation is written once, on a ``Session`` (``ref
 ``session_events``, ``stop_session``, ...); the flow forms (``show``, ``events``, ``stop``, ...)
 find the flow's session and call it. Showing, stopping, listing and the sweep need nothing but
 the record, so a session whose flow folder was deleted or moved still shows and stops.
+
+Beside it: the start options and their checks (``options``), Save and install's steps
+(``install``), reclaiming idle sessions for an implicit start (``quota``), which limit held
+when a worker died (``held``), the reconciler and idle culler (``sweep``), the standby pool
+(``pool``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +48,9 @@ from flowsession.errors import (
     SessionFailed,
 )
 from flowsession.flows.flowfile import FlowDefinition, load_flow
+from flowsession.sessions import install as save_and_install
 from flowsession.sessions.held import LimitWatch
+from flowsession.sessions.options import StartOptions, check_options, runs_as_asked
 from flowsession.sessions.pool import StandbyPool
 from flowsession.sessions.quota import Busy, provision_with_reclaim
 from flowsession.sessions.records import ACTIVE_STATES, Event, Session, SessionRecords
@@ -52,19 +59,6 @@ from flowsession.sessions.sweep import Sweeper
 from flowsession.store import Store, open_store
 
 LOG_TAIL_BYTES = 64 * 1024  # what ``session_logs`` shows unless asked for more (or less)
-
-
-@dataclass(frozen=True)
-class StartOptions:
-    """Start with advanced settings. None means the default."""
-
-    compute_type: str | None = None  # "serverless" | "instance"
-    vm_size: str | None = None  # serverless only
-    instance: str | None = None  # instance only
-    idle_timeout_s: float | None = None
-    identity: str | None = None  # serverless only (an instance uses its own)
-    image: str | None = None  # serverless only; else the flow's environment.image
-    implicit: bool = False  # started by a test line or a run: the smallest VM size
 
 
 class SessionService:
@@ -197,7 +191,7 @@ class SessionService:
         """Start the flow's session (or return the one already bound to it)."""
         options = options or StartOptions()
         flow_def = load_flow(flow)  # bad flows fail here, before anything is made
-        compute_type = self.check_options(options)
+        compute_type = check_options(options, self.computes)
         instance = (self.computes.get(options.instance, user=user)
                     if compute_type == ComputeKind.INSTANCE else None)
         if instance is not None and instance.state != ComputeState.RUNNING:
@@ -303,72 +297,12 @@ class SessionService:
 
     def check_install(self, session: Session) -> None:
         """Save and install needs a RUNNING session and its flow's folder (409 otherwise)."""
-        if session.state != S.RUNNING:
-            raise Conflict(f"session {session.id} is {session.state}: Save and install needs "
-                           "a RUNNING session", hint="reset it, or start it again",
-                           details={"state": session.state})
-        self.session_flow(session, needed_by="Save and install")
+        save_and_install.check_install(self, session)
 
     async def install_session(self, session: Session, *, actor: str) -> Session:
-        """Save and install: build the new environment beside the running one; switch only
-        when it is ready. On failure the session keeps running unchanged."""
-        session = await self.refresh(session)
-        self.check_install(session)
-        session = self.records.transition(session, S.INSTALLING, actor=actor,
-                                          reason="installing the requirements",
-                                          operator=procs.identity(), expect=[S.RUNNING])
-        new_env: Environment | None = None
-        new_handle: SessionHandle | None = None
-        standby: asyncio.Task | None = None
-        try:
-            prepared = await self.envs.prepare(session.flow,
-                                               identity=self._secrets_of(session),
-                                               image=session.image)
-            if prepared.env_id == session.env_id:
-                return self.records.transition(
-                    session, S.RUNNING, actor=actor, operator=None, expect=[S.INSTALLING],
-                    reason=_nothing_to_install(prepared))
-            compute = self.computes.get(session.compute_id, user=session.owner)
-            standby = asyncio.create_task(self.pool.claim_or_start(
-                prepared.image.ref, compute=compute.compute_handle))
-            new_env = await self._environment(session, prepared,
-                                              holder=f"{session.holder}:next")
-            self._still_installing(session)
-            new_handle = await self._run_on(compute, session, prepared, new_env, await standby)
-            standby = None
-        except BaseException as exc:
-            if standby is not None:
-                await self.pool.discard(standby)
-            if new_env is not None:
-                self.envs.cache.release(new_env.id, f"{session.holder}:next")
-            why = exc.message if isinstance(exc, FlowSessionError) else repr(exc)
-            try:
-                self.records.transition(session, S.RUNNING, actor=actor, operator=None,
-                                        reason=f"install failed, nothing changed: "
-                                               f"{why.splitlines()[0]}", expect=[S.INSTALLING])
-            except Conflict:
-                pass  # stopped meanwhile: the stop cleaned up
-            raise
-        old = session
-        try:
-            session = self.records.transition(
-                session, S.RUNNING, actor=actor, reason="installed; switched to the new "
-                f"environment {new_env.id}" + _provided(prepared), expect=[S.INSTALLING],
-                operator=None,
-                handle=new_handle.json_text(), env_id=new_env.id, snapshot_id=prepared.snapshot.id,
-                last_activity_at=self.clock())
-        except Conflict:  # the session was stopped during the install: drop the new one
-            await self.backend.stop_session(new_handle, reason="session stopped during install")
-            self.envs.cache.release(new_env.id, f"{session.holder}:next")
-            self._still_installing(session)
-            raise
-        self.envs.cache.acquire(new_env.id, session.holder)
-        self.envs.cache.release(new_env.id, f"{session.holder}:next")
-        if old.env_id and old.env_id != new_env.id:
-            self.envs.cache.release(old.env_id, session.holder)
-        if old.session_handle:
-            await self.backend.stop_session(old.session_handle, reason="replaced by install")
-        return session
+        """Save and install (``sessions.install``): the new environment is built beside the
+        running one; on failure the session keeps running unchanged."""
+        return await save_and_install.install_session(self, session, actor=actor)
 
     async def reset(self, flow: str | Path, *, user: str, reason: str = "reset") -> Session:
         return await self.reset_session(self.of_flow(flow, user=user), actor=user,
@@ -531,29 +465,9 @@ class SessionService:
             raise Conflict(f"session {session.id} is {session.state}",
                            details={"state": session.state})
         if options is not None:
-            self._runs_as_asked(session, options)
+            runs_as_asked(session, options, self.computes)
         self.records.touch(session.id)
         return await self._load_changes(session)
-
-    def _runs_as_asked(self, session: Session, options: StartOptions) -> None:
-        """Work that names an identity, a VM size or an instance never runs on a session that
-        is something else (it would run as another identity, on another compute)."""
-        compute = (self.computes.get(session.compute_id, user=session.owner)
-                   if session.compute_id else None)
-        asked = {"identity": options.identity if options.identity not in (None, "user") else None,
-                 "vm_size": options.vm_size, "instance": options.instance}
-        has = {"identity": session.identity,
-               "vm_size": compute.vm_size if compute else session.vm_size,
-               "instance": compute.name if compute and compute.kind == ComputeKind.INSTANCE
-               else None}
-        for field, want in asked.items():
-            if want and want != has[field]:
-                raise Conflict(
-                    f"the flow's session {session.id} runs with {field} "
-                    f"{has[field] or 'default'!s}, not {want}",
-                    hint="stop it (flowsession session stop FLOW) or change it (flowsession "
-                         "session update FLOW), then submit again",
-                    details={"field": field, "session": session.id})
 
     async def stop_compute(self, compute: Compute, *, actor: str, reason: str) -> Compute:
         """Stop a compute instance: the sessions on it stop first, with the reason."""
@@ -565,13 +479,6 @@ class SessionService:
                 await self._stop(session, actor=actor,
                                  reason=f"compute instance {compute.name} stopped: {reason}")
         return await self.computes.stop(compute, reason=reason)
-
-    def _still_installing(self, session: Session) -> None:
-        state = self.records.get(session.id).state
-        if state != S.INSTALLING:
-            raise Conflict(f"session {session.id} was stopped during the install (it is {state})",
-                           hint="start it again: flowsession session start FLOW",
-                           details={"state": state})
 
     async def _load_changes(self, session: Session) -> Session:
         """Edited flow files take effect at the next line, as on the flow page: a changed
@@ -591,32 +498,6 @@ class SessionService:
         return replace(self.pool.image_env(env.image), env_id=env.id,
                        site_dirs=tuple(str(p) for p in site), recipe=recipe)
 
-    def check_options(self, o: StartOptions) -> ComputeKind:
-        """The compute type the options make, or InvalidInput saying which option is wrong
-        (before anything is made)."""
-        try:
-            kind = ComputeKind(o.compute_type or (ComputeKind.INSTANCE if o.instance
-                                                  else ComputeKind.SERVERLESS))
-        except ValueError:
-            raise InvalidInput(f"compute type '{o.compute_type}' is not one of "
-                               f"{', '.join(ComputeKind)}") from None
-        if kind == ComputeKind.INSTANCE:
-            if not o.instance:
-                raise InvalidInput("a session on a compute instance needs --instance NAME",
-                                   hint="list your instances: flowsession compute list")
-            given = [n for n, v in (("--vm-size", o.vm_size), ("--identity", o.identity),
-                                    ("--image", o.image)) if v]
-            if given:
-                raise InvalidInput(
-                    f"{', '.join(given)} cannot be set for a session on a compute instance: its "
-                    "VM size and identity are the instance's, and its image is the flow's",
-                    hint="drop them, or use --compute-type serverless")
-        elif o.instance:
-            raise InvalidInput("--instance needs --compute-type instance")
-        if o.vm_size:
-            self.computes.size(o.vm_size)  # an unknown size fails before anything is made
-        return kind
-
     async def _compute_for(self, session: Session, *, reclaim: bool = False) -> Compute:
         if session.compute_id:  # an instance, or a serverless compute kept across a reset
             compute = self.computes.get(session.compute_id, user=session.owner)
@@ -631,19 +512,3 @@ class SessionService:
                 user=session.owner, size=size, identity=session.identity), reclaim=reclaim)
         self.records.set(session.id, compute_id=compute.id, vm_size=size.name)
         return compute
-
-
-
-def _nothing_to_install(prepared: Prepared) -> str:
-    """Why Save and install changed nothing: the packages the image already provides (with
-    the image's versions), else the requirements are as installed."""
-    provided = _provided(prepared)
-    if not provided:
-        return "nothing to install: the requirements are unchanged"
-    return f"nothing to install{provided}; the environment is unchanged"
-
-
-def _provided(prepared: Prepared) -> str:
-    found = prepared.provided_by_image()
-    listed = ", ".join(f"{n} {v}" for n, v in sorted(found.items()))
-    return f": the image {prepared.image.ref} already provides {listed}" if found else ""

@@ -21,7 +21,7 @@ from flowsession.config import parse_duration
 from flowsession.errors import NotFound
 from flowsession.flows.paths import check_no_control
 from flowsession.flows.registry import FlowRegistry, RegisteredFlow
-from flowsession.sessions.service import StartOptions
+from flowsession.sessions.options import StartOptions, check_options
 
 router = APIRouter(tags=["flows and sessions"])
 
@@ -167,7 +167,7 @@ async def start_session(name: str, request: Request, body: StartIn | None = None
         compute_type=body.compute_type, vm_size=body.vm_size, instance=body.instance,
         idle_timeout_s=parse_duration(body.idle_time, name="idle_time") if body.idle_time
         else None, identity=body.identity, image=body.image)
-    svc.sessions.check_options(options)  # conflicting options: 422 now, naming them
+    check_options(options, svc.sessions.computes)  # conflicting options: 422 now, naming them
     check_identity(svc, who, body.identity)
     if body.instance:
         svc.sessions.computes.get(body.instance, user=owner)  # another's instance: 404 now
