@@ -48,6 +48,7 @@ async def install_session(svc: SessionService, session: Session, *, actor: str) 
             return svc.records.transition(
                 session, S.RUNNING, actor=actor, operator=None, expect=[S.INSTALLING],
                 reason=_nothing_to_install(prepared))
+        _still_installing(svc, session)  # a stop during the resolve releases the compute
         compute = svc.computes.get(session.compute_id, user=session.owner)
         standby = asyncio.create_task(svc.pool.claim_or_start(
             prepared.image.ref, compute=compute.compute_handle))
