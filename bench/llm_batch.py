@@ -13,13 +13,19 @@ Cases:
   (a) sleep   tests/flows/sleepy: a python node that sleeps 100 ms, 1,000 lines
   (b) llm     tests/flows/llm_chat: an llm node against tests/helpers/openai_endpoint.py (an
               OpenAI-compatible server on 127.0.0.1, 100 ms latency, usage tokens), 1,000 lines
+  (b2) llm    the same, the flow's session given the machine's cores (`--instance-type
+              medium`, 2 vCPU) as pf has them: an implicit session takes the smallest size
+              (`small`, 1 vCPU, issue 10), and (b) is bound by promptflow's CPU per line
   (c) 429     the same server limited to R answers/s (429 + retry-after beyond), --rate-lines
               lines: achieved rate = answered / (last answer - first answer) vs R; 0 failed
   (d) echo    tests/flows/echo at 10,000 (and --echo-sizes) lines; beside it the executor's
               floor (one process, exec_line in a loop), floor x cores
 
-Each run is checked (Completed, every line completed, token counts for llm). Targets: (a), (b)
->= 10x pf defaults and >= 3x pf PF_WORKER_COUNT=16, achieved concurrency >= 80% of the
+Each run is checked (Completed, every line completed, token counts for llm). Lines in flight:
+"run" is the lines' summed duration over the run's (Little's law, from `run show-details`),
+"endpoint" the answered requests x latency over the time between the first and last answer,
+"peak" the most the endpoint saw at once. Targets: (a), (b) >= 10x pf defaults and >= 3x pf
+PF_WORKER_COUNT=16, achieved concurrency (the endpoint's average for llm) >= 80% of the
 setting; (c) >= 90% of R, 0 failed; (d) >= 30x pf, run lines/s >= 60% of floor x cores.
 
     .venv/bin/python bench/llm_batch.py [--lines 1000] [--rate 50] [--rate-lines 500] [--cases sleep,llm,429,echo]
@@ -59,6 +65,8 @@ from flowsession.store import open_store  # noqa: E402
 SERVER = REPO / "tests/helpers/openai_endpoint.py"
 FLOWS = REPO / "tests/flows"
 WARMUP = 10
+MEDIUM = ("--instance-type", "medium")  # (b2): the machine's 2 cores, as pf has them
+LATENCY = 0.1
 DEFAULT_CONCURRENCY = 64
 
 
@@ -100,7 +108,7 @@ def main() -> None:
     parser.add_argument("--rate-lines", type=int, default=500)
     parser.add_argument("--echo-sizes", default="10000")
     parser.add_argument("--skip-pf-echo", action="store_true")
-    parser.add_argument("--cases", default="sleep,llm,429,echo",
+    parser.add_argument("--cases", default="sleep,llm,llm2,429,echo",
                         help="which cases to run (the table shows those)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -130,6 +138,7 @@ def main() -> None:
                    capture_output=True)  # no waiting on an unreachable telemetry endpoint
 
     sleepy, chat, echo = (copy_flow(f, tmp) for f in ("sleepy", "llm_chat", "echo"))
+    chat2 = _common.copy_flow(FLOWS / "llm_chat", tmp / "llm_chat_medium")  # its own session
     data = {
         "sleep": jsonl(tmp / "sleep.jsonl", [{"seconds": "0.1"}] * n),
         "llm": jsonl(tmp / "llm.jsonl", [{"question": f"question {i}"} for i in range(n)]),
@@ -140,8 +149,8 @@ def main() -> None:
     }
     for size in {WARMUP, *echo_sizes}:
         data[f"echo{size}"] = write_data(tmp / f"echo-{size}.jsonl", size)
-    llm = LLM(0.1)
-    limited = LLM(0.1, rate=args.rate)
+    llm = LLM(LATENCY)
+    limited = LLM(LATENCY, rate=args.rate)
     res: dict = {"cores": cores, "lines": n, "rate": args.rate}
     try:
         print(f"{cores} cores; image {image.path}; {load()}", flush=True)
@@ -158,6 +167,8 @@ def main() -> None:
         for flow, d, k in ((sleepy, "sleep_w", WARMUP), (chat, "llm_w", WARMUP),
                            (echo, f"echo{WARMUP}", WARMUP)):
             fs_run(env, tmp, flow, data[d], k)
+        if "llm2" in args.cases.split(","):
+            fs_run(env, tmp, chat2, data["llm_w"], WARMUP, *MEDIUM)
         print(f"  (warm-up: server + 3 sessions + 3 x {WARMUP}-line runs "
               f"{time.perf_counter() - t0:.1f} s, not counted)", flush=True)
         pf_run(python, sleepy, data["sleep_w"], "pf_warm", pf_env, tmp)
@@ -182,6 +193,15 @@ def main() -> None:
             before = llm.stats()
             case("llm", chat, data["llm"], n, pf_too=True, pf16=True)
             res["llm"]["server"] = {"before": before, "after": llm.stats()}
+            res["llm"]["in_flight"] = in_flight(env, tmp, res["llm"], before, llm.stats())
+        if "llm2" in cases:
+            before = llm.stats()
+            case("llm2", chat2, data["llm"], n, *MEDIUM, pf_too=False, pf16=False)
+            res["llm2"]["server"] = {"before": before, "after": llm.stats()}
+            res["llm2"]["in_flight"] = in_flight(env, tmp, res["llm2"], before, llm.stats())
+            for label in ("pf", "pf16"):  # the same pf runs (same flow, same data)
+                if label in res.get("llm", {}):
+                    res["llm2"][label] = res["llm"][label]
         if "429" in cases:
             rate_case(res, args, env, tmp, chat, data, limited)
         for size in echo_sizes if "echo" in cases else []:
@@ -190,7 +210,7 @@ def main() -> None:
                  pf16=False)
         res["floor_ms"] = floor_ms(python, echo, 10000, tmp / "floor.json")
     finally:
-        stop(llm, limited, env, pf, pf_env, tmp, [sleepy, chat, echo])
+        stop(llm, limited, env, pf, pf_env, tmp, [sleepy, chat, chat2, echo])
     report(res, args)
 
 
@@ -204,6 +224,20 @@ def stop(llm: LLM, limited: LLM, env: dict, pf: list, pf_env: dict, tmp: Path,
     subprocess.run([str(EXE), "server", "stop"], env=env, capture_output=True)
     subprocess.run([*pf, "service", "stop"], env=pf_env, cwd=tmp, capture_output=True)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def in_flight(env: dict, tmp: Path, case: dict, before: dict, after: dict) -> dict:
+    """Lines in flight during a case's run (asked after it: not timed): the run's average
+    (summed line durations / run duration) and the endpoint's (its answers x latency / run
+    duration: the requests it was serving at once, on average)."""
+    _, details = fs(env, tmp, "run", "show-details", case["fs"]["name"], "--all-results",
+                    "--json")
+    busy = sum(d.get("duration") or 0 for d in details)
+    answered = after["answered"] - before["answered"]
+    run_s = case["fs"]["duration"]
+    return {"run": busy / run_s if run_s else 0.0,
+            "endpoint": answered * LATENCY / run_s if run_s else 0.0, "answered": answered,
+            "peak_since_start": after["most_in_flight"]}
 
 
 def rate_case(res: dict, args, env: dict, tmp: Path, chat: Path, data: dict,
@@ -227,20 +261,21 @@ def report(res: dict, args) -> None:
           f"{'x pf16':>8s}{'fs run s':>10s}")
     verdicts = []
     for key, label in (("sleep", "(a) python node, sleep 100 ms"),
-                       ("llm", "(b) llm node, 100 ms endpoint")):
-        if key not in res:
+                       ("llm", "(b) llm node, 100 ms endpoint"),
+                       ("llm2", "(b2) = (b), session of 2 vCPU")):
+        if key not in res or "pf" not in res[key]:
             continue
         r = res[key]
         f, p, p16 = r["fs"]["wall"], r["pf"]["wall"], r["pf16"]["wall"]
         r["x_pf"], r["x_pf16"] = p / f, p16 / f
-        # achieved concurrency: the lines' busy time over the run's duration
-        r["achieved_concurrency"] = r["lines"] * 0.1 / r["fs"]["duration"]
-        if key == "llm":  # the endpoint counts its requests in flight
-            r["achieved_concurrency"] = r["server"]["after"]["most_in_flight"]
+        # achieved concurrency: for llm the endpoint's average requests in flight; for the
+        # sleep node the lines' sleeping time over the run's duration
+        r["achieved_concurrency"] = (r["in_flight"]["endpoint"] if "in_flight" in r
+                                     else r["lines"] * LATENCY / r["fs"]["duration"])
         print(f"{label:34s}{r['lines']:>8,}{f:>8.2f}{p:>8.2f}{p16:>8.2f}{r['x_pf']:>8.1f}"
               f"{r['x_pf16']:>8.1f}{r['fs']['duration']:>10.2f}")
-        verdicts.append((f"{key}: x pf >= 10", r["x_pf"] >= 10))
-        verdicts.append((f"{key}: x pf16 >= 3", r["x_pf16"] >= 3))
+        verdicts.append((f"{key}: x pf {r['x_pf']:.1f} >= 10", r["x_pf"] >= 10))
+        verdicts.append((f"{key}: x pf16 {r['x_pf16']:.1f} >= 3", r["x_pf16"] >= 3))
         verdicts.append((f"{key}: achieved concurrency {r['achieved_concurrency']:.1f} >= "
                          f"0.8 x {DEFAULT_CONCURRENCY}",
                          r["achieved_concurrency"] >= 0.8 * DEFAULT_CONCURRENCY))
@@ -264,6 +299,11 @@ def report(res: dict, args) -> None:
     if "llm" in res:
         print(f"(b) token usage (run show system_metrics): "
               f"{res['llm']['fs'].get('system_metrics')}")
+    for key in ("llm", "llm2"):
+        if key in res:
+            f = res[key]["in_flight"]
+            print(f"({'b' if key == 'llm' else 'b2'}) lines in flight, average: run "
+                  f"{f['run']:.1f}, endpoint {f['endpoint']:.1f} ({f['answered']} answers)")
     if c is not None:
         print(f"(c) throttle (run show): {c['fs'].get('throttle')}")
     print()
