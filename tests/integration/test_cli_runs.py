@@ -216,6 +216,65 @@ def test_bad_input_is_refused_with_the_file_line_and_a_hint(fs, tmp_path, settin
     assert [r["out"] for r in output_rows(settings, skipped["name"])] == ["a", "b", "d"]
 
 
+FAILING_ACCURACY = """from typing import List
+
+from promptflow.core import tool
+
+
+@tool
+def accuracy(grades: List[str]) -> float:
+    raise ValueError("no metric today")
+"""
+
+
+def test_stream_exits_1_when_the_run_fails_or_is_canceled(fs, tmp_path):
+    """`--stream` and `run stream` end as the run ended, as pf's: 0 Completed (its failed lines
+    counted and named), 1 Failed or Canceled with the reason on stderr; the run is printed
+    either way (--json too)."""
+    flow_copy(tmp_path, "raises")
+    some = fs("run", "create", "--flow", "raises", "--data", "raises/data.jsonl",
+              "--name", "some", "--stream")
+    assert some.returncode == 0, some.stderr  # a completed run with failed lines (pf's rule)
+    assert "status: Completed" in some.stdout
+    assert "summary: 2 of 4 line(s) completed, 2 of 4 failed" in some.stdout
+    assert "run some completed with 2 of 4 line(s) failed" in some.stderr, some.stderr
+    assert "run show-details some" in some.stderr
+
+    flow = flow_copy(tmp_path, "aggregate")
+    (flow / "accuracy.py").write_text(FAILING_ACCURACY)
+    broken = fs("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
+                "--name", "broken", "--stream", "--json")
+    assert broken.returncode == 1, broken.stderr
+    printed = json.loads(broken.stdout)
+    assert printed["name"] == "broken" and printed["status"] == "Failed", printed
+    assert "error: run broken failed: the aggregation failed" in broken.stderr, broken.stderr
+    assert "no metric today" in broken.stderr and "run logs broken" in broken.stderr
+    again = fs("run", "stream", "broken")  # an ended run: at once, with the same exit
+    assert again.returncode == 1 and "status: Failed" in again.stdout, again.stderr
+    assert "error: run broken failed" in again.stderr
+    plain = fs("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
+               "--name", "plain")
+    assert plain.returncode == 0 and "status: Failed" in plain.stdout  # waits as pf's: 0
+
+    flow_copy(tmp_path, "sleepy")
+    (tmp_path / "long.jsonl").write_text('{"seconds": "60"}\n' * 3)
+    fs.ok("run", "create", "--flow", "sleepy", "--data", "long.jsonl", "--name", "long",
+          "--detach")
+    following = fs.popen("run", "stream", "long")
+    deadline = time.monotonic() + 120
+    while fs.json("run", "show", "long")["status"] != "Running":
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.5)
+    fs.ok("run", "cancel", "long")
+    out, err = following.communicate(timeout=120)
+    assert following.returncode == 1, (out, err)
+    assert "status: Canceled" in out, out
+    assert "error: run long was canceled" in err, err
+    assert "Traceback" not in out + err
+    shown = fs("run", "stream", "long", "--json")
+    assert shown.returncode == 1 and json.loads(shown.stdout)["status"] == "Canceled"
+
+
 SLOW_TOOL = '''import time
 
 from promptflow.core import tool
@@ -391,9 +450,13 @@ def test_a_run_on_a_chosen_size_with_variables_resumed_with_others(fs, tmp_path,
     assert (first["status"], first["completed"], first["failed"]) == ("Completed", 2, 1), first
     shown = fs.json("session", "show", "moody")
     assert "small" in json.dumps(shown), shown
-    refused = fs.json("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
-                      "--column-mapping", "x=${data.x}", "--instance-type", "medium", "--stream")
+    proc = fs("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
+              "--column-mapping", "x=${data.x}", "--instance-type", "medium", "--stream",
+              "--json")
+    assert proc.returncode == 1, proc.stderr  # --stream: the exit says the run failed
+    refused = json.loads(proc.stdout)  # and the run is printed all the same
     assert refused["status"] == "Failed" and refused["completed"] == 0, refused
+    assert "runs with vm_size small, not medium" in proc.stderr, proc.stderr
     assert "runs with vm_size small, not medium" in refused["error"], refused
     resumed = fs.json("run", "create", "--resume-from", "moody1", "--name", "moody2",
                       "--stream", "--environment-variables", "MODE=fixed")
@@ -459,11 +522,12 @@ def test_runs_on_a_compute_instance_and_as_a_managed_identity(fs, tmp_path, sett
     box = fs.json("compute", "create", "box", "--size", "small")
     fs.json("identity", "create", "team")
 
-    def run(flow: str, *options: str) -> tuple[dict, dict]:
-        made = fs.json("run", "create", "--flow", flow, "--data", f"{flow}/data.jsonl",
-                       "--column-mapping", "x=${data.x}", "--name", f"{flow}1", "--stream",
-                       *options)
-        return made, fs.json("run", "show", f"{flow}1")
+    def run(flow: str, *options: str, exit: int = 0) -> tuple[dict, dict]:
+        proc = fs("run", "create", "--flow", flow, "--data", f"{flow}/data.jsonl",
+                  "--column-mapping", "x=${data.x}", "--name", f"{flow}1", "--stream",
+                  "--json", *options)
+        assert proc.returncode == exit, proc.stderr
+        return json.loads(proc.stdout), fs.json("run", "show", f"{flow}1")
 
     try:
         made, shown = run("boxed", "--compute", "box")
@@ -479,7 +543,7 @@ def test_runs_on_a_compute_instance_and_as_a_managed_identity(fs, tmp_path, sett
         session = fs.json("session", "show", "teamed")
         assert (session["id"], session["identity"]) == (shown["session_id"], "team"), session
 
-        made, shown = run("both", "--compute", "box", "--identity", "team")
+        made, shown = run("both", "--compute", "box", "--identity", "team", exit=1)
         assert (made["status"], made["completed"]) == ("Failed", 0), made
         assert "--identity" in made["error"] and "instance's" in made["error"], made
     finally:
