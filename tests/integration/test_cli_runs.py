@@ -329,6 +329,45 @@ def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, 
                                                for i in range(n)]
 
 
+def test_a_run_in_flight_when_the_server_stops_goes_on_when_it_starts_again(fs, tmp_path,
+                                                                           settings):
+    """`server stop` mid-run stops the run's session with the server (nothing of it is left
+    running) and says the run goes on; the next command starts the server, which runs the
+    lines without a stored result on a new session: every line once."""
+    from flowsession.backends.compute import procs
+
+    flow = tmp_path / "slow"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(SLOW_YAML)
+    (flow / "slow.py").write_text(SLOW_TOOL)
+    n = 16
+    (tmp_path / "slow.jsonl").write_text("".join(
+        json.dumps({"text": f"l{i}", "seconds": "1"}) + "\n" for i in range(n)))
+    fs.ok("run", "create", "--flow", "slow", "--data", "slow.jsonl", "--name", "paused",
+          "--workers", "1", "--max-concurrency", "1", "--detach")
+    records = RunRecords(open_store(settings.db_url))
+    deadline = time.monotonic() + 120
+    while (records.find("paused").completed or 0) < 2:
+        assert time.monotonic() < deadline, records.find("paused")
+        time.sleep(0.1)
+    first = records.find("paused").session_id
+
+    stopped = fs.ok("server", "stop")
+    assert "and its 1 session(s)" in stopped.stdout, stopped.stdout
+    assert "1 run(s) in flight (paused) go on when the server starts again" in stopped.stdout
+    assert procs.with_argument_under(str(settings.runtime_dir)) == {}  # nothing left running
+    assert records.find("paused").status == "Running"
+    assert records.find("paused").completed < n, "the run ended before the server stopped"
+    log = (settings.runs_dir / "paused" / "logs" / "run.log").read_text()
+    assert "the server was stopped" in log, log
+
+    done = fs.json("run", "stream", "paused")  # starts the server again
+    assert (done["status"], done["completed"], done["failed"]) == ("Completed", n, 0), done
+    assert done["session_id"] != first
+    assert sorted(stored_positions(settings, "paused")) == list(range(n))  # none twice
+    assert sorted(r["line_number"] for r in output_rows(settings, "paused")) == list(range(n))
+
+
 KEY_A = "sk-cli-run-key-A-5e4d3c2b1a"
 KEY_B = "sk-cli-run-key-B-0f9e8d7c6b"
 
