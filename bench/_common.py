@@ -74,7 +74,7 @@ def server_start(env: dict) -> float:
 
 
 def server_stop(env: dict, cwd: Path, flows: list[Path] = ()) -> None:
-    for flow in flows:  # the sessions outlive the server: stop them first
+    for flow in flows:  # each session stopped by name first (a server stop stops any left)
         subprocess.run([str(EXE), "session", "stop", str(flow)], env=env, cwd=cwd,
                        capture_output=True)
     subprocess.run([str(EXE), "server", "stop"], env=env, capture_output=True)

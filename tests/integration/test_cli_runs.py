@@ -216,6 +216,65 @@ def test_bad_input_is_refused_with_the_file_line_and_a_hint(fs, tmp_path, settin
     assert [r["out"] for r in output_rows(settings, skipped["name"])] == ["a", "b", "d"]
 
 
+FAILING_ACCURACY = """from typing import List
+
+from promptflow.core import tool
+
+
+@tool
+def accuracy(grades: List[str]) -> float:
+    raise ValueError("no metric today")
+"""
+
+
+def test_stream_exits_1_when_the_run_fails_or_is_canceled(fs, tmp_path):
+    """`--stream` and `run stream` end as the run ended, as pf's: 0 Completed (its failed lines
+    counted and named), 1 Failed or Canceled with the reason on stderr; the run is printed
+    either way (--json too)."""
+    flow_copy(tmp_path, "raises")
+    some = fs("run", "create", "--flow", "raises", "--data", "raises/data.jsonl",
+              "--name", "some", "--stream")
+    assert some.returncode == 0, some.stderr  # a completed run with failed lines (pf's rule)
+    assert "status: Completed" in some.stdout
+    assert "summary: 2 of 4 line(s) completed, 2 of 4 failed" in some.stdout
+    assert "run some completed with 2 of 4 line(s) failed" in some.stderr, some.stderr
+    assert "run show-details some" in some.stderr
+
+    flow = flow_copy(tmp_path, "aggregate")
+    (flow / "accuracy.py").write_text(FAILING_ACCURACY)
+    broken = fs("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
+                "--name", "broken", "--stream", "--json")
+    assert broken.returncode == 1, broken.stderr
+    printed = json.loads(broken.stdout)
+    assert printed["name"] == "broken" and printed["status"] == "Failed", printed
+    assert "error: run broken failed: the aggregation failed" in broken.stderr, broken.stderr
+    assert "no metric today" in broken.stderr and "run logs broken" in broken.stderr
+    again = fs("run", "stream", "broken")  # an ended run: at once, with the same exit
+    assert again.returncode == 1 and "status: Failed" in again.stdout, again.stderr
+    assert "error: run broken failed" in again.stderr
+    plain = fs("run", "create", "--flow", "aggregate", "--data", "aggregate/data.jsonl",
+               "--name", "plain")
+    assert plain.returncode == 0 and "status: Failed" in plain.stdout  # waits as pf's: 0
+
+    flow_copy(tmp_path, "sleepy")
+    (tmp_path / "long.jsonl").write_text('{"seconds": "60"}\n' * 3)
+    fs.ok("run", "create", "--flow", "sleepy", "--data", "long.jsonl", "--name", "long",
+          "--detach")
+    following = fs.popen("run", "stream", "long")
+    deadline = time.monotonic() + 120
+    while fs.json("run", "show", "long")["status"] != "Running":
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.5)
+    fs.ok("run", "cancel", "long")
+    out, err = following.communicate(timeout=120)
+    assert following.returncode == 1, (out, err)
+    assert "status: Canceled" in out, out
+    assert "error: run long was canceled" in err, err
+    assert "Traceback" not in out + err
+    shown = fs("run", "stream", "long", "--json")
+    assert shown.returncode == 1 and json.loads(shown.stdout)["status"] == "Canceled"
+
+
 SLOW_TOOL = '''import time
 
 from promptflow.core import tool
@@ -268,6 +327,45 @@ def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, 
     assert sorted(stored_positions(settings, "orphan")) == list(range(n))
     assert output_rows(settings, "orphan") == [{"line_number": i, "out": f"L{i}"}
                                                for i in range(n)]
+
+
+def test_a_run_in_flight_when_the_server_stops_goes_on_when_it_starts_again(fs, tmp_path,
+                                                                           settings):
+    """`server stop` mid-run stops the run's session with the server (nothing of it is left
+    running) and says the run goes on; the next command starts the server, which runs the
+    lines without a stored result on a new session: every line once."""
+    from flowsession.backends.compute import procs
+
+    flow = tmp_path / "slow"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(SLOW_YAML)
+    (flow / "slow.py").write_text(SLOW_TOOL)
+    n = 16
+    (tmp_path / "slow.jsonl").write_text("".join(
+        json.dumps({"text": f"l{i}", "seconds": "1"}) + "\n" for i in range(n)))
+    fs.ok("run", "create", "--flow", "slow", "--data", "slow.jsonl", "--name", "paused",
+          "--workers", "1", "--max-concurrency", "1", "--detach")
+    records = RunRecords(open_store(settings.db_url))
+    deadline = time.monotonic() + 120
+    while (records.find("paused").completed or 0) < 2:
+        assert time.monotonic() < deadline, records.find("paused")
+        time.sleep(0.1)
+    first = records.find("paused").session_id
+
+    stopped = fs.ok("server", "stop")
+    assert "and its 1 session(s)" in stopped.stdout, stopped.stdout
+    assert "1 run(s) in flight (paused) go on when the server starts again" in stopped.stdout
+    assert procs.with_argument_under(str(settings.runtime_dir)) == {}  # nothing left running
+    assert records.find("paused").status == "Running"
+    assert records.find("paused").completed < n, "the run ended before the server stopped"
+    log = (settings.runs_dir / "paused" / "logs" / "run.log").read_text()
+    assert "the server was stopped" in log, log
+
+    done = fs.json("run", "stream", "paused")  # starts the server again
+    assert (done["status"], done["completed"], done["failed"]) == ("Completed", n, 0), done
+    assert done["session_id"] != first
+    assert sorted(stored_positions(settings, "paused")) == list(range(n))  # none twice
+    assert sorted(r["line_number"] for r in output_rows(settings, "paused")) == list(range(n))
 
 
 KEY_A = "sk-cli-run-key-A-5e4d3c2b1a"
@@ -391,9 +489,13 @@ def test_a_run_on_a_chosen_size_with_variables_resumed_with_others(fs, tmp_path,
     assert (first["status"], first["completed"], first["failed"]) == ("Completed", 2, 1), first
     shown = fs.json("session", "show", "moody")
     assert "small" in json.dumps(shown), shown
-    refused = fs.json("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
-                      "--column-mapping", "x=${data.x}", "--instance-type", "medium", "--stream")
+    proc = fs("run", "create", "--flow", "moody", "--data", "moody/data.jsonl",
+              "--column-mapping", "x=${data.x}", "--instance-type", "medium", "--stream",
+              "--json")
+    assert proc.returncode == 1, proc.stderr  # --stream: the exit says the run failed
+    refused = json.loads(proc.stdout)  # and the run is printed all the same
     assert refused["status"] == "Failed" and refused["completed"] == 0, refused
+    assert "runs with vm_size small, not medium" in proc.stderr, proc.stderr
     assert "runs with vm_size small, not medium" in refused["error"], refused
     resumed = fs.json("run", "create", "--resume-from", "moody1", "--name", "moody2",
                       "--stream", "--environment-variables", "MODE=fixed")
@@ -459,11 +561,12 @@ def test_runs_on_a_compute_instance_and_as_a_managed_identity(fs, tmp_path, sett
     box = fs.json("compute", "create", "box", "--size", "small")
     fs.json("identity", "create", "team")
 
-    def run(flow: str, *options: str) -> tuple[dict, dict]:
-        made = fs.json("run", "create", "--flow", flow, "--data", f"{flow}/data.jsonl",
-                       "--column-mapping", "x=${data.x}", "--name", f"{flow}1", "--stream",
-                       *options)
-        return made, fs.json("run", "show", f"{flow}1")
+    def run(flow: str, *options: str, exit: int = 0) -> tuple[dict, dict]:
+        proc = fs("run", "create", "--flow", flow, "--data", f"{flow}/data.jsonl",
+                  "--column-mapping", "x=${data.x}", "--name", f"{flow}1", "--stream",
+                  "--json", *options)
+        assert proc.returncode == exit, proc.stderr
+        return json.loads(proc.stdout), fs.json("run", "show", f"{flow}1")
 
     try:
         made, shown = run("boxed", "--compute", "box")
@@ -479,7 +582,7 @@ def test_runs_on_a_compute_instance_and_as_a_managed_identity(fs, tmp_path, sett
         session = fs.json("session", "show", "teamed")
         assert (session["id"], session["identity"]) == (shown["session_id"], "team"), session
 
-        made, shown = run("both", "--compute", "box", "--identity", "team")
+        made, shown = run("both", "--compute", "box", "--identity", "team", exit=1)
         assert (made["status"], made["completed"]) == ("Failed", 0), made
         assert "--identity" in made["error"] and "instance's" in made["error"], made
     finally:

@@ -1,7 +1,8 @@
 """The CLI and its server, as a user at a shell sees them: with nothing configured the CLI
 starts a local server for the home (its token private, never in a process's arguments or a
-log), a stopped or killed server comes back with the next command and takes up its sessions,
-and the server's users, tokens, roles and audit log are commands too."""
+log), a stopped server stops its sessions with it and comes back with the next command, a
+killed one comes back and takes up its sessions, and the server's users, tokens, roles and
+audit log are commands too."""
 
 from __future__ import annotations
 
@@ -118,16 +119,35 @@ def test_a_new_user_gets_a_local_server_that_comes_back_after_a_stop(fs, setting
     assert_token_kept_private(fs, settings, token)
 
     stopped = fs.ok("server", "stop")
-    assert f"pid {first}" in stopped.stdout and "sessions keep running" in stopped.stdout
+    assert f"stopped the flowsession server (pid {first}) and its 1 session(s)" \
+        in stopped.stdout, stopped.stdout
     assert not procs.alive(first, None)
     assert fs.json("server", "status")["running"] is False
-    os.kill(started["pid"], 0)  # the session's supervisor outlived the server
+    assert not procs.alive(started["pid"], None)  # the session stopped with the server
+    assert procs.with_argument_under(str(settings.runtime_dir)) == {}  # nothing of it left
 
+    # the next command starts the server again: the session is shown stopped, and why
+    shown = fs.json("session", "show", started["id"])
+    assert shown["state"] == "STOPPED", shown
+    last = fs.json("session", "events", started["id"])[-1]
+    assert (last["to_state"], last["actor"], last["reason"]) == (
+        "STOPPED", "system:server", "the server was stopped"), last
+    assert fs.json("session", "list") == []
+    second = server_pid(settings)
+    assert second != first and procs.alive(second, None)
+
+    # a crash stops nothing: the next server takes the session up
+    started = fs.json("session", "start", flow)
+    os.kill(second, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while procs.alive(second, None):
+        assert time.monotonic() < deadline, "the killed server lingers"
+        time.sleep(0.05)
     shown = fs.json("session", "show", flow)  # starts the server again, takes the session up
     assert (shown["id"], shown["state"], shown["pid"]) == (started["id"], "RUNNING",
                                                            started["pid"])
-    second = server_pid(settings)
-    assert second != first and procs.alive(second, None)
+    third = server_pid(settings)
+    assert third != second and procs.alive(third, None)
     again = client_json(settings)
     assert again["token"] == token  # the same user, the same token
     assert again["url"] == fs.json("server", "status")["url"]
@@ -140,6 +160,8 @@ def test_a_new_user_gets_a_local_server_that_comes_back_after_a_stop(fs, setting
 
     stopped = fs.ok("session", "stop", flow)
     assert f"stopped session {started['id']}" in stopped.stdout
+    assert fs.json("server", "stop") == {"stopped": True, "pid": third, "killed": False,
+                                         "sessions": [], "runs": []}
     assert_token_kept_private(fs, settings, token)
 
 
@@ -334,3 +356,29 @@ def test_server_register_and_show_token_as_make_run_uses_them(fs, settings, tmp_
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_server_told_to_keep_its_sessions_leaves_them_to_the_next_one(fs, settings, tmp_path):
+    """`flowsession server --keep-sessions` (a server restarted for an upgrade): its orderly
+    stop leaves the sessions running, and the next server takes them up."""
+    from helpers.server import free_port
+
+    flow = str(make_flow(tmp_path, "kept", None))
+    fs.flows.append(flow)
+    with open(tmp_path / "server.out", "wb") as out:
+        proc = subprocess.Popen([FLOWSESSION, "server", "--port", str(free_port()),
+                                 "--keep-sessions"], env=fs.env, cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while fs.json("server", "status")["answers"] is not True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        started = fs.json("session", "start", flow)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # an orderly stop
+        proc.wait(timeout=60)
+    assert procs.alive(started["pid"], None)  # kept
+    shown = fs.json("session", "show", flow)  # a new server takes it up
+    assert (shown["id"], shown["state"], shown["pid"]) == (started["id"], "RUNNING",
+                                                           started["pid"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -56,7 +56,12 @@ def bootstrap_admin(svc: Services, token_file: Path | None) -> str | None:
     return token
 
 
-def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, background: bool = True,
+               keep_sessions: bool = False,
+               on_stopped: Callable[[dict], None] | None = None) -> FastAPI:
+    """The app. Its orderly stop stops the sessions (``keep_sessions``: leaves them to the
+    next server, as a crash does) and tells ``on_stopped`` what it stopped (``_stop_sessions``).
+    """
     settings = settings or Settings.from_env()
     svc = Services.open(settings)
     svc.accounts.ensure_builtin_roles()
@@ -74,7 +79,16 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         finally:
             for t in tasks:
                 t.cancel()
+            if tasks:  # a sweep or a run's step cut short cleans up before sessions stop
+                await asyncio.wait(tasks, timeout=10)
             await ops.shutdown()
+            if not keep_sessions:
+                stopped = await _stop_sessions(svc)
+                if stopped is not None and on_stopped is not None:
+                    try:
+                        on_stopped(stopped)
+                    except Exception:  # noqa: BLE001 - the stop goes on; the log says why
+                        log.exception("telling what the server stopped")
             await _drain_standbys(app, svc)
 
     app = FastAPI(title="flowsession", version=__version__, lifespan=lifespan,
@@ -219,9 +233,32 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     return app
 
 
+async def _stop_sessions(svc: Services) -> dict | None:
+    """An orderly stop leaves no session running (``sessions/shutdown.py``); a run in flight
+    goes on when a server starts again (a run outlives its session), and its log says so.
+    ``{"sessions": [ids stopped], "runs": [names in flight]}``; None if it failed."""
+    from flowsession.runs.model import ACTIVE
+    from flowsession.sessions.shutdown import stop_all
+
+    try:
+        stopped = await stop_all(svc.sessions)
+        runs = [r.name for r in svc.runs.records.list(owner=None, statuses=ACTIVE)]
+    except Exception:  # noqa: BLE001 - never stops the shutdown; the next server sweeps
+        log.exception("stopping the sessions with the server")
+        return None
+    for name in runs:
+        svc.runs.files(name).log("the server was stopped, and the sessions with it: the run "
+                                 "goes on when a server starts again (flowsession run cancel "
+                                 f"{name} ends it)")
+    if stopped or runs:
+        log.warning("stopped %d session(s) with the server; %d run(s) in flight go on when a "
+                    "server starts again", len(stopped), len(runs))
+    return {"sessions": [s.id for s in stopped], "runs": runs}
+
+
 async def _drain_standbys(app: FastAPI, svc: Services) -> None:
-    """A stopping server stops its warm standby supervisors (its sessions live on: they are
-    the users'; a standby is this server's optimisation, and would idle for an hour)."""
+    """A stopping server stops its warm standby supervisors (a standby is this server's
+    optimisation, and would idle for an hour), after its sessions (unless it keeps them)."""
     fill = getattr(app.state, "pool_fill", None)
     if fill is not None and not fill.done():
         with contextlib.suppress(Exception):

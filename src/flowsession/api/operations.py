@@ -146,9 +146,14 @@ class Operations:
             except asyncio.TimeoutError:
                 yield {"event": "heartbeat"}
 
-    async def shutdown(self) -> None:
-        for task in list(self.tasks.values()):
+    async def shutdown(self, timeout: float = 15.0) -> None:
+        """Cancel the operations in flight (each failed, saying why), and give them up to
+        ``timeout`` seconds to clean up (a start stops its half-started session)."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
             task.cancel()
         for op_id in list(self.tasks):
             self._end(op_id, OperationStatus.FAILED, error={
                 "code": "interrupted", "message": "the server stopped while this operation ran"})
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,7 +24,7 @@ from flowsession.cli.output import emit_json, err, fields, handle_errors, out, p
 from flowsession.cli.pfargs import PfCommand, flow_ref
 from flowsession.client import Client
 from flowsession.errors import InvalidInput
-from flowsession.runs.model import ENDED, LineStatus, Run
+from flowsession.runs.model import ENDED, LineStatus, Run, RunStatus
 
 if TYPE_CHECKING:
     from flowsession.runs.spec import RunSpec
@@ -157,7 +158,8 @@ def create(
                                         "lines (they are reported) instead of refusing."),
     resume_from: str = typer.Option(None, "--resume-from", help="Run again only the lines "
                                     "that failed (or never ran) in this run."),
-    stream: bool = typer.Option(False, "--stream", help="Show progress until the run ends."),
+    stream: bool = typer.Option(False, "--stream", help="Show progress until the run ends; "
+                                "exit 1 if it ends Failed or Canceled (0 if Completed)."),
     detach: bool = typer.Option(False, "--detach", help="Return once the run is submitted."),
     json: bool = JSON,
 ) -> None:
@@ -201,6 +203,8 @@ def create(
     if run_.status not in ENDED and not json:
         err.print(f"[dim]the run goes on in its session: flowsession run show {run_.name}[/]",
                   highlight=False)
+    if stream and not detach:
+        _exit_as_ended(run_)
 
 
 def _follow(c: Client, run: Run, *, bar: bool) -> Run:
@@ -237,10 +241,38 @@ def _follow(c: Client, run: Run, *, bar: bool) -> Run:
 @app.command()
 @handle_errors
 def stream(name: str = NAME, json: bool = JSON) -> None:
-    """Follow a run with a progress bar until it ends."""
+    """Follow a run with a progress bar until it ends; exit 1 if it ends Failed or
+    Canceled (0 if Completed, even with failed lines: the summary counts them)."""
     with client() as c:
         run = _follow(c, c.get_run(name), bar=True)
         _show(c, run, json=json)
+    _exit_as_ended(run)
+
+
+def _exit_as_ended(run: Run) -> None:
+    """The exit of ``--stream`` and ``run stream`` says how the run ended, as pf's: 0
+    Completed (failed lines counted in its summary, and named here), 1 Failed or Canceled
+    (why, on stderr), 130 when the waiting was stopped (Ctrl-C) before the run ended."""
+    if run.status == RunStatus.COMPLETED:
+        if run.failed:
+            err.print(f"[yellow]warning:[/] run {escape(run.name)} completed with "
+                      f"{run.failed} of {run.total} line(s) failed: flowsession run "
+                      f"show-details {escape(run.name)}",
+                      highlight=False)
+        return
+    if run.status == RunStatus.FAILED:
+        err.print(f"[bold red]error:[/] run {escape(run.name)} failed: "
+                  f"{escape(run.error or 'no reason was recorded')}", highlight=False)
+        err.print(f"[yellow]hint:[/] its log says more: flowsession run logs "
+                  f"{escape(run.name)}",
+                  highlight=False)
+        raise typer.Exit(1)
+    if run.status == RunStatus.CANCELED:
+        err.print(f"[bold red]error:[/] run {escape(run.name)} was canceled "
+                  f"({escape(run.summary())})" + (f": {escape(run.error)}" if run.error else ""),
+                  highlight=False)
+        raise typer.Exit(1)
+    raise typer.Exit(130)  # not ended: the waiting was stopped (the run goes on)
 
 
 @app.command()

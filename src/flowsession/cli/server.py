@@ -6,7 +6,9 @@ no ``FLOWSESSION_URL`` is set: they start it when none runs (``client/local_serv
 starts it, a server writes its identity to ``FLOWSESSION_HOME/server.pid`` and its URL and a
 token of its administrator to ``FLOWSESSION_HOME/client.json`` (mode 0600). The token is made
 when the server's first user is: a restarted server keeps the token of the file and writes its
-new URL beside it."""
+new URL beside it. An orderly stop (``server stop``, SIGTERM, Ctrl-C) stops the server's
+sessions too, and writes what it stopped to ``FLOWSESSION_HOME/server.stopped.json`` for
+``server stop`` to tell; a crash leaves them to the next server, which takes them up."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -26,13 +29,15 @@ from flowsession.client.local_server import (
     client_config_path,
     pid_path,
     read_client_config,
+    read_stopped,
     running_pid,
     server_log,
+    stopped_path,
 )
 from flowsession.errors import Conflict
 
 app = typer.Typer()
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 60.0  # SIGTERM, then SIGKILL: the sessions stop first
 
 
 def write_private(path: Path, text: str) -> None:
@@ -83,6 +88,10 @@ def server(
     log_level: str = typer.Option("info", "--log-level"),
     show_token: bool = typer.Option(False, "--show-token", help="Print the administrator's "
                                     "token (kept in client.json) even when it is not new."),
+    keep_sessions: bool = typer.Option(False, "--keep-sessions", help="On stop, leave the "
+                                       "sessions running for the next server to take up (a "
+                                       "server restarted for an upgrade); by default an "
+                                       "orderly stop stops them."),
 ) -> None:
     """Serve the API. On a new server the first user (you) becomes Owner; their token is kept
     in FLOWSESSION_HOME/client.json for the CLI and the SDK (and printed once, on a terminal)."""
@@ -103,7 +112,13 @@ def server(
         raise Conflict(f"a flowsession server already runs for {settings.home} (pid {other}"
                        + (f", {saved}" if saved else "") + ")",
                        hint="use it, or stop it first: flowsession server stop")
-    app_ = create_app(settings)
+    pidfile = pid_path(settings)
+    me = procs.identity()
+
+    def stopped(what: dict) -> None:  # for `server stop` to tell (it waits for this process)
+        write_private(stopped_path(settings), json.dumps({"server": me, **what}))
+
+    app_ = create_app(settings, keep_sessions=keep_sessions, on_stopped=stopped)
     svc = app_.state.services
     new_token = bootstrap_admin(svc, None)
     url = _client_url(host, port)
@@ -113,8 +128,6 @@ def server(
     write_private(config, json.dumps({  # the URL always; a token when there is one to keep
         "url": url, "token": kept[0] if kept else saved.get("token"),
         "user": kept[1] if kept else saved.get("user")}))
-    pidfile = pid_path(settings)
-    me = procs.identity()
     write_private(pidfile, me + "\n")
     for folder in register or []:
         name = folder.resolve().name
@@ -136,7 +149,7 @@ def server(
     try:
         uvicorn.run(app_, host=host, port=port, log_level=log_level,
                     timeout_graceful_shutdown=5)
-    finally:
+    finally:  # (uvicorn re-raises a SIGTERM once it has shut down: then this never runs)
         with contextlib.suppress(OSError):
             if pidfile.read_text().strip() == me:
                 pidfile.unlink()
@@ -166,23 +179,54 @@ def start(port: int = typer.Option(None, "--port", help="The port (default: a fr
 @handle_errors
 def stop(json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")
          ) -> None:
-    """Stop this home's local server. Sessions keep running: the next command starts the
-    server again, and it takes them up."""
+    """Stop this home's local server and its sessions (each stopped gracefully, its record
+    saying why). A run in flight goes on when the server starts again (the next command
+    starts it)."""
     from flowsession.config import Settings
 
     settings = Settings.from_env()
-    pid = stop_local_server(settings)
+    with err.status("stopping the flowsession server and its sessions ..."):
+        stopped = stop_local_server(settings)
     if json:
-        return emit_json({"stopped": pid is not None, "pid": pid})
-    if pid is None:
+        return emit_json({"stopped": stopped is not None,
+                          **(stopped.to_dict() if stopped else {"pid": None})})
+    if stopped is None:
         out.print(f"no flowsession server runs for {settings.home}", highlight=False)
-    else:
-        out.print(f"stopped the flowsession server (pid {pid}); sessions keep running",
+        return
+    if stopped.sessions is None:  # it said nothing: killed, or it kept its sessions
+        out.print(f"stopped the flowsession server (pid {stopped.pid})"
+                  + ("; it did not stop in time and was killed: its sessions may still run "
+                     "(the next server takes them up)" if stopped.killed else ""),
                   highlight=False)
+        return
+    n = len(stopped.sessions)
+    out.print(f"stopped the flowsession server (pid {stopped.pid}) and its {n} session(s)"
+              if n else f"stopped the flowsession server (pid {stopped.pid}); it ran no "
+              "session", highlight=False)
+    if stopped.runs:
+        out.print(f"{len(stopped.runs)} run(s) in flight ({', '.join(stopped.runs)}) go on "
+                  "when the server starts again (flowsession run cancel NAME ends one)",
+                  highlight=False, markup=False)
 
 
-def stop_local_server(settings, timeout: float = STOP_TIMEOUT_S) -> int | None:
-    """SIGTERM to this home's server (SIGKILL if it lingers); its pid, or None if none ran."""
+@dataclass(frozen=True)
+class Stopped:
+    """A stopped local server: its pid, the sessions it stopped with itself and the runs
+    still in flight (None: it did not say: killed, or it kept its sessions)."""
+
+    pid: int
+    killed: bool
+    sessions: list[str] | None
+    runs: list[str] | None
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "killed": self.killed, "sessions": self.sessions,
+                "runs": self.runs}
+
+
+def stop_local_server(settings, timeout: float = STOP_TIMEOUT_S) -> Stopped | None:
+    """SIGTERM to this home's server (SIGKILL if it lingers past ``timeout``): what it
+    stopped, or None if none ran."""
     pid = running_pid(settings)
     if pid is None:
         return None
@@ -194,7 +238,8 @@ def stop_local_server(settings, timeout: float = STOP_TIMEOUT_S) -> int | None:
     deadline = time.monotonic() + timeout
     while procs.identity_alive(ident) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if procs.identity_alive(ident):
+    killed = procs.identity_alive(ident)
+    if killed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         while procs.identity_alive(ident) and time.monotonic() < deadline + 5:
@@ -202,7 +247,10 @@ def stop_local_server(settings, timeout: float = STOP_TIMEOUT_S) -> int | None:
     with contextlib.suppress(OSError):
         if pid_path(settings).read_text().strip() == ident:
             pid_path(settings).unlink()
-    return pid
+    said = None if killed else read_stopped(settings, ident)
+    return Stopped(pid=pid, killed=killed,
+                   sessions=list(said.get("sessions") or []) if said else None,
+                   runs=list(said.get("runs") or []) if said else None)
 
 
 @app.command()

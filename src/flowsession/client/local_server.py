@@ -77,6 +77,22 @@ def pid_path(settings: Settings) -> Path:
     return settings.home / "server.pid"
 
 
+def stopped_path(settings: Settings) -> Path:
+    """What the local server stopped with itself, written as it exits: ``{"server": its
+    identity, "sessions": [ids], "runs": [names still in flight]}``."""
+    return settings.home / "server.stopped.json"
+
+
+def read_stopped(settings: Settings, ident: str) -> dict | None:
+    """What the server ``ident`` said it stopped with itself; None if it said nothing (it
+    was killed, or kept its sessions)."""
+    try:
+        data = json.loads(stopped_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("server") == ident else None
+
+
 def read_client_config(settings: Settings) -> dict:
     try:
         data = json.loads(client_config_path(settings).read_text())
