@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from test_cli_runs import flow_copy, fs  # noqa: F401 - fs is a fixture
+from test_cli_runs import flow_copy
 
 pytestmark = pytest.mark.timeout(300)
 

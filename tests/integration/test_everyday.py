@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_cli_runs import Cli, fs  # noqa: F401  (the fixture)
+from test_cli_runs import Cli
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,8 +19,6 @@ from test_runs import (  # the same fixtures and helpers as the other runs' test
     flow_copy,
     go,
     outs,
-    rs,  # noqa: F401 - a fixture
-    run_settings,  # noqa: F401 - a fixture
     slow_flow,
     stored_positions,
     wait_until,
