@@ -287,14 +287,19 @@ def slow(text: str, seconds: str) -> str:
 '''
 
 
-def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, settings):
+def slow_flow(tmp_path: Path, n: int, seconds: str) -> int:
+    """tmp_path/slow (a line sleeps ``seconds``) and tmp_path/slow.jsonl of ``n`` lines."""
     flow = tmp_path / "slow"
     flow.mkdir()
     (flow / "flow.dag.yaml").write_text(SLOW_YAML)
     (flow / "slow.py").write_text(SLOW_TOOL)
-    n = 16
     (tmp_path / "slow.jsonl").write_text("".join(
-        json.dumps({"text": f"l{i}", "seconds": "0.4"}) + "\n" for i in range(n)))
+        json.dumps({"text": f"l{i}", "seconds": seconds}) + "\n" for i in range(n)))
+    return n
+
+
+def test_a_run_goes_on_when_the_command_that_created_it_is_killed(fs, tmp_path, settings):
+    n = slow_flow(tmp_path, 16, "0.4")
     proc = fs.popen("run", "create", "--flow", "slow", "--data", "slow.jsonl",
                     "--name", "orphan", "--workers", "2", "--max-concurrency", "2",
                     "--stream")
@@ -336,13 +341,7 @@ def test_a_run_in_flight_when_the_server_stops_goes_on_when_it_starts_again(fs, 
     lines without a stored result on a new session: every line once."""
     from flowsession.backends.compute import procs
 
-    flow = tmp_path / "slow"
-    flow.mkdir()
-    (flow / "flow.dag.yaml").write_text(SLOW_YAML)
-    (flow / "slow.py").write_text(SLOW_TOOL)
-    n = 16
-    (tmp_path / "slow.jsonl").write_text("".join(
-        json.dumps({"text": f"l{i}", "seconds": "1"}) + "\n" for i in range(n)))
+    n = slow_flow(tmp_path, 16, "1")
     fs.ok("run", "create", "--flow", "slow", "--data", "slow.jsonl", "--name", "paused",
           "--workers", "1", "--max-concurrency", "1", "--detach")
     records = RunRecords(open_store(settings.db_url))
