@@ -169,7 +169,7 @@ class _Runner:
         self.media = media_encoder(Path(self.spec["flow_file"]), flow_dir)
         log.info("run %s: worker %d loaded %s in %.3f s", self.run_id, os.getpid(), flow_dir,
                  time.monotonic() - started)
-        throttle.watch_http(self.gate.rate_limited)
+        throttle.watch_http(self.gate)
         self._keep_results()
         self.send({"event": "loaded", "aggregation": self.aggregation})
         return True
