@@ -3,7 +3,6 @@ back one line per window of successes (a fake clock; no threads needed)."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 from flowsession.worker.throttle import Gate, retry_after_of
@@ -55,37 +54,42 @@ def test_retry_after_headers():
 
 
 def test_requests_are_not_paced_until_the_endpoint_says_429():
-    gate = Gate(3)
+    clock = Clock()
+    gate = Gate(3, clock=clock)
     for _ in range(10):  # a line may send many requests at once: none waits
         gate.request_enter()
-    assert gate.requests == 10 and not gate.pacing()
+    assert not gate.pacing() and gate.next_send == 0.0
 
 
-def test_while_throttled_at_most_limit_requests_go_and_the_next_waits_for_one_to_end():
-    gate = Gate(20)
-    gate.rate_limited(0.0)  # limit 14, no pause
-    for _ in range(14):
+def test_after_a_429_requests_leave_one_per_spacing_after_the_retry_after():
+    clock = Clock()
+    gate = Gate(20, clock=clock)
+    gate.rate_limited(0.05)  # the token bucket's next answer in 50 ms
+    assert gate.pacing() and gate.spacing == 0.05
+    clock.now = gate.paused_until  # (a real wait would sleep until then)
+    departures = []
+    for _ in range(4):
+        departures.append(max(clock.now, gate.next_send, gate.paused_until))
         gate.request_enter()
-    entered = threading.Event()
-
-    def fifteenth():
-        gate.request_enter(slot_wait=60)
-        entered.set()
-
-    t = threading.Thread(target=fifteenth)
-    t.start()
-    assert not entered.wait(0.3)  # held while 14 are in flight
-    gate.request_leave()
-    assert entered.wait(10)
-    t.join()
-    assert gate.requests == 14
+    assert [round(d - departures[0], 3) for d in departures] == [0.0, 0.05, 0.1, 0.15]
 
 
-def test_a_request_waits_out_the_retry_after_and_never_waits_for_a_slot_for_ever():
+def test_the_spacing_grows_on_more_429s_and_shrinks_with_answers_until_pacing_stops():
+    clock = Clock()
+    gate = Gate(20, clock=clock)
+    gate.rate_limited(0.1)
+    gate.rate_limited(0.1)  # the same moment: one signal
+    assert gate.spacing == 0.1
+    clock.now += 0.2
+    gate.rate_limited(0.1)
+    assert round(gate.spacing, 4) == round(0.1 / 0.7, 4)
+    for _ in range(500):
+        gate.answered()
+    assert not gate.pacing()  # the endpoint keeps answering: no pacing any more
+
+
+def test_a_paced_request_really_waits_its_turn():
     gate = Gate(4)
-    gate.rate_limited(0.2)  # limit 2; nothing before the retry-after
+    gate.rate_limited(0.2)
     gate.request_enter()
-    assert time.monotonic() >= gate.paused_until
-    gate.request_enter()
-    gate.request_enter(slot_wait=0.05)  # no slot free: goes after waiting its share
-    assert gate.requests == 3
+    assert time.monotonic() >= gate.paused_until  # after the retry-after

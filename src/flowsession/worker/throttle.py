@@ -6,12 +6,14 @@ The 429s are seen where every OpenAI call passes: ``httpx``'s (or ``httpx2``'s) 
 ``openai`` client sends each attempt, its own retries included, through it). ``watch_http`` wraps
 it once per worker process; without httpx nothing is watched and the gate stays at ``slots``.
 
-While the gate is below its setting the same ``send`` also paces the *requests*: at most
-``limit`` at once and none before ``retry-after`` has passed. Lines already in flight retry on
-their own (promptflow's llm tool sleeps the retry-after, then tries again, up to 100 times):
-without pacing, every line told "retry in 20 ms" came back at once, one got the free answer and
-the others were refused again, burning the worker's CPU on refusals. A request waits for a slot
-at most ``SLOT_WAIT_S`` (one that never answers must not hold the others back for good).
+Once the endpoint has said 429 the same ``send`` also paces the *requests* (lines in flight
+retry on their own: promptflow's llm tool sleeps the retry-after and tries again, up to 100
+times; unpaced, every line told "retry in 20 ms" came back at once, one got the free answer and
+the others were refused again, ten refusals an answer, each costing the worker CPU). Requests
+leave one per ``spacing`` seconds: the first retry-after (a token bucket's time to its next
+answer), x1/0.7 on a further 429 (at most once per spacing), x0.97 on each answer, until the
+spacing is under a millisecond and pacing stops. Several workers pacing alike share the
+endpoint as TCP flows share a link.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ MAX_PAUSE_S = 60.0  # a retry-after longer than this is taken as this
 CUT_EVERY_S = 1.0  # at most one halving per second: one burst of 429s is one signal
 DEFAULT_PAUSE_S = 1.0  # a 429 without retry-after holds new lines back this long
 DECREASE = 0.7  # a rate limit multiplies the lines in flight by this (halving lost ~10% of R)
-SLOT_WAIT_S = 2.0  # while throttled, a request waits at most this long for a request slot
+SPEED_UP = 0.97  # each answer while pacing multiplies the spacing of requests by this
+MIN_SPACING_S = 0.001  # below this the requests are not paced any more
 
 
 class Gate:
@@ -42,7 +45,9 @@ class Gate:
         self.last_cut = -1e9
         self.throttled = 0  # 429s seen
         self.lowest = self.slots  # the lowest limit reached
-        self.requests = 0  # HTTP requests in flight (counted while throttled)
+        self.spacing = 0.0  # seconds between requests while pacing (0: not pacing)
+        self.next_send = 0.0  # when the next paced request may leave
+        self.last_slowed = -1e9
         self.cv = threading.Condition()
 
     def enter(self) -> None:
@@ -64,27 +69,19 @@ class Gate:
             self.cv.notify_all()  # line and request waiters share the condition
 
     def pacing(self) -> bool:
-        """Are requests paced now (a rate limit seen, the gate not yet back to its setting)?"""
-        return self.limit < self.slots
+        return self.spacing > 0
 
-    def request_enter(self, slot_wait: float = SLOT_WAIT_S) -> None:
-        """Before an HTTP request, while pacing: wait for the endpoint's retry-after to pass
-        and for one of ``limit`` request slots (at most ``slot_wait`` for the slot). Always
-        counts the request in: call ``request_leave`` after it."""
+    def request_enter(self) -> None:
+        """Before an HTTP request, while pacing: wait for this request's turn (one per
+        ``spacing``, none before the endpoint's retry-after has passed)."""
         with self.cv:
-            give_up = self.clock() + slot_wait
-            while self.pacing():
-                now = self.clock()
-                pause = self.paused_until - now
-                if pause <= 0 and (self.requests < int(self.limit) or now >= give_up):
-                    break
-                self.cv.wait(timeout=pause if pause > 0 else give_up - now)
-            self.requests += 1
-
-    def request_leave(self) -> None:
-        with self.cv:
-            self.requests = max(0, self.requests - 1)
-            self.cv.notify_all()
+            if not self.spacing:
+                return
+            now = self.clock()
+            depart = max(now, self.paused_until, self.next_send)
+            self.next_send = depart + self.spacing
+        while (wait := depart - self.clock()) > 0:
+            time.sleep(min(wait, MAX_PAUSE_S))
 
     def rate_limited(self, retry_after: float | None) -> None:
         """The endpoint answered 429: fewer lines in flight, new ones paused."""
@@ -97,6 +94,20 @@ class Gate:
                 self.limit = max(1.0, self.limit * DECREASE)
                 self.last_cut = now
                 self.lowest = min(self.lowest, int(self.limit))
+            if not self.spacing:
+                self.spacing = min(max(pause, MIN_SPACING_S), MAX_PAUSE_S)
+                self.last_slowed = now
+            elif now - self.last_slowed >= self.spacing:
+                self.spacing = min(self.spacing / DECREASE, MAX_PAUSE_S)
+                self.last_slowed = now
+
+    def answered(self) -> None:
+        """The endpoint answered (not 429): paced requests may leave a little sooner."""
+        if self.spacing:
+            with self.cv:
+                self.spacing *= SPEED_UP
+                if self.spacing < MIN_SPACING_S:
+                    self.spacing = 0.0
 
     def report(self) -> dict[str, Any]:
         with self.cv:
@@ -142,32 +153,25 @@ def _seen(response: Any) -> None:
         after = retry_after_of(getattr(response, "headers", None))
         for gate in list(_gates):
             gate.rate_limited(after)
+    else:
+        for gate in list(_gates):
+            gate.answered()
 
 
 def _patch(module: Any) -> None:
     sync_send, async_send = module.Client.send, module.AsyncClient.send
 
     def send(self: Any, *args: Any, **kwargs: Any) -> Any:
-        paced = [g for g in list(_gates) if g.pacing()]
-        for gate in paced:
+        for gate in [g for g in list(_gates) if g.pacing()]:
             gate.request_enter()
-        try:
-            response = sync_send(self, *args, **kwargs)
-        finally:
-            for gate in paced:
-                gate.request_leave()
+        response = sync_send(self, *args, **kwargs)
         _seen(response)
         return response
 
     async def asend(self: Any, *args: Any, **kwargs: Any) -> Any:
-        paced = [g for g in list(_gates) if g.pacing()]
-        for gate in paced:  # waits on a thread: the event loop goes on
+        for gate in [g for g in list(_gates) if g.pacing()]:  # on a thread: the loop goes on
             await asyncio.to_thread(gate.request_enter)
-        try:
-            response = await async_send(self, *args, **kwargs)
-        finally:
-            for gate in paced:
-                gate.request_leave()
+        response = await async_send(self, *args, **kwargs)
         _seen(response)
         return response
 
