@@ -66,12 +66,13 @@ def test_after_a_429_requests_leave_one_per_spacing_after_the_retry_after():
     gate = Gate(20, clock=clock)
     gate.rate_limited(0.05)  # the token bucket's next answer in 50 ms
     assert gate.pacing() and gate.spacing == 0.05
-    clock.now = gate.paused_until  # (a real wait would sleep until then)
     departures = []
-    for _ in range(4):
-        departures.append(max(clock.now, gate.next_send, gate.paused_until))
+    for _ in range(4):  # each request's turn (the fake clock moved there, as a sleep would)
+        clock.now = max(clock.now, gate.next_send, gate.paused_until)
+        departures.append(clock.now)
         gate.request_enter()
     assert [round(d - departures[0], 3) for d in departures] == [0.0, 0.05, 0.1, 0.15]
+    assert departures[0] == 100.05  # not before the retry-after
 
 
 def test_the_spacing_grows_on_more_429s_and_shrinks_with_answers_until_pacing_stops():
@@ -83,7 +84,7 @@ def test_the_spacing_grows_on_more_429s_and_shrinks_with_answers_until_pacing_st
     clock.now += 0.2
     gate.rate_limited(0.1)
     assert round(gate.spacing, 4) == round(0.1 / 0.7, 4)
-    for _ in range(500):
+    for _ in range(100):
         gate.answered()
     assert not gate.pacing()  # the endpoint keeps answering: no pacing any more
 

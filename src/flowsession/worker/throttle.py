@@ -11,7 +11,7 @@ retry on their own: promptflow's llm tool sleeps the retry-after and tries again
 times; unpaced, every line told "retry in 20 ms" came back at once, one got the free answer and
 the others were refused again, ten refusals an answer, each costing the worker CPU). Requests
 leave one per ``spacing`` seconds: the first retry-after (a token bucket's time to its next
-answer), x1/0.7 on a further 429 (at most once per spacing), x0.97 on each answer, until the
+answer), x1/0.7 on a further 429 (at most once per spacing), x0.9 on each answer, until the
 spacing is under a millisecond and pacing stops. Several workers pacing alike share the
 endpoint as TCP flows share a link.
 """
@@ -29,7 +29,7 @@ MAX_PAUSE_S = 60.0  # a retry-after longer than this is taken as this
 CUT_EVERY_S = 1.0  # at most one halving per second: one burst of 429s is one signal
 DEFAULT_PAUSE_S = 1.0  # a 429 without retry-after holds new lines back this long
 DECREASE = 0.7  # a rate limit multiplies the lines in flight by this (halving lost ~10% of R)
-SPEED_UP = 0.97  # each answer while pacing multiplies the spacing of requests by this
+SPEED_UP = 0.9  # each answer while pacing multiplies the spacing of requests by this
 MIN_SPACING_S = 0.001  # below this the requests are not paced any more
 
 
