@@ -177,6 +177,8 @@ def main() -> None:
                  pf16=True) -> None:
             out = res.setdefault(key, {"lines": lines})
             out["fs"] = fs_run(env, tmp, flow, d, lines, *extra)
+            if key.startswith("llm"):  # the endpoint's count before pf's runs add to it
+                out["server_after_fs"] = llm.stats()
             print(f"  {key:6s} flowsession {lines:>7,} lines: {out['fs']['wall']:7.2f} s "
                   f"(run {out['fs']['duration']:.2f} s)  {load()}", flush=True)
             for label, e, on in (("pf", pf_env, pf_too), ("pf16", pf_env16, pf16)):
@@ -193,12 +195,14 @@ def main() -> None:
             before = llm.stats()
             case("llm", chat, data["llm"], n, pf_too=True, pf16=True)
             res["llm"]["server"] = {"before": before, "after": llm.stats()}
-            res["llm"]["in_flight"] = in_flight(env, tmp, res["llm"], before, llm.stats())
+            res["llm"]["in_flight"] = in_flight(env, tmp, res["llm"], before,
+                                                res["llm"]["server_after_fs"])
         if "llm2" in cases:
             before = llm.stats()
             case("llm2", chat2, data["llm"], n, *MEDIUM, pf_too=False, pf16=False)
             res["llm2"]["server"] = {"before": before, "after": llm.stats()}
-            res["llm2"]["in_flight"] = in_flight(env, tmp, res["llm2"], before, llm.stats())
+            res["llm2"]["in_flight"] = in_flight(env, tmp, res["llm2"], before,
+                                                 res["llm2"]["server_after_fs"])
             for label in ("pf", "pf16"):  # the same pf runs (same flow, same data)
                 if label in res.get("llm", {}):
                     res["llm2"][label] = res["llm"][label]
