@@ -99,6 +99,24 @@ def session_cores(env: dict, cwd: Path, flow: Path) -> tuple[int, str]:
     return cores, how
 
 
+def default_image_python(home: Path) -> Path:
+    """The default image's python (built first if needed, from PyPI; FLOWSESSION_IMAGES_DIR
+    reuses a built one), with ``home`` as the building home's place."""
+    import asyncio
+    from dataclasses import replace
+
+    from flowsession.config import Settings
+    from flowsession.environments.images import DEFAULT_IMAGE
+    from flowsession.environments.service import EnvironmentService
+    from flowsession.store import open_store
+
+    base = Settings.from_env()
+    settings = replace(base, home=home, images_path=base.images_dir, database_url=None)
+    image = asyncio.run(EnvironmentService(settings, open_store(settings.db_url))
+                        .images.ensure_built(DEFAULT_IMAGE))
+    return Path(image.path) / "bin" / "python"
+
+
 def pf_argv(python: Path) -> list[str]:
     """`pf` of promptflow-devkit in the image whose python this is."""
     return [str(python), "-m", "promptflow._cli._pf.entry"]

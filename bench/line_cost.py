@@ -14,14 +14,12 @@ token count are checked.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,10 +29,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import _common  # noqa: E402
 from _common import load  # noqa: E402
 
-from flowsession.config import Settings  # noqa: E402
-from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
-from flowsession.environments.service import EnvironmentService  # noqa: E402
-from flowsession.store import open_store  # noqa: E402
 
 VARIANTS = {  # name -> what the child applies
     "promptflow as is": [],
@@ -95,12 +89,8 @@ def main() -> None:
     parser.add_argument("--variants", help="comma-separated names (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
-    base = Settings.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="fs-bench-cost-"))
-    settings = replace(base, home=tmp / "home", images_path=base.images_dir, database_url=None)
-    image = asyncio.run(EnvironmentService(settings, open_store(settings.db_url))
-                        .images.ensure_built(DEFAULT_IMAGE))
-    python = Path(image.path) / "bin" / "python"
+    python = _common.default_image_python(tmp / "home")
     flow = _common.copy_flow(REPO / "tests/flows/llm_chat", tmp / "llm_chat")
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     server = subprocess.Popen([sys.executable, str(REPO / "tests/helpers/openai_endpoint.py"),

@@ -38,7 +38,6 @@ The default image is built first if needed (PyPI); FLOWSESSION_IMAGES_DIR reuses
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -46,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,16 +56,13 @@ from _common import EXE, fs, fs_run, load  # noqa: E402
 from batch import floor_ms, pf_run, write_data  # noqa: E402
 
 from flowsession.config import Settings  # noqa: E402
-from flowsession.environments.images import DEFAULT_IMAGE  # noqa: E402
-from flowsession.environments.service import EnvironmentService  # noqa: E402
-from flowsession.store import open_store  # noqa: E402
+from flowsession.runs.model import DEFAULT_CONCURRENCY  # noqa: E402
 
 SERVER = REPO / "tests/helpers/openai_endpoint.py"
 FLOWS = REPO / "tests/flows"
 WARMUP = 10
 MEDIUM = ("--instance-type", "medium")  # (b2): the machine's 2 cores, as pf has them
 LATENCY = 0.1
-DEFAULT_CONCURRENCY = 64
 
 
 def copy_flow(name: str, tmp: Path) -> Path:
@@ -120,20 +115,11 @@ def main() -> None:
     base = Settings.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="fs-bench-llm-"))
     home = tmp / "home"
-    settings = replace(base, home=home, images_path=base.images_dir, database_url=None)
-    image = asyncio.run(EnvironmentService(settings, open_store(settings.db_url))
-                        .images.ensure_built(DEFAULT_IMAGE))
-    python = Path(image.path) / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("FLOWSESSION_URL",
-                                                           "FLOWSESSION_TOKEN")}
-    env.update(FLOWSESSION_HOME=str(home), FLOWSESSION_IMAGES_DIR=str(base.images_dir),
-               FLOWSESSION_STANDBY_POOL="0")
-    pf_home = tmp / "pf-home"
-    pf_home.mkdir()
-    pf_env = {**os.environ, "HOME": str(pf_home), "PYTHONPATH": str(REPO / "bench"),
-              "PYTHON_KEYRING_BACKEND": "pf_keyring.FileKeyring"}  # pf's connection key
+    python = _common.default_image_python(home)
+    env = _common.cli_env(home, base.images_dir, FLOWSESSION_STANDBY_POOL="0")
+    pf_env = _common.pf_env(tmp / "pf-home")
     pf_env16 = {**pf_env, "PF_WORKER_COUNT": "16"}
-    pf = [str(python), "-m", "promptflow._cli._pf.entry"]
+    pf = _common.pf_argv(python)
     subprocess.run([*pf, "config", "set", "telemetry.enabled=false"], env=pf_env, cwd=tmp,
                    capture_output=True)  # no waiting on an unreachable telemetry endpoint
 
@@ -153,7 +139,7 @@ def main() -> None:
     limited = LLM(LATENCY, rate=args.rate)
     res: dict = {"cores": cores, "lines": n, "rate": args.rate}
     try:
-        print(f"{cores} cores; image {image.path}; {load()}", flush=True)
+        print(f"{cores} cores; image {python.parents[1]}; {load()}", flush=True)
         for name, url in (("open_ai_connection", llm.base_url), ("limited", limited.base_url)):
             conn = tmp / f"{name}.yml"
             conn.write_text(f"name: {name}\ntype: open_ai\napi_key: \"sk-test-key\"\n"

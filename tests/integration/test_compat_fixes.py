@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import runner
-from helpers.server import serving
 
 pytestmark = pytest.mark.timeout(600)
 FLOWS = Path(__file__).resolve().parents[1] / "flows"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, images_dir):
-    home = tmp_path_factory.mktemp("compat") / "home"
-    with serving(home, images_dir, None) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import runner
-from helpers.server import serving
 
 from flowsession.client import Client
 from flowsession.errors import LineFailed
@@ -34,13 +33,6 @@ EXPECTED = {
     "none": {"output": None},
     "generator": {"output": "abc"},
 }
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, images_dir):
-    home = tmp_path_factory.mktemp("flex-outputs") / "home"
-    with serving(home, images_dir, None) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,9 @@ class Run:
     def look_again_s(self, every: float) -> float:
         """How long to wait before looking at this active run again: ``every``, or
         ``NEAR_END_LOOK_S`` once all its remaining lines can be in flight (its end is then
-        seen at once, for the price of a few more looks)."""
+        seen at once, for the price of a few more looks). A ``PF_WORKER_COUNT`` in the run's
+        environment (kept apart from its spec) is not seen here: such a run is looked at
+        more often for its last ``DEFAULT_CONCURRENCY`` lines, nothing more."""
         in_flight = int(self.spec.get("max_concurrency") or DEFAULT_CONCURRENCY)
         left = self.total - self.completed - self.failed
         return NEAR_END_LOOK_S if self.status == RunStatus.RUNNING and left <= in_flight \

@@ -50,6 +50,15 @@ _SPAN_ONLY = ("enrich_span_with_input", "enrich_span_with_output", "enrich_span_
               "enrich_span_with_trace_type", "enrich_span_with_llm_output")
 
 
+def _mark(fn: Any) -> Any:
+    fn._flowsession_light = True
+    return fn
+
+
+def _is_marked(obj: Any) -> bool:
+    return bool(getattr(obj, "_flowsession_light", False))
+
+
 def lighten_tracing() -> bool:
     """Skip span serialization for non-recording spans; True when promptflow was patched."""
     try:
@@ -59,13 +68,11 @@ def lighten_tracing() -> bool:
     patched = False
     for name in _SPAN_ONLY:
         original = getattr(_trace, name, None)
-        if original is None or getattr(original, "_flowsession_light", False):
+        if original is None or _is_marked(original):
             continue
         setattr(_trace, name, _skip_unrecorded(original, returns_second=name ==
                                                "enrich_span_with_input"))
         patched = True
-    if patched:
-        log.info("promptflow tracing: span enrichment skipped for non-recording spans")
     return patched
 
 
@@ -78,8 +85,7 @@ def _skip_unrecorded(original: Any, *, returns_second: bool) -> Any:
             return (args[0] if args else kwargs.get("input")) if returns_second else None
         return original(span, *args, **kwargs)
 
-    enrich._flowsession_light = True  # type: ignore[attr-defined]
-    return enrich
+    return _mark(enrich)
 
 
 def lighten_batch_lines() -> list[str]:
@@ -93,15 +99,6 @@ def lighten_batch_lines() -> list[str]:
     if done:
         log.info("promptflow per-line costs lightened: %s", ", ".join(done))
     return done
-
-
-def _mark(fn: Any) -> Any:
-    fn._flowsession_light = True
-    return fn
-
-
-def _is_marked(obj: Any) -> bool:
-    return bool(getattr(obj, "_flowsession_light", False))
 
 
 def compile_templates_once() -> bool:

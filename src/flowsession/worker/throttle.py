@@ -34,7 +34,8 @@ MIN_SPACING_S = 0.001  # below this the requests are not paced any more
 
 
 class Gate:
-    """At most ``limit`` lines in flight (1 <= limit <= slots)."""
+    """At most ``limit`` lines in flight (1 <= limit <= slots); once a 429 is seen, one
+    request per ``spacing`` seconds until the endpoint keeps answering."""
 
     def __init__(self, slots: int, clock: Callable[[], float] = time.monotonic):
         self.slots = max(1, int(slots))
@@ -66,9 +67,10 @@ class Gate:
             self.inflight = max(0, self.inflight - 1)
             if ok and self.limit < self.slots and self.clock() - self.last_cut > CUT_EVERY_S:
                 self.limit = min(float(self.slots), self.limit + 1.0 / self.limit)
-            self.cv.notify_all()  # line and request waiters share the condition
+            self.cv.notify()
 
     def pacing(self) -> bool:
+        """Are requests paced now?"""
         return self.spacing > 0
 
     def request_enter(self) -> None:
